@@ -1,0 +1,159 @@
+"""The project's offline-MARL dataset format: one `.npz` file per dataset (no pickles).
+
+Arrays (N transitions, stored in episode order; agent i = 0..n-1 are the controlled agents):
+  obs_<i>       (N, obs_dim_i) float32   agent i's observation
+  actions_<i>   (N, act_dim_i) float32   agent i's action, in [-1, 1]
+  rewards_<i>   (N,)           float32   agent i's reward
+  next_obs_<i>  (N, obs_dim_i) float32   agent i's next observation
+  terminals     (N,)           bool      the episode ended in a terminal state (no bootstrap)
+  truncations   (N,)           bool      the episode was cut by the time limit (bootstrap)
+  state         (N, state_dim) float32   global state
+  next_state    (N, state_dim) float32   next global state
+  metadata      ()             unicode   JSON, see below
+An episode ends at every row where `terminals | truncations`; the last row must end one.
+Agents may have different observation and action sizes.
+
+metadata (JSON): format = "omsd-marl-dataset", format_version, env_family, task, env_version,
+agent_names, obs_dims, act_dims, state_dim, quality, behaviour (provenance), generation_seed,
+n_transitions, n_episodes, episode_return {metric, mean, std, min, max}, packages, and
+`sha256`: the checksum of all arrays (see `checksum`). `load_dataset` verifies all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "omsd-marl-dataset"
+FORMAT_VERSION = 1
+
+
+class DatasetError(Exception):
+    """A dataset file that cannot be used; the message says what is wrong and what to do."""
+
+
+def checksum(arrays: dict) -> str:
+    """sha256 over every array except metadata: name, dtype, shape and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        if k == "metadata":
+            continue
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def n_agents_of(arrays: dict) -> int:
+    n = 0
+    while f"obs_{n}" in arrays:
+        n += 1
+    return n
+
+
+def episode_ends(arrays: dict) -> np.ndarray:
+    """Indices of the last row of every episode."""
+    return np.flatnonzero(np.asarray(arrays["terminals"]) | np.asarray(arrays["truncations"]))
+
+
+def episode_returns(arrays: dict, metric) -> np.ndarray:
+    """metric(rewards (T, n)) of every episode."""
+    n = n_agents_of(arrays)
+    rew = np.stack([arrays[f"rewards_{i}"] for i in range(n)], axis=1)
+    starts = np.concatenate([[0], episode_ends(arrays)[:-1] + 1])
+    return np.array([metric(rew[s : e + 1]) for s, e in zip(starts, episode_ends(arrays))])
+
+
+def return_stats(returns: np.ndarray, metric_name: str) -> dict:
+    return {"metric": metric_name, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
+            "min": float(np.min(returns)), "max": float(np.max(returns))}
+
+
+def validate(arrays: dict, where: str) -> int:
+    """Check keys, shapes, dtypes and finiteness; returns the number of agents."""
+    n = n_agents_of(arrays)
+    if n == 0:
+        raise DatasetError(f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see README, Datasets)")
+    N = len(arrays["obs_0"])
+    required = [f"{k}_{i}" for i in range(n) for k in ("obs", "actions", "rewards", "next_obs")]
+    required += ["terminals", "truncations", "state", "next_state"]
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DatasetError(f"{where}: missing array(s) {', '.join(missing)}; regenerate the file or fix the writer (see README, Datasets)")
+    for k in required:
+        a = arrays[k]
+        if len(a) != N:
+            raise DatasetError(f"{where}: array {k} has {len(a)} rows but obs_0 has {N}; all arrays must have one row per transition")
+        want_ndim = 1 if k.startswith(("rewards", "terminals", "truncations")) else 2
+        if a.ndim != want_ndim:
+            raise DatasetError(f"{where}: array {k} has shape {a.shape}, expected {want_ndim} dimension(s)")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            bad = int(np.flatnonzero(~np.isfinite(a).reshape(N, -1).all(1))[0])
+            raise DatasetError(f"{where}: array {k} has a non-finite value (NaN or inf) at row {bad}; clean the data before training")
+    for i in range(n):
+        if arrays[f"next_obs_{i}"].shape != arrays[f"obs_{i}"].shape:
+            raise DatasetError(f"{where}: next_obs_{i} {arrays[f'next_obs_{i}'].shape} differs from obs_{i} {arrays[f'obs_{i}'].shape}")
+    if N == 0:
+        raise DatasetError(f"{where}: the dataset has no transitions")
+    if not (bool(arrays["terminals"][-1]) or bool(arrays["truncations"][-1])):
+        raise DatasetError(f"{where}: the last transition ends no episode (terminals/truncations are both 0); the file looks cut short")
+    return n
+
+
+def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = False) -> dict:
+    """Validate, checksum and write atomically (temporary file + rename). Returns the metadata written."""
+    if os.path.exists(path) and not overwrite:
+        raise DatasetError(f"{path} already exists; delete it or choose another path (datasets are never overwritten silently)")
+    arrays = {k: np.asarray(v) for k, v in arrays.items() if k != "metadata"}
+    n = validate(arrays, path)
+    meta = dict(metadata)
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, n_transitions=int(len(arrays["obs_0"])),
+                n_episodes=int(len(episode_ends(arrays))), n_agents=n,
+                obs_dims=[int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
+                act_dims=[int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
+                state_dim=int(arrays["state"].shape[1]), sha256=checksum(arrays))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return meta
+
+
+def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
+    """Load and verify a dataset file. `expect` may hold task, n_agents, obs_dims, act_dims, state_dim
+    (what the env needs); any mismatch is a DatasetError naming both values."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"dataset file {path} does not exist; check --dataset-path, or drop it to generate the project's dataset")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise DatasetError(f"{path} is truncated or corrupted ({type(e).__name__}: {e}); delete it and generate or copy it again") from None
+    if "metadata" not in arrays:
+        raise DatasetError(f"{path} has no metadata array; it was not written in the project's format (see README, Datasets)")
+    try:
+        meta = json.loads(str(arrays.pop("metadata")))
+    except json.JSONDecodeError:
+        raise DatasetError(f"{path}: metadata is not valid JSON; the file is corrupted, generate or copy it again") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}")
+    n = validate(arrays, path)
+    if meta.get("sha256") != checksum(arrays):
+        raise DatasetError(f"{path}: checksum mismatch (the arrays differ from what was written); the file is corrupted or was edited, generate or copy it again")
+    have = {"task": meta.get("task"), "n_agents": n, "obs_dims": [int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
+            "act_dims": [int(arrays[f"actions_{i}"].shape[1]) for i in range(n)], "state_dim": int(arrays["state"].shape[1])}
+    for k, v in (expect or {}).items():
+        if have[k] != v:
+            raise DatasetError(f"{path}: dataset has {k}={have[k]} but the env needs {k}={v}; use a dataset made for this env")
+    return arrays, meta

@@ -1,0 +1,272 @@
+"""The paper's three continuous MPE tasks (OMAR's variant), built on mpe2's own classes.
+
+OMSD, like OMAR, MADiff and DoF, evaluates on OMAR's fork of the particle envs, which differs
+from stock mpe2 (see README, "Environments"):
+
+- actions are 2-D in [-1, 1]; the force is `u = a * sensitivity` (what mpe2 computes from its
+  5-D Box action `to_mpe2_action(a)`), sensitivity = agent.accel or 5;
+- OMAR's physics applies `accel` twice (force = mass * accel * u) and integrates velocity
+  before position; `OmarWorld` overrides exactly those two methods of mpe2's `World`;
+- OMAR's rewards: spread `sum_l min(1/d_l, 10) - 5 * collisions` per agent; tag/world predators
+  share `-0.1 * sum_pred dist(pred, prey) + {10, 5} * #(pred, prey) collisions`;
+- `simple_world` is OMAR's 3-vs-1 scenario (1 obstacle, 2 food, 2 forests), not mpe2's
+  `simple_world_comm`;
+- in tag/world only the 3 predators are controlled; the prey is driven inside the env by
+  `scripted_prey_action`, a fixed hand-written flee rule (see its docstring for why).
+
+Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents only.
+`paper_metric` is the return the paper reports, used by dataset cards and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from gymnasium import spaces
+from mpe2._mpe_utils.core import World
+from mpe2.simple_spread.simple_spread import Scenario as Mpe2SpreadScenario
+from mpe2.simple_tag.simple_tag import ExtendedLandmark
+from mpe2.simple_tag.simple_tag import Scenario as Mpe2TagScenario
+from pettingzoo import ParallelEnv
+
+TASKS = ("simple_spread", "simple_tag", "simple_world")
+EPISODE_LEN = 25
+# Bump when dynamics, rewards, observations or the prey change: stored in every dataset.
+ENV_VERSION = "omar-mpe2-v1"
+# The paper's normalisation constants (method.md §9): score = 100 (R - R_random) / (R_expert - R_random).
+PAPER_NORMALIZATION = {
+    "simple_spread": {"expert": 516.8, "random": 159.8},
+    "simple_tag": {"expert": 185.6, "random": -4.1},
+    "simple_world": {"expert": 79.5, "random": -6.8},
+}
+
+
+def paper_metric(task: str, rewards: np.ndarray) -> float:
+    """Episode return in the paper's units from per-step rewards of the controlled agents, shape (T, n).
+
+    simple_spread: per-step mean over agents, summed over steps. simple_tag / simple_world:
+    predator 0's return (all predators get the same reward).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if task == "simple_spread":
+        return float(rewards.mean(axis=1).sum())
+    return float(rewards[:, 0].sum())
+
+
+def normalized_score(task: str, ret: float) -> float:
+    c = PAPER_NORMALIZATION[task]
+    return 100.0 * (ret - c["random"]) / (c["expert"] - c["random"])
+
+
+def to_mpe2_action(a: np.ndarray) -> np.ndarray:
+    """OMAR's 2-D action (a_x, a_y) in [-1, 1]^2 -> mpe2's 5-D Box action [no_op, left, right, down, up].
+
+    mpe2 turns the 5-D action into u = (a[2] - a[1], a[4] - a[3]) * sensitivity, which is (a_x, a_y) * sensitivity.
+    """
+    a = np.clip(np.asarray(a, dtype=np.float32), -1.0, 1.0)
+    return np.array([0.0, max(-a[0], 0.0), max(a[0], 0.0), max(-a[1], 0.0), max(a[1], 0.0)], dtype=np.float32)
+
+
+class OmarWorld(World):
+    """mpe2's World with OMAR's two physics differences (everything else is inherited)."""
+
+    def apply_action_force(self, p_force):
+        # OMAR: force = mass * accel * u, and u already carries the accel as sensitivity (accel^2 overall).
+        for i, agent in enumerate(self.agents):
+            if agent.movable:
+                scale = agent.mass * agent.accel if agent.accel is not None else agent.mass
+                p_force[i] = scale * agent.action.u
+        return p_force
+
+    def integrate_state(self, p_force):
+        # OMAR: damp, add force, cap speed, *then* move (mpe2 moves with the old velocity first).
+        for i, entity in enumerate(self.entities):
+            if not entity.movable:
+                continue
+            entity.state.p_vel = entity.state.p_vel * (1 - self.damping)
+            if p_force[i] is not None:
+                entity.state.p_vel = entity.state.p_vel + (p_force[i] / entity.mass) * self.dt
+            if entity.max_speed is not None:
+                speed = np.sqrt(np.sum(np.square(entity.state.p_vel)))
+                if speed > entity.max_speed:
+                    entity.state.p_vel = entity.state.p_vel / speed * entity.max_speed
+            entity.state.p_pos = entity.state.p_pos + entity.state.p_vel * self.dt
+
+
+def _into_omar_world(world: World) -> OmarWorld:
+    w = OmarWorld()
+    w.agents, w.landmarks, w.dim_c = world.agents, world.landmarks, world.dim_c
+    return w
+
+
+def _dist(x, y) -> float:
+    return float(np.sqrt(np.sum(np.square(x.state.p_pos - y.state.p_pos))))
+
+
+class SpreadScenario(Mpe2SpreadScenario):
+    """mpe2's simple_spread (3 agents, 3 landmarks, obs 18) with OMAR's reward."""
+
+    def make_world(self, N: int = 3):
+        return _into_omar_world(super().make_world(N))
+
+    def reward(self, agent, world):
+        rew = 0.0
+        for lm in world.landmarks:
+            d = min(_dist(a, lm) for a in world.agents)
+            rew += 10.0 if d <= 0.1 else 1.0 / d  # = min(1/d, 10), also at d = 0
+        for a in world.agents:
+            if a is not agent and self.is_collision(a, agent):
+                rew -= 5.0
+        return rew
+
+
+class TagScenario(Mpe2TagScenario):
+    """mpe2's simple_tag (3 predators + 1 prey, 2 obstacles; predator obs 16) with OMAR's shaped reward."""
+
+    collision_bonus = 10.0
+
+    def make_world(self, num_good: int = 1, num_adversaries: int = 3, num_obstacles: int = 2):
+        return _into_omar_world(super().make_world(num_good, num_adversaries, num_obstacles))
+
+    def adversary_reward(self, agent, world):
+        # Identical for every predator: distance shaping of the whole team plus every catch.
+        prey, preds = self.good_agents(world), self.adversaries(world)
+        rew = -0.1 * sum(min(_dist(p, adv) for p in prey) for adv in preds)
+        rew += self.collision_bonus * sum(self.is_collision(p, adv) for p in prey for adv in preds)
+        return rew
+
+
+class WorldScenario(TagScenario):
+    """OMAR's 3-vs-1 `simple_world`: 1 obstacle, 2 food, 2 forests; predator obs 24, prey obs 22.
+
+    All agents are "leaders" in OMAR's file, so forests never hide anyone from observation;
+    they only show up as in-forest flags. Predators get +5 per catch.
+    """
+
+    collision_bonus = 5.0
+
+    def make_world(self, num_good: int = 1, num_adversaries: int = 3, num_obstacles: int = 1):
+        world = super().make_world(num_good, num_adversaries, num_obstacles)
+        for agent in world.agents:
+            if not agent.adversary:
+                agent.size = 0.045  # smaller prey than in tag
+        world.food, world.forests = [], []
+        for kind, n, size in (("food", 2, 0.03), ("forest", 2, 0.3)):
+            for i in range(n):
+                lm = ExtendedLandmark()
+                lm.name, lm.collide, lm.movable, lm.size, lm.boundary = f"{kind} {i}", False, False, size, False
+                (world.food if kind == "food" else world.forests).append(lm)
+        world.landmarks = world.landmarks + world.food + world.forests
+        return world
+
+    def reset_world(self, world, np_random):
+        super().reset_world(world, np_random)  # agents in [-1, 1]^2, all landmarks in [-0.9, 0.9]^2
+        for lm in world.landmarks:
+            lm.color = np.array([0.6, 0.9, 0.6]) if lm in world.forests else np.array([0.25, 0.25, 0.25])
+
+    def observation(self, agent, world):
+        in_forest = [np.array([1.0 if self.is_collision(agent, f) else -1.0]) for f in world.forests]
+        entity_pos = [lm.state.p_pos - agent.state.p_pos for lm in world.landmarks]  # obstacle, food, forests
+        others = [o for o in world.agents if o is not agent]
+        other_pos = [o.state.p_pos - agent.state.p_pos for o in others]
+        other_vel = [o.state.p_vel for o in others if not o.adversary]
+        return np.concatenate([agent.state.p_vel, agent.state.p_pos] + entity_pos + other_pos + other_vel + in_forest)
+
+
+SCENARIOS = {"simple_spread": SpreadScenario, "simple_tag": TagScenario, "simple_world": WorldScenario}
+
+
+def scripted_prey_action(prey, world) -> np.ndarray:
+    """The fixed prey of tag/world: flee from the predators, weighted by closeness, and turn back
+    before leaving the arena.
+
+    Scripted rather than trained so that it is deterministic, needs no file, and is the same
+    for every version of this repo; its strength is set so that trained predators reach about
+    the scores of OMAR's expert data. OMAR's own pretrained prey is a different (learned) policy.
+    """
+    pos = prey.state.p_pos
+    push = np.zeros(2)
+    for adv in world.agents:
+        if adv.adversary:
+            d = pos - adv.state.p_pos
+            push += d / (np.sum(d * d) + 1e-2)
+    push /= np.linalg.norm(push) + 1e-8
+    push -= 2.0 * np.clip(np.abs(pos) - 0.6, 0.0, None) * np.sign(pos)  # walls start pushing at |x| = 0.6
+    return np.clip(PREY_EFFORT * push, -1.0, 1.0)
+
+
+PREY_EFFORT = 0.5  # fraction of full thrust the prey uses
+
+
+class MPEEnv(ParallelEnv):
+    """PettingZoo parallel env over the controlled agents of one OMAR-style MPE task.
+
+    Actions: Box(-1, 1, (2,)) per agent. Episodes end by truncation after `max_cycles` steps
+    (never by termination). `state()` is the concatenation of all agents' observations,
+    the prey's included.
+    """
+
+    metadata = {"render_modes": [], "is_parallelizable": True}
+
+    def __init__(self, task: str = "simple_spread", max_cycles: int = EPISODE_LEN):
+        if task not in SCENARIOS:
+            raise ValueError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
+        self.task, self.max_cycles = task, max_cycles
+        self.metadata = dict(self.metadata, name=f"{task}_omar")
+        self.scenario = SCENARIOS[task]()
+        self.world = self.scenario.make_world()
+        controlled = [a for a in self.world.agents if getattr(a, "adversary", True)]
+        self._controlled = controlled
+        self._prey = [a for a in self.world.agents if a not in controlled]
+        self.possible_agents = [a.name for a in controlled]
+        self.agents = list(self.possible_agents)
+        self.np_random = np.random.default_rng()
+        self.scenario.reset_world(self.world, self.np_random)
+        obs_dims = {a.name: len(self.scenario.observation(a, self.world)) for a in controlled}
+        self.state_space = spaces.Box(-np.inf, np.inf, (len(self._all_obs()),), np.float32)
+        self._obs_spaces = {n: spaces.Box(-np.inf, np.inf, (d,), np.float32) for n, d in obs_dims.items()}
+        self._act_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.t = 0
+
+    @functools.lru_cache(maxsize=None)
+    def observation_space(self, agent):
+        return self._obs_spaces[agent]
+
+    @functools.lru_cache(maxsize=None)
+    def action_space(self, agent):
+        return self._act_space
+
+    def _obs(self):
+        return {a.name: self.scenario.observation(a, self.world).astype(np.float32) for a in self._controlled}
+
+    def _all_obs(self):
+        return np.concatenate([self.scenario.observation(a, self.world) for a in self.world.agents]).astype(np.float32)
+
+    def state(self) -> np.ndarray:
+        return self._all_obs()
+
+    def reset(self, seed=None, options=None):
+        if seed is not None:
+            self.np_random = np.random.default_rng(seed)
+        self.scenario.reset_world(self.world, self.np_random)
+        self.agents, self.t = list(self.possible_agents), 0
+        return self._obs(), {a: {} for a in self.agents}
+
+    def step(self, actions):
+        for agent in self.world.agents:
+            a = scripted_prey_action(agent, self.world) if agent in self._prey else actions[agent.name]
+            sensitivity = agent.accel if agent.accel is not None else 5.0
+            agent.action.u = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0) * sensitivity
+            agent.action.c = np.zeros(self.world.dim_c)
+        self.world.step()
+        self.t += 1
+        obs = self._obs()
+        rewards = {a.name: float(self.scenario.reward(a, self.world)) for a in self._controlled}
+        done = self.t >= self.max_cycles
+        terms = {a: False for a in self.agents}
+        truncs = {a: done for a in self.agents}
+        infos = {a: {} for a in self.agents}
+        if done:
+            self.agents = []
+        return obs, rewards, terms, truncs, infos

@@ -1,0 +1,252 @@
+"""Make the project's MPE datasets from the committed behaviour policies (rollouts only).
+
+Qualities (OMAR's recipe, see README "Datasets"):
+  random         the randomly initialised actors of the behaviour trainer
+  medium         the first training snapshot at ~40 % of the way from random to expert return
+  medium-replay  the training snapshots from the start up to medium, equal shares, rolled out with
+                 the trainer's exploration noise (a close approximation of the replay buffer)
+  expert         the best training snapshot
+  mixture        the experts of 3 independently trained seeds, equal shares (different
+                 coordination conventions: multimodal joint behaviour)
+Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OMAR's data.
+
+Usage:
+  python -m envs.mpe_data --task simple_spread --quality expert        # make one (cached)
+  python -m envs.mpe_data --card                                       # dataset cards of all made
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs.dataset import DatasetError, episode_returns, load_dataset, return_stats, save_dataset
+from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
+from envs.policies import actor_from_state_dict
+
+QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
+MIXTURE_SEEDS = (0, 1, 2)
+COLLECT_NOISE = 0.1
+DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
+N_CHUNKS = 16  # work split: fixed, so the file does not depend on the number of workers
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mpe")
+DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
+
+
+def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
+    return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-n{n_transitions}-s{seed}.npz")
+
+
+def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
+    path = os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt")
+    if not os.path.isfile(path):
+        raise DatasetError(f"behaviour checkpoint {path} is missing; restore it from git or retrain it with "
+                           f"`python -m envs.train_behaviour_mpe --task {task} --seed {seed}`")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
+    return ckpt["policies"], json.loads(ckpt["info_json"])
+
+
+def rollout(envs, actor, seeds, noise: float, rng) -> dict:
+    """One episode per env (all envs step together; the stacked actor runs once per step for all).
+
+    Returns the transitions of all episodes in the dataset layout, episode after episode.
+    """
+    names = envs[0].possible_agents
+    n, E, T = len(names), len(envs), envs[0].max_cycles
+    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
+    cols = {k: [] for k in ("obs", "act", "rew", "next", "state", "next_state")}
+    for _ in range(T):
+        o = np.stack([[ob[a] for a in names] for ob in obs], axis=1)  # (n, E, obs)
+        with torch.no_grad():
+            act = actor(torch.as_tensor(o)).numpy()
+        if noise > 0:
+            act = np.clip(act + noise * rng.standard_normal(act.shape), -1.0, 1.0).astype(np.float32)
+        states, rews, nexts, next_states = [], [], [], []
+        for e, env in enumerate(envs):
+            states.append(env.state())
+            obs[e], r, _, _, _ = env.step({a: act[i, e] for i, a in enumerate(names)})
+            rews.append([r[a] for a in names])
+            nexts.append([obs[e][a] for a in names])
+            next_states.append(env.state())
+        cols["obs"].append(o.transpose(1, 0, 2))
+        cols["act"].append(act.transpose(1, 0, 2))
+        cols["rew"].append(np.asarray(rews, np.float32))
+        cols["next"].append(np.asarray(nexts, np.float32))
+        cols["state"].append(np.asarray(states, np.float32))
+        cols["next_state"].append(np.asarray(next_states, np.float32))
+    # (T, E, ...) -> episode-major rows (E*T, ...)
+    c = {k: np.stack(v, axis=1).reshape(E * T, *np.shape(v[0])[1:]) for k, v in cols.items()}
+    out = {"terminals": np.zeros(E * T, bool), "truncations": np.tile(np.arange(T) == T - 1, E),
+           "state": c["state"], "next_state": c["next_state"]}
+    for i in range(n):
+        out[f"obs_{i}"], out[f"actions_{i}"] = c["obs"][:, i], c["act"][:, i]
+        out[f"rewards_{i}"], out[f"next_obs_{i}"] = c["rew"][:, i], c["next"][:, i]
+    return out
+
+
+def _plan(task: str, quality: str, n_episodes: int) -> list[tuple[str, dict, int]]:
+    """(name, actor state dict, episodes) for each behaviour policy that contributes."""
+    if quality == "mixture":
+        pols = [(f"seed{s}/expert", load_behaviour(task, s)[0]["expert"]) for s in MIXTURE_SEEDS]
+    elif quality == "medium-replay":
+        policies = load_behaviour(task, 0)[0]
+        pols = [(f"seed0/{k}", v) for k, v in sorted(policies.items(), key=lambda kv: kv[0]) if k.startswith("replay_")]
+        pols.sort(key=lambda p: int(p[0].split("_")[-1]))
+    else:
+        pols = [(f"seed0/{quality}", load_behaviour(task, 0)[0][quality])]
+    shares = np.diff(np.linspace(0, n_episodes, len(pols) + 1).round().astype(int))
+    return [(name, sd, int(k)) for (name, sd), k in zip(pols, shares)]
+
+
+def _chunk(job):
+    task, sd, seeds, chunk_seed = job
+    torch.set_num_threads(1)
+    actor = actor_from_state_dict(sd)
+    rng = np.random.default_rng(chunk_seed)
+    parts = []
+    for lo in range(0, len(seeds), 50):  # 50 envs stepped together
+        envs = [MPEEnv(task) for _ in seeds[lo : lo + 50]]
+        parts.append(rollout(envs, actor, seeds[lo : lo + 50], COLLECT_NOISE, rng))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
+             workers: int = 2, verbose: bool = True) -> tuple[dict, dict]:
+    """Roll out the behaviour policies of (task, quality); returns (arrays, metadata)."""
+    if task not in TASKS:
+        raise DatasetError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
+    if quality not in QUALITIES:
+        raise DatasetError(f"unknown dataset quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if n_transitions < EPISODE_LEN or n_transitions % EPISODE_LEN:
+        raise DatasetError(f"n_transitions must be a positive multiple of the episode length {EPISODE_LEN}, got {n_transitions}")
+    n_episodes = n_transitions // EPISODE_LEN
+    plan = _plan(task, quality, n_episodes)
+    jobs, ep = [], 0
+    for p, (name, sd, k) in enumerate(plan):
+        seeds = np.arange(ep, ep + k) + seed * 100_000_000  # env seed of every episode
+        for c, part in enumerate(np.array_split(seeds, max(1, N_CHUNKS // len(plan)))):
+            if len(part):
+                jobs.append((task, sd, part, [seed, p, c]))
+        ep += k
+    t0, done, parts = time.time(), 0, []
+    ctx = mp.get_context("fork") if workers > 1 else None
+    pool = ctx.Pool(workers) if ctx else None
+    try:
+        results = pool.imap(_chunk, jobs) if pool else map(_chunk, jobs)
+        for part in results:
+            parts.append(part)
+            done += len(part["obs_0"])
+            if verbose:
+                rate = done / max(time.time() - t0, 1e-9)
+                print(f"\r[{task} {quality}] {done:>9,d}/{n_transitions:,d} transitions  {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    if verbose:
+        print(file=sys.stderr)
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rets = episode_returns(arrays, lambda r: paper_metric(task, r))
+    _, info = load_behaviour(task, 0)
+    meta = {
+        "env_family": "mpe", "task": task, "env_version": ENV_VERSION, "quality": quality,
+        "agent_names": MPEEnv(task).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
+        "behaviour": {"trainer": "envs/train_behaviour_mpe.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
+                      "training_steps": info["steps"], "training_eval_return": info["eval_return"]},
+        "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
+        "packages": package_versions(), "seconds": time.time() - t0,
+    }
+    return arrays, meta
+
+
+def package_versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("numpy", "torch", "mpe2", "pettingzoo", "gymnasium")}
+
+
+def env_spec(task: str) -> dict:
+    env = MPEEnv(task)
+    return {"task": task, "n_agents": len(env.possible_agents),
+            "obs_dims": [env.observation_space(a).shape[0] for a in env.possible_agents],
+            "act_dims": [2] * len(env.possible_agents), "state_dim": env.state_space.shape[0]}
+
+
+def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
+                   path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
+    """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
+    path = path or default_path(task, quality, n_transitions, seed)
+    if not os.path.exists(path):
+        arrays, meta = generate(task, quality, n_transitions, seed, workers)
+        try:
+            save_dataset(path, arrays, meta)
+        except DatasetError:
+            if not os.path.exists(path):  # anything but "another run made it meanwhile" is a real error
+                raise
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {meta['seconds']:.0f} s)", file=sys.stderr)
+    arrays, meta = load_dataset(path, expect=env_spec(task))
+    return arrays, meta, path
+
+
+def card_rows(paths: list[str]) -> list[str]:
+    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour | gen. seconds |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        _, m = load_dataset(p)
+        r = m["episode_return"]
+        pols = ", ".join(name for name, _ in m["behaviour"]["policies"])
+        rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
+                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} | {m['seconds']:.0f} |")
+    return rows
+
+
+@dataclass
+class Args:
+    task: str = "simple_spread"
+    """simple_spread | simple_tag | simple_world, or `all`"""
+    quality: str = "expert"
+    """random | medium-replay | medium | expert | mixture, or `all`"""
+    n_transitions: int = DEFAULT_TRANSITIONS
+    """transitions per dataset (multiple of 25)"""
+    seed: int = 0
+    """generation seed (env seeds and action noise)"""
+    workers: int = 2
+    """processes used for rollouts (the output does not depend on it)"""
+    out: str = ""
+    """output path (default datasets/mpe/<task>-<quality>-<env version>-n<N>-s<seed>.npz); only for one dataset"""
+    card: bool = False
+    """print the dataset cards (markdown) of the datasets made with these settings instead"""
+
+
+def main(args: Args) -> None:
+    tasks = TASKS if args.task == "all" else (args.task,)
+    qualities = QUALITIES if args.quality == "all" else (args.quality,)
+    if args.out and len(tasks) * len(qualities) > 1:
+        raise DatasetError("--out names one file; give one --task and one --quality with it")
+    paths = []
+    for task in tasks:
+        for q in qualities:
+            path = args.out or default_path(task, q, args.n_transitions, args.seed)
+            if not args.card:
+                ensure_dataset(task, q, args.n_transitions, args.seed, path, args.workers)
+            paths.append(path)
+    if args.card:
+        print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
