@@ -31,7 +31,9 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
+from envs.dataset import episode_returns
 from envs.mpe import ENV_VERSION, MPEEnv, paper_metric
+from envs.mpe_data import rollout
 from envs.policies import StackedActor, StackedLinear
 
 BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour", "mpe")
@@ -97,21 +99,32 @@ class StackedTwinCritic(nn.Module):
         return q.view(2, self.n, -1)
 
 
-def rollout_episodes(envs, actor, seeds, noise=0.0, rng=None):
-    """Run one episode in each env with the stacked actor; returns per-env reward arrays (T, n)."""
-    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
-    names = envs[0].possible_agents
-    rewards = [[] for _ in envs]
-    for _ in range(envs[0].max_cycles):
-        o = torch.as_tensor(np.stack([[ob[a] for a in names] for ob in obs], axis=1))
-        with torch.no_grad():
-            act = actor(o).numpy()  # (n, E, 2)
-        if noise > 0:
-            act = np.clip(act + noise * rng.standard_normal(act.shape), -1, 1)
-        for e, env in enumerate(envs):
-            obs[e], r, _, _, _ = env.step({a: act[i, e] for i, a in enumerate(names)})
-            rewards[e].append([r[a] for a in names])
-    return [np.asarray(r) for r in rewards]
+def save_checkpoint(args: Args, snapshots: list, curve: list, seconds: float) -> dict:
+    """Pick random / medium / expert and the medium-replay snapshots, write them atomically.
+
+    Called after every evaluation, so a run stopped at any time leaves a usable checkpoint.
+    """
+    rets = np.array([s[2] for s in snapshots])
+    i_exp = int(np.flatnonzero(rets >= rets.max() - 1e-9)[-1])
+    r_rand, r_exp = rets[0], rets[i_exp]
+    target = r_rand + args.medium_fraction * (r_exp - r_rand)
+    i_med = int(np.flatnonzero(rets[: i_exp + 1] >= target)[0])
+    replay = np.unique(np.linspace(0, i_med, min(args.max_replay_snapshots, i_med + 1)).round().astype(int))
+    policies = {"random": snapshots[0][1], "medium": snapshots[i_med][1], "expert": snapshots[i_exp][1]}
+    for k, j in enumerate(replay):
+        policies[f"replay_{k}"] = snapshots[j][1]
+    info = {
+        "task": args.task, "env_version": ENV_VERSION, "seed": args.seed, "args": asdict(args),
+        "curve": curve, "seconds": seconds,
+        "steps": {"random": 0, "medium": snapshots[i_med][0], "expert": snapshots[i_exp][0],
+                  "replay": [snapshots[j][0] for j in replay]},
+        "eval_return": {"random": float(r_rand), "medium": float(rets[i_med]), "expert": float(r_exp)},
+    }
+    out = args.out or os.path.join(BEHAVIOUR_DIR, f"{args.task}_seed{args.seed}.pt")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    torch.save({"policies": policies, "info_json": json.dumps(info)}, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return info
 
 
 def main(args: Args):
@@ -139,7 +152,8 @@ def main(args: Args):
 
     def evaluate():
         seeds = 1_000_000 + np.arange(args.eval_episodes)  # the same episodes at every evaluation
-        return float(np.mean([paper_metric(args.task, r) for r in rollout_episodes(eval_envs, actor, seeds)]))
+        data = rollout(eval_envs, actor, seeds, noise=0.0, rng=None)
+        return float(episode_returns(data, lambda r: paper_metric(args.task, r)).mean())
 
     snapshots, curve = [], []
 
@@ -147,8 +161,11 @@ def main(args: Args):
         ret = evaluate()
         snapshots.append((step, {k: v.detach().clone() for k, v in actor.state_dict().items()}, ret))
         curve.append((step, ret))
+        info = save_checkpoint(args, snapshots, curve, time.time() - t0)
         print(f"[{args.task} seed {args.seed}] step {step:>8d}  eval return {ret:8.2f}  "
-              f"({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} transitions/s)", flush=True)
+              f"({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} transitions/s)  "
+              f"so far: medium {info['eval_return']['medium']:.1f} @ {info['steps']['medium']}, "
+              f"expert {info['eval_return']['expert']:.1f} @ {info['steps']['expert']}", flush=True)
 
     t0 = time.time()
     snapshot(0)
@@ -211,28 +228,6 @@ def main(args: Args):
         if step // args.eval_every > prev // args.eval_every:
             snapshot(step)
 
-    # ---- pick random / medium / expert and the medium-replay snapshots ----
-    rets = np.array([s[2] for s in snapshots])
-    i_exp = int(np.flatnonzero(rets >= rets.max() - 1e-9)[-1])
-    r_rand, r_exp = rets[0], rets[i_exp]
-    target = r_rand + args.medium_fraction * (r_exp - r_rand)
-    i_med = int(np.flatnonzero(rets[: i_exp + 1] >= target)[0])
-    replay = np.unique(np.linspace(0, i_med, min(args.max_replay_snapshots, i_med + 1)).round().astype(int))
-    policies = {"random": snapshots[0][1], "medium": snapshots[i_med][1], "expert": snapshots[i_exp][1]}
-    for k, j in enumerate(replay):
-        policies[f"replay_{k}"] = snapshots[j][1]
-    info = {
-        "task": args.task, "env_version": ENV_VERSION, "seed": args.seed, "args": asdict(args),
-        "curve": curve, "seconds": time.time() - t0,
-        "steps": {"random": 0, "medium": snapshots[i_med][0], "expert": snapshots[i_exp][0],
-                  "replay": [snapshots[j][0] for j in replay]},
-        "eval_return": {"random": float(r_rand), "medium": float(rets[i_med]), "expert": float(r_exp)},
-    }
-    out = args.out or os.path.join(BEHAVIOUR_DIR, f"{args.task}_seed{args.seed}.pt")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save({"policies": policies, "info_json": json.dumps(info)}, out + ".tmp")
-    os.replace(out + ".tmp", out)
-    print(json.dumps(info["eval_return"]), "steps", info["steps"], "->", out)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,20 @@ def test_normalized_score_constants():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown MPE task"):
         MPEEnv("simple_world_comm")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_vectorized_contact_force_equals_mpe2(task):
+    from mpe2._mpe_utils.core import World
+
+    env = MPEEnv(task)
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for e in env.world.entities:  # squeeze everything together so that many pairs touch
+        e.state.p_pos = rng.uniform(-0.3, 0.3, 2)
+    n = len(env.world.entities)
+    ours = env.world.apply_environment_force([None] * n)
+    ref = World.apply_environment_force(env.world, [None] * n)
+    assert sum(f is not None for f in ref) > 0
+    for a, b in zip(ours, ref):
+        assert (a is None and b is None) or np.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,704 @@
+# OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968),
+# on the paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see README.
+#
+#   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
+#   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
+#   Stage 2   deterministic decentralised actors pi_i(o_i), each regularised towards the behaviour
+#             *conditional* of its agent given the actions of the agents before it in the order
+#
+# Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from envs import bandit
+from envs.dataset import DatasetError, checksum, load_dataset
+from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
+from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, default_path, ensure_dataset, env_spec
+
+ENV_IDS = TASKS + ("bandit",)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode"""
+    stage1_seed: Optional[int] = None
+    """seed of stages 1a/1b (default: --seed); give several runs the same one to share the cached behaviour
+    models and critic, e.g. in a sweep over policy seeds"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same machine -> same numbers)"""
+    cuda: bool = False
+    """use CUDA if available (everything here is sized for CPU)"""
+    threads: int = 0
+    """torch CPU threads (0: all cores)"""
+    track: bool = False
+    """log to Weights & Biases as well (needs `pip install wandb`; never required)"""
+    wandb_project_name: str = "omsd"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+    # Data
+    env_id: str = "simple_spread"
+    """simple_spread | simple_tag | simple_world | bandit"""
+    dataset: str = "expert"
+    """random | medium-replay | medium | expert | mixture (MPE; made on first use from the committed behaviour policies)"""
+    dataset_path: str = ""
+    """any file in the project's dataset format for this env (overrides --dataset)"""
+    dataset_transitions: int = DEFAULT_TRANSITIONS
+    """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
+
+    # The method
+    decomposition: str = "sequential"
+    """sequential: agent i's behaviour model conditions on the actions of the agents before it (OMSD);
+    independent: on its own observation only, i.e. the marginal (the paper's BRPO-CTDE baseline)"""
+    agent_order: tuple[int, ...] = ()
+    """order of the sequential decomposition, a permutation of 0..n-1 (default: identity)"""
+    condition: str = "obs"
+    """what the behaviour models condition on besides the prefix actions: obs (own observation, the authors' code) | state"""
+    beta: Optional[float] = None
+    """weight of grad_a Q in the actor loss, the authors' convention: loss = w(t) <eps_hat, a> - beta <grad_a Q, a>,
+    so a SMALL beta is a STRONG behaviour constraint (default: per task and dataset, see BETA_DEFAULTS)"""
+    weighting: Optional[str] = None
+    """w(t) of the score term: sigma2 (authors' default) | one | alpha_over_sigma (default: per env, see ENV_DEFAULTS)"""
+    t_min: float = 0.02
+    """lower end of the diffusion time range of the actor loss"""
+    t_max: float = 0.98
+    """upper end of the diffusion time range of the actor loss"""
+    prefix: str = "start"
+    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code; one
+    critic backward and one batched diffusion forward serve every agent) | updated = recomputed after each agent's
+    step, agent by agent (the paper's text)"""
+    regq: bool = False
+    """normalise grad_a Q by its root mean square (SRPO's optional trick)"""
+
+    # Stage 1a: diffusion behaviour models
+    diffusion_steps: Optional[int] = None
+    """gradient steps (all agents' models train together in one batched op)"""
+    diffusion_batch_size: int = 256
+    """minibatch size"""
+    diffusion_hidden: int = 128
+    """width of the residual trunk (authors: 512, with 4.3M parameters per agent)"""
+    diffusion_blocks: int = 2
+    """residual blocks"""
+    diffusion_lr: float = 3e-4
+    """AdamW learning rate, cosine-annealed to 1e-5"""
+
+    # Stage 1b: centralised IQL critic
+    critic_steps: Optional[int] = None
+    """gradient steps"""
+    critic_batch_size: int = 256
+    """minibatch size"""
+    critic_hidden: int = 256
+    """width of the two hidden layers of Q and V"""
+    critic_lr: float = 3e-4
+    """Adam learning rate"""
+    expectile: float = 0.7
+    """IQL expectile tau"""
+    gamma: float = 0.99
+    """discount"""
+    polyak: float = 0.005
+    """target-Q update rate"""
+    team_reward: str = "agent0"
+    """team reward used by the critic: agent0 (authors' code) | mean (over agents)"""
+    bootstrap_truncation: bool = False
+    """bootstrap through time-limit ends (default: treat them as terminal, as the authors' code does on MPE)"""
+
+    # Stage 2: actors
+    policy_steps: Optional[int] = None
+    """gradient steps per agent"""
+    policy_batch_size: int = 256
+    """minibatch size (one batch of indices shared by all agents)"""
+    actor_hidden: int = 256
+    """width of the two hidden layers of each actor"""
+    actor_lr: Optional[float] = None
+    """Adam learning rate, cosine-annealed to 0"""
+    eval_every: Optional[int] = None
+    """policy steps between evaluations"""
+    eval_episodes: int = 10
+    """evaluation episodes (decentralised execution, deterministic actions)"""
+
+    # Files
+    cache_dir: str = "runs/cache"
+    """where stage-1 models are cached (keyed by dataset checksum and every stage-1 setting)"""
+    save_model: bool = True
+    """save the final actors to runs/<run_name>/actors.pt"""
+
+
+# Step counts chosen by measurement on 2 CPU cores (README, "Speed"); the paper's scale is
+# --diffusion-steps 2000000 --critic-steps 500000 --policy-steps 100000 with much bigger networks.
+ENV_DEFAULTS = {
+    "mpe": dict(diffusion_steps=20_000, critic_steps=20_000, policy_steps=10_000, actor_lr=3e-4, eval_every=1000,
+                weighting="sigma2"),
+    "bandit": dict(diffusion_steps=4000, critic_steps=1000, policy_steps=3000, actor_lr=1e-2, eval_every=100,
+                   weighting="alpha_over_sigma", beta=0.05),
+}
+# Starting values from the paper's scripts (method.md §8.2), authors' beta convention.
+BETA_DEFAULTS = {
+    "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.05, "random": 0.5, "mixture": 0.005},
+    "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
+    "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
+}
+
+
+class RunError(Exception):
+    """Bad input or a failed run; printed as one line, exit code 2."""
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill per-env defaults and reject bad settings before anything is written."""
+    if args.env_id not in ENV_IDS:
+        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if args.env_id != "bandit" and not args.dataset_path and args.dataset not in QUALITIES:
+        raise RunError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path")
+    family = "bandit" if args.env_id == "bandit" else "mpe"
+    for k, v in ENV_DEFAULTS[family].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.stage1_seed is None:
+        args.stage1_seed = args.seed
+    if args.beta is None:
+        args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
+    choices = {"decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
+               "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean")}
+    for k, allowed in choices.items():
+        if getattr(args, k) not in allowed:
+            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
+    if not args.beta > 0:
+        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
+    for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
+              "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
+              "actor_hidden", "diffusion_blocks"):
+        if getattr(args, k) <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
+    if not 0 < args.t_min < args.t_max < 1:
+        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """Returns (arrays in the project's format, metadata, source)."""
+    if args.env_id == "bandit":
+        if args.dataset_path:
+            arrays, meta = load_dataset(args.dataset_path, expect={"n_agents": 2, "obs_dims": [5, 5], "act_dims": [1, 1]})
+            return arrays, meta, args.dataset_path
+        arrays, meta = bandit.make_dataset()
+        meta["sha256"] = checksum(arrays)
+        return arrays, meta, "generated in memory"
+    if args.dataset_path:
+        arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
+        return arrays, meta, args.dataset_path
+    arrays, meta, path = ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)
+    return arrays, meta, path
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+
+    def stack(key):
+        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
+
+    rewards = np.stack([arrays[f"rewards_{i}"] for i in range(n)], 1)  # team reward: original agent 0, not position 0
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")), "next_obs": t(stack("next_obs")),
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(rewards[:, 0] if args.team_reward == "agent0" else rewards.mean(1)),
+        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: every agent's network is evaluated in one batched op over a leading agent axis
+# ---------------------------------------------------------------------------------------------
+class StackedLinear(nn.Module):
+    """n independent Linear layers as one batched matmul: (n, B, i) -> (n, B, o)."""
+
+    def __init__(self, n: int, i: int, o: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(i)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n, i, o).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, o).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def vp_sde(t):
+    """Continuous-time VP-SDE with linear beta(t), beta_0 = 0.1, beta_1 = 20: x_t = alpha_t a + sigma_t z."""
+    log_alpha_t = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
+    alpha_t = torch.exp(log_alpha_t)
+    sigma_t = torch.sqrt(1.0 - alpha_t**2)
+    return alpha_t, sigma_t
+
+
+class ScoreNet(nn.Module):
+    """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position.
+
+    Gaussian Fourier time features (fixed W ~ N(0, 30^2)) -> time MLP; [x_t, cond, t_emb] -> hidden;
+    residual blocks h + W2 relu(W1 LayerNorm(h)); relu -> linear output (the predicted noise).
+    """
+
+    def __init__(self, n: int, act_dim: int, cond_dim: int, hidden: int, blocks: int):
+        super().__init__()
+        self.register_buffer("W", torch.randn(16) * 30.0)
+        self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
+        self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+        )
+        self.out = StackedLinear(n, hidden, act_dim)
+
+    def forward(self, x_t, t, cond):  # (n, B, act), (n, B, 1), (n, B, cond)
+        f = 2 * math.pi * t * self.W
+        t_emb = self.t2(F.relu(self.t1(torch.cat([torch.sin(f), torch.cos(f)], -1))))
+        h = self.inp(torch.cat([x_t, cond, t_emb], -1))
+        for w1, w2 in self.blocks:
+            h = h + w2(F.relu(w1(F.layer_norm(h, h.shape[-1:]))))
+        return self.out(F.relu(h))
+
+
+def prefix_mask(n: int, decomposition: str) -> torch.Tensor:
+    """mask[k, j] = 1 if the model at position k conditions on the action at position j (only j < k)."""
+    if decomposition == "independent":
+        return torch.zeros(n, max(n - 1, 1))
+    return torch.tril(torch.ones(n, n), diagonal=-1)[:, : max(n - 1, 1)]
+
+
+def condition(base, a_prev_source, mask):
+    """cond_k = [base_k, a_1, ..., a_{k-1}, 0, ...]: a fixed width for every position; the zero slots of
+    agents that are not in the prefix make the stacked models equal to per-agent models of varying width.
+
+    base (n, B, d): own obs (or the state, repeated); a_prev_source (n, B, act): actions in position order.
+    """
+    n, B, act = a_prev_source.shape
+    src = a_prev_source[: mask.shape[1]]  # (n-1, B, act): position n-1 is never anyone's prefix
+    prefix = mask[:, :, None, None] * src[None]  # (n, n-1, B, act)
+    return torch.cat([base, prefix.permute(0, 2, 1, 3).reshape(n, B, -1)], -1)
+
+
+class TwinQ(nn.Module):
+    """Q_1, Q_2(s, a_1..a_n): two heads in one stacked op; s = all agents' observations."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+
+    def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
+        x = torch.cat([s, a], -1).expand(2, -1, -1)
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x))))).squeeze(-1)
+
+
+def mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
+
+
+class Actors(nn.Module):
+    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own
+    parameters and optimizer), evaluated for all agents in one batched matmul per layer."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.nets = nn.ModuleList(mlp(obs_dim, hidden, act_dim) for _ in range(n))
+
+    def forward(self, obs):  # (n, B, obs) -> (n, B, act)
+        h = obs
+        for layer in (0, 2, 4):
+            W = torch.stack([net[layer].weight for net in self.nets]).transpose(1, 2)
+            b = torch.stack([net[layer].bias for net in self.nets]).unsqueeze(1)
+            h = torch.baddbmm(b, h, W)
+            h = torch.relu(h) if layer < 4 else torch.tanh(h)
+        return h
+
+    def one(self, k: int, obs_k):  # agent k alone: (B, obs) -> (B, act)
+        return torch.tanh(self.nets[k](obs_k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+def diffusion_loss(score_net, a0, cond, gen):
+    """Noise-prediction loss of every position's model: E ||eps_k(alpha_t a + sigma_t z, t | cond_k) - z||^2,
+    t ~ U(1e-3, 1); summed over action dims, averaged over the batch. Returns (n,)."""
+    t = torch.rand(a0.shape[0], a0.shape[1], 1, generator=gen) * (1 - 1e-3) + 1e-3
+    z = torch.randn(a0.shape, generator=gen)
+    alpha_t, sigma_t = vp_sde(t)
+    eps_hat = score_net(alpha_t * a0 + sigma_t * z, t, cond)
+    return ((eps_hat - z) ** 2).sum(-1).mean(-1)
+
+
+def expectile_loss(u, tau):
+    """IQL's asymmetric L2: |tau - 1(u < 0)| u^2, u = Q - V."""
+    return (torch.abs(tau - (u < 0).float()) * u**2).mean()
+
+
+def score_weight(kind: str, alpha_t, sigma_t):
+    return {"sigma2": sigma_t**2, "one": torch.ones_like(sigma_t), "alpha_over_sigma": alpha_t / sigma_t}[kind]
+
+
+def q_grad(q_target, s, joint):
+    """grad_a of mean(Q1_target, Q2_target) at the joint action (n, B, act): every agent's slot in one backward."""
+    joint = joint.detach().requires_grad_(True)
+    q = q_target(s, joint.transpose(0, 1).reshape(s.shape[0], -1)).mean(0)
+    return torch.autograd.grad(q.sum(), joint)[0]
+
+
+def actor_surrogate(a, eps_hat, g, w, beta):
+    """Per-agent SRPO surrogate: mean_batch( w(t) <eps_hat, a> - beta <grad_a Q, a> ) with eps_hat and g detached,
+    so that its gradient is (w(t) eps_hat - beta grad_a Q) times the actor's Jacobian. Returns (n,)."""
+    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: decentralised execution, each agent acts on its own observation only
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(actors, args: Args, order: list[int], obs_max: int) -> float:
+    actors.eval()
+    if args.env_id == "bandit":
+        a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
+        actors.train()
+        return float(bandit.reward(a[0], a[1]))
+    envs = [MPEEnv(args.env_id) for _ in range(args.eval_episodes)]
+    names = envs[0].possible_agents
+    obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
+    rewards = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names)))
+    for t in range(envs[0].max_cycles):
+        o = np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
+        act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
+        for e, env in enumerate(envs):
+            obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
+            rewards[e, t] = [r[a] for a in names]
+    actors.train()
+    return float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Status of a stage: step, steps/s, ETA. Rewritten in place on a terminal (twice a second), otherwise
+    one line every 10 s, so that logs stay readable."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total, self.t0, self.last = stage, total, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, extra: str = ""):
+        now = time.time()
+        if now - self.last > (0.5 if self.tty else 10.0) or step == self.total:
+            sps = step / max(now - self.t0, 1e-9)
+            eta = (self.total - step) / max(sps, 1e-9)
+            line = f"[{self.stage}] {step:>8d}/{self.total}  {sps:7.1f} steps/s  eta {eta:5.0f}s  {extra}"
+            end = "\n" if step == self.total or not self.tty else ""
+            print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+            self.last = now
+
+    @property
+    def seconds(self):
+        return time.time() - self.t0
+
+
+def check_finite(loss, stage: str, step: int):
+    if not torch.isfinite(loss).all():
+        raise RunError(f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
+                       f"at step {step}; lower the learning rate or check the data")
+
+
+def cache_path(args: Args, kind: str, fields: dict) -> str:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(args.cache_dir, f"{args.env_id}-{kind}-{key}.pt")
+
+
+def load_cached(path: str, fields: dict):
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: plain tensors only
+    return ckpt if json.loads(ckpt["fields"]) == fields else None
+
+
+def save_atomic(obj, path: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(args: Args) -> dict:
+    args = resolve_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arrays, meta, source = load_data(args)
+    n = sum(1 for k in arrays if k.startswith("obs_"))
+    order = list(args.agent_order) or list(range(n))
+    if sorted(order) != list(range(n)):
+        raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
+    data = to_tensors(arrays, order, args)
+    N, _, obs_max = data["obs"].shape
+    act_dim = data["act"].shape[-1]
+    S = data["critic_state"].shape[1]
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    try:
+        os.makedirs(run_dir)  # never reuse (and overwrite) an existing run directory
+    except FileExistsError:
+        raise RunError(f"{run_dir} already exists; wait a second or change --exp-name") from None
+    except OSError as e:
+        raise RunError(f"cannot create {run_dir}: {e.strerror}; run from a writable directory") from None
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    data = {k: v.to(device) for k, v in data.items()}
+    print(f"data: {source}, {N:,} transitions, {n} agents, order {order}", file=sys.stderr)
+
+    def gen(stage: int):  # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
+        return torch.Generator(device).manual_seed((args.seed if stage == 3 else args.stage1_seed) * 1000 + stage)
+
+    timing = {}
+    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 1}
+
+    # ------------------------------------------------------------------ Stage 1a: behaviour models
+    mask = prefix_mask(n, args.decomposition).to(device)
+    base_dim = data["state"].shape[1] if args.condition == "state" else obs_max
+    cond_dim = base_dim + mask.shape[1] * act_dim
+    torch.manual_seed(args.stage1_seed * 1000 + 1)
+    score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
+    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
+                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
+                                                   "diffusion_blocks", "diffusion_lr")})
+    cache = {"diffusion": cache_path(args, "diffusion", fields)}
+    path = cache["diffusion"]
+
+    def cond_base(idx):  # (n, B, base_dim)
+        if args.condition == "state":
+            return data["state"][idx].unsqueeze(0).expand(n, -1, -1)
+        return data["obs"][idx].transpose(0, 1)
+
+    cached = load_cached(path, fields)
+    if cached is not None:
+        score_net.load_state_dict(cached["model"])
+        timing["diffusion"] = {"cached": path}
+        print(f"[stage 1a] reusing cached behaviour models {path}", file=sys.stderr)
+    else:
+        opt = torch.optim.AdamW(score_net.parameters(), lr=args.diffusion_lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
+        g, bar = gen(1), Progress("stage 1a: diffusion", args.diffusion_steps)
+        for step in range(1, args.diffusion_steps + 1):
+            idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=device)
+            a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
+            loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g)
+            check_finite(loss, "stage 1a (diffusion)", step)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            sched.step()
+            if step % 100 == 0 or step == args.diffusion_steps:
+                for k in range(n):
+                    writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
+                writer.add_scalar("charts/SPS_diffusion", step / bar.seconds, step)
+            bar.update(step, f"loss {loss.mean().item():.3f}")
+        timing["diffusion"] = {"seconds": bar.seconds, "steps_per_s": args.diffusion_steps / bar.seconds}
+        save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
+    score_net.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
+    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
+        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
+        "team_reward", "bootstrap_truncation")})
+    cache["critic"] = path = cache_path(args, "critic", fields)
+    torch.manual_seed(args.stage1_seed * 1000 + 2)
+    q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
+    q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
+    q_target.load_state_dict(q_net.state_dict())
+    cached = load_cached(path, fields)
+    if cached is not None:
+        q_net.load_state_dict(cached["q"])
+        q_target.load_state_dict(cached["q_target"])
+        v_net.load_state_dict(cached["v"])
+        timing["critic"] = {"cached": path}
+        print(f"[stage 1b] reusing cached critic {path}", file=sys.stderr)
+    else:
+        q_opt = torch.optim.Adam(q_net.parameters(), lr=args.critic_lr)
+        v_opt = torch.optim.Adam(v_net.parameters(), lr=args.critic_lr)
+        g, bar = gen(2), Progress("stage 1b: IQL critic", args.critic_steps)
+        joint = data["act"].reshape(N, -1)
+        for step in range(1, args.critic_steps + 1):
+            idx = torch.randint(N, (args.critic_batch_size,), generator=g, device=device)
+            s, a, s2 = data["critic_state"][idx], joint[idx], data["next_critic_state"][idx]
+            with torch.no_grad():
+                q_t = q_target(s, a).min(0).values
+            v_loss = expectile_loss(q_t - v_net(s).squeeze(-1), args.expectile)
+            v_opt.zero_grad(set_to_none=True)
+            v_loss.backward()
+            v_opt.step()
+            with torch.no_grad():
+                y = data["reward"][idx] + args.gamma * (1 - data["done"][idx]) * v_net(s2).squeeze(-1)
+            q_loss = 0.5 * ((q_net(s, a) - y) ** 2).mean(1).sum()
+            check_finite(q_loss + v_loss, "stage 1b (IQL critic)", step)
+            q_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_opt.step()
+            with torch.no_grad():
+                for p, pt in zip(q_net.parameters(), q_target.parameters()):
+                    pt.lerp_(p, args.polyak)
+            if step % 100 == 0 or step == args.critic_steps:
+                writer.add_scalar("losses/q_loss", q_loss.item(), step)
+                writer.add_scalar("losses/v_loss", v_loss.item(), step)
+                writer.add_scalar("charts/SPS_critic", step / bar.seconds, step)
+            bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
+        timing["critic"] = {"seconds": bar.seconds, "steps_per_s": args.critic_steps / bar.seconds}
+        save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
+                     "fields": json.dumps(fields)}, path)
+    q_target.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ Stage 2: score-regularised actors
+    torch.manual_seed(args.seed * 1000 + 3)
+    actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(device)
+    opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
+    g, bar = gen(3), Progress("stage 2: actors", args.policy_steps)
+    eval_history = []
+    ret = evaluate(actors, args, order, obs_max)
+    eval_history.append({"step": 0, "return": ret})
+
+    def eps_hat_and_weight(a_prev_source, idx):
+        """eps_hat of every position's model at noised actions a_t = alpha_t a + sigma_t z, t ~ U(t_min, t_max),
+        conditioned on the prefix actions taken from a_prev_source (detached); and w(t)."""
+        t = torch.rand(n, len(idx), 1, generator=g, device=device) * (args.t_max - args.t_min) + args.t_min
+        z = torch.randn(n, len(idx), act_dim, generator=g, device=device)
+        alpha_t, sigma_t = vp_sde(t)
+        eps_hat = score_net(alpha_t * a_prev_source + sigma_t * z, t, condition(cond_base(idx), a_prev_source, mask))
+        return eps_hat, score_weight(args.weighting, alpha_t, sigma_t)
+
+    for step in range(1, args.policy_steps + 1):
+        idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=device)
+        obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
+        if args.prefix == "start":
+            # Every agent's prefix is the actors' actions at the start of the iteration, so one critic backward
+            # gives grad_a Q for every slot and one batched diffusion forward gives every agent's eps_hat.
+            a = actors(obs)  # (n, B, act), live
+            cur = a.detach()
+            grad_q = q_grad(q_target, s, cur)
+            if args.regq:
+                grad_q = grad_q / grad_q.pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-8)
+            eps_hat, w = eps_hat_and_weight(cur, idx)
+            loss = actor_surrogate(a, eps_hat, grad_q, w, args.beta)  # (n,)
+            check_finite(loss, "stage 2 (actors)", step)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.sum().backward()  # agents share no parameters: each actor gets exactly its own gradient
+            for o, sc in zip(opts, scheds):
+                o.step()
+                sc.step()
+        else:
+            # The paper's text: agent k's prefix comes from the already-updated actors of positions < k.
+            with torch.no_grad():
+                cur = actors(obs)
+            losses = []
+            for k in range(n):
+                a_k = actors.one(k, obs[k])
+                grad_q = q_grad(q_target, s, cur)[k]
+                if args.regq:
+                    grad_q = grad_q / grad_q.pow(2).mean().sqrt().clamp_min(1e-8)
+                eps_hat, w = eps_hat_and_weight(cur, idx)
+                loss_k = actor_surrogate(a_k[None], eps_hat[k : k + 1], grad_q[None], w[k : k + 1], args.beta)[0]
+                check_finite(loss_k, "stage 2 (actors)", step)
+                opts[k].zero_grad(set_to_none=True)
+                loss_k.backward()
+                opts[k].step()
+                scheds[k].step()
+                with torch.no_grad():
+                    cur[k] = actors.one(k, obs[k])
+                losses.append(loss_k.detach())
+            loss = torch.stack(losses)
+        if step % 100 == 0 or step == args.policy_steps:
+            for k in range(n):
+                writer.add_scalar(f"losses/actor_position{k}", loss[k].item(), step)
+            writer.add_scalar("charts/SPS_policy", step / bar.seconds, step)
+        if step % args.eval_every == 0 or step == args.policy_steps:
+            ret = evaluate(actors, args, order, obs_max)
+            eval_history.append({"step": step, "return": ret})
+            writer.add_scalar("eval/episodic_return", ret, step)
+            if args.env_id in PAPER_NORMALIZATION:
+                writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
+        bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
+    timing["policy"] = {"seconds": bar.seconds, "steps_per_s": args.policy_steps / bar.seconds}
+
+    # ------------------------------------------------------------------ Results
+    final = eval_history[-1]["return"]
+    norm = PAPER_NORMALIZATION.get(args.env_id)
+    for h in eval_history:
+        h["normalized_score"] = normalized_score(args.env_id, h["return"]) if norm else None
+    results = {
+        "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
+        "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order, "beta": args.beta,
+        "weighting": args.weighting, "seed": args.seed, "final_return": final,
+        "final_normalized_score": eval_history[-1]["normalized_score"],
+        "normalization": {"constants": norm, "source": "the paper's (method.md §9)"} if norm else None,
+        "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
+                  " bandit: a1 * a2",
+        "eval_history": eval_history, "stages": timing, "stage1_cache": cache, "args": asdict(args),
+    }
+    if args.env_id == "bandit":
+        with torch.no_grad():
+            results["final_actions"] = actors(torch.ones(n, 1, bandit.OBS_DIM))[:, 0, 0].tolist()
+    if args.save_model:
+        save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
+    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    writer.close()
+    score = f", normalized score {results['final_normalized_score']:.1f} (paper constants {norm})" if norm else ""
+    print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (RunError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

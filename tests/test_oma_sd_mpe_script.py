@@ -1,0 +1,137 @@
+"""oma_sd_mpe.py end to end with tiny settings (CleanRL-style subprocess smoke tests) and its bad-input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
+TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
+        "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
+        "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32", "--policy-batch-size", "32",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("omsd")
+
+
+def run(workdir, *args, check=True):
+    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
+    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def results_of(workdir, stdout):
+    path = stdout.strip().splitlines()[-1].split("-> ")[-1]
+    with open(workdir / path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("env_id,extra", [
+    ("simple_spread", []), ("simple_tag", ["--dataset", "medium"]), ("simple_world", ["--dataset", "random"]),
+    ("simple_spread", ["--decomposition", "independent", "--dataset", "mixture"]),
+    ("simple_tag", ["--prefix", "updated", "--agent-order", "2", "0", "1", "--dataset", "medium-replay"]),
+    ("simple_world", ["--condition", "state", "--weighting", "alpha_over_sigma", "--regq"]),
+])
+def test_smoke_every_task(workdir, env_id, extra):
+    r = run(workdir, "--env-id", env_id, *TINY, *extra)
+    res = results_of(workdir, r.stdout)
+    for k in ("env_id", "dataset", "decomposition", "beta", "seed", "final_return", "final_normalized_score",
+              "eval_history", "stages"):
+        assert k in res
+    assert res["env_id"] == env_id
+    assert [h["step"] for h in res["eval_history"]] == [0, 10, 20]
+    assert np.isfinite(res["final_return"]) and np.isfinite(res["final_normalized_score"])
+    for stage in ("diffusion", "critic", "policy"):
+        assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
+    run_dir = os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])
+    assert os.path.exists(workdir / run_dir / "actors.pt")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / run_dir))
+
+
+def test_bandit_smoke(workdir):
+    r = run(workdir, "--env-id", "bandit", *TINY)
+    res = results_of(workdir, r.stdout)
+    a1, a2 = res["final_actions"]
+    assert res["final_return"] == pytest.approx(a1 * a2, abs=1e-6)
+    assert res["final_normalized_score"] is None
+
+
+def test_cache_reuse_and_determinism(workdir):
+    args = ["--env-id", "simple_spread", *TINY, "--seed", "7", "--exp-name", "det"]
+    first = results_of(workdir, run(workdir, *args).stdout)
+    import time
+
+    time.sleep(1.1)  # a new run directory
+    second_run = run(workdir, *args)
+    second = results_of(workdir, second_run.stdout)
+    assert "reusing cached behaviour models" in second_run.stderr and "reusing cached critic" in second_run.stderr
+    assert first["eval_history"] == second["eval_history"]
+    assert first["final_return"] == second["final_return"]
+    # a beta sweep reuses stage 1 too, and changes the result
+    third = results_of(workdir, run(workdir, *args, "--beta", "0.5", "--exp-name", "det2").stdout)
+    assert third["stages"]["diffusion"].get("cached") and third["stages"]["critic"].get("cached")
+    assert third["eval_history"] != first["eval_history"]
+
+
+def _bad(workdir, *args, creates_run=False):
+    runs = workdir / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    r = run(workdir, *args, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    assert {k: after.get(k) for k in before} == before  # nothing in runs/ overwritten
+    if not creates_run:
+        assert after == before  # bad input is rejected before anything is written
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--env-id", "simple_world_comm"], "unknown --env-id"),
+    (["--dataset", "best"], "unknown --dataset"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--beta", "-1"], "--beta must be > 0"),
+    (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
+    (["--diffusion-steps", "-5"], "--diffusion-steps must be a positive integer"),
+    (["--decomposition", "joint"], "--decomposition must be one of"),
+    (["--agent-order", "0", "0", "1"], "--agent-order must be a permutation"),
+    (["--dataset-path", "/nonexistent/x.npz"], "does not exist"),
+])
+def test_bad_input(workdir, args, msg):
+    assert msg in _bad(workdir, *TINY, *args)
+
+
+def test_dataset_of_another_env(workdir):
+    # make a tiny spread dataset, then give it to simple_tag
+    run(workdir, "--env-id", "simple_spread", *TINY)
+    path = next((workdir / "data" / "mpe").glob("simple_spread-expert-*.npz"))
+    line = _bad(workdir, *TINY, "--env-id", "simple_tag", "--dataset-path", str(path))
+    assert "the env needs" in line
+
+
+def test_non_finite_data(workdir):
+    from envs.dataset import load_dataset
+
+    run(workdir, "--env-id", "simple_spread", *TINY)
+    src = next((workdir / "data" / "mpe").glob("simple_spread-expert-*.npz"))
+    arrays, meta = load_dataset(str(src))
+    arrays["rewards_1"][7] = np.nan
+    bad = workdir / "nan.npz"
+    np.savez(bad, metadata=np.array(json.dumps(meta)), **arrays)  # bypasses the writer's checks on purpose
+    assert "non-finite" in _bad(workdir, *TINY, "--dataset-path", str(bad))
+
+
+def test_nan_loss_stops_with_stage_and_step(workdir):
+    # a run that fails mid-way keeps its own (new) run directory with the logs so far
+    line = _bad(workdir, *TINY, "--critic-lr", "1e30", "--critic-steps", "50", creates_run=True)
+    assert "stage 1b (IQL critic)" in line and "at step" in line

@@ -1,0 +1,142 @@
+"""Unit tests of the pieces of oma_sd_mpe.py: VP-SDE, losses, conditioning, and the stage-2 gradient."""
+
+import math
+
+import pytest
+import torch
+
+import oma_sd_mpe as om
+
+
+def test_vp_sde_coefficients():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    alpha_t, sigma_t = om.vp_sde(t)
+    assert alpha_t[0] == pytest.approx(1.0) and sigma_t[0] == pytest.approx(0.0)
+    # log alpha_t = -1/4 t^2 (20 - 0.1) - 1/2 t 0.1
+    assert alpha_t[1].item() == pytest.approx(math.exp(-0.25 * 0.25 * 19.9 - 0.025), rel=1e-6)
+    assert alpha_t[2].item() == pytest.approx(math.exp(-0.25 * 19.9 - 0.05), rel=1e-6)
+    assert torch.allclose(alpha_t**2 + sigma_t**2, torch.ones(3))
+
+
+class Echo(torch.nn.Module):
+    """A 'network' that predicts eps_hat = 0.5 * x_t: makes the loss computable by hand."""
+
+    def forward(self, x_t, t, cond):
+        return 0.5 * x_t
+
+
+def test_diffusion_loss_value():
+    a0 = torch.randn(3, 64, 2)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    loss = om.diffusion_loss(Echo(), a0, None, g1)
+    t = torch.rand(3, 64, 1, generator=g2) * (1 - 1e-3) + 1e-3
+    z = torch.randn(a0.shape, generator=g2)
+    alpha_t, sigma_t = om.vp_sde(t)
+    expected = ((0.5 * (alpha_t * a0 + sigma_t * z) - z) ** 2).sum(-1).mean(-1)
+    assert loss.shape == (3,)
+    assert torch.allclose(loss, expected)
+    assert t.min() >= 1e-3
+
+
+def test_expectile_loss():
+    assert om.expectile_loss(torch.tensor([1.0, -1.0]), 0.7).item() == pytest.approx(0.5)
+    assert om.expectile_loss(torch.tensor([2.0]), 0.9).item() == pytest.approx(3.6)
+    assert om.expectile_loss(torch.tensor([-2.0]), 0.9).item() == pytest.approx(0.4)
+
+
+def test_condition_prefix_masks():
+    n, B = 3, 4
+    base = torch.zeros(n, B, 5)
+    acts = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1).expand(n, B, 2)  # position k acts k+1
+    seq = om.condition(base, acts, om.prefix_mask(n, "sequential"))
+    assert seq.shape == (n, B, 5 + (n - 1) * 2)
+    assert torch.equal(seq[0, 0, 5:], torch.zeros(4))  # first agent: marginal
+    assert torch.equal(seq[1, 0, 5:], torch.tensor([1.0, 1.0, 0.0, 0.0]))  # second: a_1
+    assert torch.equal(seq[2, 0, 5:], torch.tensor([1.0, 1.0, 2.0, 2.0]))  # third: a_1, a_2
+    ind = om.condition(base, acts, om.prefix_mask(n, "independent"))
+    assert torch.equal(ind[:, :, 5:], torch.zeros(n, B, 4))
+
+
+def test_stacked_actors_equal_per_agent_networks():
+    torch.manual_seed(0)
+    actors = om.Actors(3, 7, 2, 16)
+    obs = torch.randn(3, 10, 7)
+    out = actors(obs)
+    for k in range(3):
+        assert torch.allclose(out[k], actors.one(k, obs[k]), atol=1e-6)
+    assert out.abs().max() <= 1
+
+
+def test_stacked_score_net_equals_separate_positions():
+    # position k's output must not depend on the inputs of other positions
+    torch.manual_seed(0)
+    net = om.ScoreNet(3, 2, 9, 32, 2)
+    x, t, c = torch.randn(3, 5, 2), torch.rand(3, 5, 1), torch.randn(3, 5, 9)
+    out = net(x, t, c)
+    x2, c2 = x.clone(), c.clone()
+    x2[1:], c2[1:] = torch.randn(2, 5, 2), torch.randn(2, 5, 9)
+    assert torch.allclose(net(x2, t, c2)[0], out[0])
+
+
+def test_stage2_gradient_is_weighted_score_minus_beta_gradq_times_jacobian():
+    torch.manual_seed(1)
+    n, B, obs_dim, act = 2, 8, 4, 3
+    actors = om.Actors(n, obs_dim, act, 16)
+    obs = torch.randn(n, B, obs_dim)
+    eps_hat, g, w = torch.randn(n, B, act), torch.randn(n, B, act), torch.rand(n, B, 1)
+    beta = 0.3
+    loss = om.actor_surrogate(actors(obs), eps_hat, g, w, beta).sum()
+    grads = torch.autograd.grad(loss, list(actors.parameters()))
+    # expected: d/dtheta of sum_b <(w eps_hat - beta g)_b, a_b> / B with the vector held fixed
+    direction = (w * eps_hat - beta * g) / B
+    expected = torch.autograd.grad((actors(obs) * direction).sum(), list(actors.parameters()))
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_one_pass_equals_per_agent_loop():
+    """The default stage-2 path (one critic backward, one batched diffusion forward) gives every agent the
+    same gradient as computing each agent's loss on its own, with the prefix taken from the actions at the
+    start of the iteration."""
+    torch.manual_seed(2)
+    n, B, obs_dim, act = 3, 16, 5, 2
+    actors = om.Actors(n, obs_dim, act, 16)
+    score_net = om.ScoreNet(n, act, obs_dim + (n - 1) * act, 32, 1).eval()
+    q = om.TwinQ(n * obs_dim + n * act, 32).eval()
+    mask = om.prefix_mask(n, "sequential")
+    obs = torch.randn(n, B, obs_dim)
+    s = obs.transpose(0, 1).reshape(B, -1)
+    t = torch.rand(n, B, 1) * 0.96 + 0.02
+    z = torch.randn(n, B, act)
+    alpha_t, sigma_t = om.vp_sde(t)
+    beta = 0.1
+
+    # batched, as in main()
+    a = actors(obs)
+    cur = a.detach()
+    grad_q = om.q_grad(q, s, cur)
+    eps_hat = score_net(alpha_t * cur + sigma_t * z, t, om.condition(obs, cur, mask)).detach()
+    loss = om.actor_surrogate(a, eps_hat, grad_q, sigma_t**2, beta).sum()
+    batched = torch.autograd.grad(loss, list(actors.parameters()))
+
+    # explicit loop: agent k alone, its own conditioning vector and its own critic gradient
+    per_agent = []
+    for k in range(n):
+        a_k = actors.one(k, obs[k])
+        slots = [cur[j] for j in range(n)]
+        a_var = a_k.detach().requires_grad_(True)
+        slots[k] = a_var
+        q_val = q(s, torch.cat(slots, -1)).mean(0).sum()
+        g_k = torch.autograd.grad(q_val, a_var)[0]
+        prefix = [cur[j] for j in range(k)] + [torch.zeros(B, act)] * (n - 1 - k)
+        cond_k = torch.cat([obs[k]] + prefix, -1)
+        eps_k = score_net(
+            (alpha_t * cur + sigma_t * z), t, torch.stack([cond_k] * n)
+        )[k].detach()  # the stacked net's slot k is position k's own model
+        loss_k = ((sigma_t[k] ** 2).squeeze(-1) * (eps_k * a_k).sum(-1) - beta * (g_k * a_k).sum(-1)).mean()
+        per_agent.append(torch.autograd.grad(loss_k, list(actors.nets[k].parameters())))
+    # batched grads are ordered net0 params, net1 params, ...
+    flat = [g for k in range(n) for g in per_agent[k]]
+    assert len(flat) == len(batched)
+    for a_, b_ in zip(batched, flat):
+        assert torch.allclose(a_, b_, atol=1e-5)
