@@ -38,6 +38,9 @@ class Cfg:
     diffusion_steps: int = 4000
     critic_steps: int = 1000
     policy_steps: int = 3000
+    diffusion_hidden: int = 64
+    diffusion_batch_size: int = 512
+    actor_hidden: int = 64
     figure: bool = True
     """also plot the learned score field against the analytic one"""
 
@@ -93,7 +96,9 @@ def main(cfg: Cfg):
         for seed in cfg.seeds:
             res = om.main(om.Args(env_id="bandit", decomposition=dec, seed=seed, stage1_seed=0, beta=cfg.beta,
                                   weighting=cfg.weighting, diffusion_steps=cfg.diffusion_steps, critic_steps=cfg.critic_steps,
-                                  policy_steps=cfg.policy_steps, save_model=False, exp_name="bandit_benchmark"))
+                                  policy_steps=cfg.policy_steps, diffusion_hidden=cfg.diffusion_hidden,
+                                  diffusion_batch_size=cfg.diffusion_batch_size, actor_hidden=cfg.actor_hidden,
+                                  save_model=False, exp_name="bandit_benchmark"))
             rows[dec].append({"seed": seed, "reward": res["final_return"], "actions": res["final_actions"]})
             cache = res["stage1_cache"]["diffusion"]
         r = np.array([x["reward"] for x in rows[dec]])

@@ -144,14 +144,16 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
         for part in results:
             parts.append(part)
             done += len(part["obs_0"])
-            if verbose:
+            if verbose:  # one line per chunk in logs, rewritten in place on a terminal
                 rate = done / max(time.time() - t0, 1e-9)
-                print(f"\r[{task} {quality}] {done:>9,d}/{n_transitions:,d} transitions  {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+                tty = sys.stderr.isatty()
+                print(f"{chr(13) if tty else ''}[{task} {quality}] {done:>9,d}/{n_transitions:,d} transitions  {rate:,.0f}/s",
+                      end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if pool:
             pool.close()
             pool.join()
-    if verbose:
+    if verbose and sys.stderr.isatty():
         print(file=sys.stderr)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     rets = episode_returns(arrays, lambda r: paper_metric(task, r))

@@ -1,0 +1,129 @@
+"""OMSD sequential vs independent on the MPE datasets: runs a grid, then writes the README table and a
+learning-curve figure from the runs' results.json files.
+
+    python benchmark/mpe_table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3
+    python benchmark/mpe_table.py --report-only          # table + figure from benchmark/results/mpe.jsonl
+
+Every finished run appends one line to benchmark/results/mpe.jsonl (so an interrupted grid keeps what it did,
+and cells already there are skipped). Each cell's command is printed in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import oma_sd_mpe as om  # noqa: E402
+
+RESULTS = os.path.join(REPO, "benchmark", "results", "mpe.jsonl")
+
+
+@dataclass
+class Cfg:
+    tasks: tuple[str, ...] = ("simple_spread", "simple_tag", "simple_world")
+    qualities: tuple[str, ...] = ("expert", "medium", "medium-replay", "random", "mixture")
+    decompositions: tuple[str, ...] = ("sequential", "independent")
+    seeds: tuple[int, ...] = (1, 2, 3)
+    extra: list[str] = field(default_factory=list)
+    """extra flags passed to oma_sd_mpe.py for every run, e.g. --extra=--policy-steps --extra=20000"""
+    report_only: bool = False
+    """only write the table and the figure from the results file"""
+
+
+def command(task, quality, dec, seed, extra):
+    return " ".join(["python oma_sd_mpe.py", "--env-id", task, "--dataset", quality, "--decomposition", dec,
+                     "--seed", str(seed), *extra])
+
+
+def run_grid(cfg: Cfg):
+    done = set()
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            done = {json.loads(line)["command"] for line in f}
+    os.chdir(REPO)
+    for task in cfg.tasks:
+        for quality in cfg.qualities:
+            for seed in cfg.seeds:
+                for dec in cfg.decompositions:
+                    cmd = command(task, quality, dec, seed, cfg.extra)
+                    if cmd in done:
+                        continue
+                    print(">>", cmd, flush=True)
+                    args = tyro.cli(om.Args, args=cmd.split()[2:])
+                    res = om.main(args)
+                    row = {"command": cmd, "task": task, "quality": quality, "decomposition": dec, "seed": seed,
+                           "beta": res["beta"], "final_return": res["final_return"],
+                           "final_normalized_score": res["final_normalized_score"], "eval_history": res["eval_history"],
+                           "stages": res["stages"]}
+                    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+                    with open(RESULTS, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+def report():
+    rows = [json.loads(line) for line in open(RESULTS)]
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["task"], r["quality"], r["decomposition"])].append(r)
+    lines = ["| task | dataset | β | OMSD sequential: return (normalized) | independent: return (normalized) | seeds | command (seed 1) |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({(t, q) for t, q, _ in cells}, key=lambda k: (k[0], om.QUALITIES.index(k[1])))
+    for task, quality in keys:
+        out, n, beta, cmd = [], [], "", ""
+        for dec in ("sequential", "independent"):
+            rs = cells.get((task, quality, dec), [])
+            if not rs:
+                out.append("–")
+                continue
+            ret = np.array([r["final_return"] for r in rs])
+            nor = np.array([r["final_normalized_score"] for r in rs])
+            out.append(f"{ret.mean():.1f} ± {ret.std():.1f} ({nor.mean():.1f} ± {nor.std():.1f})")
+            n.append(len(rs))
+            beta = rs[0]["beta"]
+            cmd = cmd or sorted(rs, key=lambda r: r["seed"])[0]["command"].replace(" --decomposition sequential", "")
+        lines.append(f"| {task} | {quality} | {beta} | {out[0]} | {out[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
+    print("\n".join(lines))
+    curves(cells)
+
+
+def curves(cells):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(t, q) for t, q, _ in cells})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, (task, quality) in zip(axes[0], keys):
+        for dec, color in (("sequential", "C0"), ("independent", "C1")):
+            rs = cells.get((task, quality, dec), [])
+            if not rs:
+                continue
+            steps = [h["step"] for h in rs[0]["eval_history"]]
+            ys = np.array([[h["normalized_score"] for h in r["eval_history"]] for r in rs])
+            ax.plot(steps, ys.mean(0), color=color, label=f"{dec} ({len(rs)} seeds)")
+            ax.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+        ax.set_title(f"{task} {quality}")
+        ax.set_xlabel("policy steps")
+    axes[0][0].set_ylabel("normalized score (paper constants)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(REPO, "benchmark", "figures", "mpe_learning_curves.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig.savefig(out, dpi=80)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    cfg = tyro.cli(Cfg)
+    if not cfg.report_only:
+        run_grid(cfg)
+    report()
