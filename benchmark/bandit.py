@@ -41,6 +41,8 @@ class Cfg:
     diffusion_hidden: int = 64
     diffusion_batch_size: int = 512
     actor_hidden: int = 64
+    threads: int = 1
+    """torch threads (these networks are too small to gain from two)"""
     figure: bool = True
     """also plot the learned score field against the analytic one"""
 
@@ -98,7 +100,7 @@ def main(cfg: Cfg):
                                   weighting=cfg.weighting, diffusion_steps=cfg.diffusion_steps, critic_steps=cfg.critic_steps,
                                   policy_steps=cfg.policy_steps, diffusion_hidden=cfg.diffusion_hidden,
                                   diffusion_batch_size=cfg.diffusion_batch_size, actor_hidden=cfg.actor_hidden,
-                                  save_model=False, exp_name="bandit_benchmark"))
+                                  threads=cfg.threads, save_model=False, exp_name="bandit_benchmark"))
             rows[dec].append({"seed": seed, "reward": res["final_return"], "actions": res["final_actions"]})
             cache = res["stage1_cache"]["diffusion"]
         r = np.array([x["reward"] for x in rows[dec]])

@@ -6,7 +6,7 @@ Qualities (OMAR's recipe, see README "Datasets"):
   medium-replay  the training snapshots from the start up to medium, equal shares, rolled out with
                  the trainer's exploration noise (a close approximation of the replay buffer)
   expert         the best training snapshot
-  mixture        the experts of 3 independently trained seeds, equal shares (different
+  mixture        the experts of 2 independently trained seeds, equal shares (different
                  coordination conventions: multimodal joint behaviour)
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OMAR's data.
 
@@ -32,7 +32,7 @@ from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
-MIXTURE_SEEDS = (0, 1, 2)
+MIXTURE_SEEDS = (0, 1)
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
 N_CHUNKS = 16  # work split: fixed, so the file does not depend on the number of workers
