@@ -2,10 +2,10 @@
 learning-curve figure from the runs' results.json files.
 
     python benchmark/mpe_table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3
-    python benchmark/mpe_table.py --report-only          # table + figure from benchmark/results/mpe.jsonl
+    python benchmark/mpe_table.py --report-only          # table + figure from benchmark/results/mpe*.jsonl
 
-Every finished run appends one line to benchmark/results/mpe.jsonl (so an interrupted grid keeps what it did,
-and cells already there are skipped). Each cell's command is printed in the table.
+Every finished run appends one line to benchmark/results/mpe.jsonl (or --results), so an interrupted grid keeps
+what it did and cells already there are skipped. Each cell's command is printed in the table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import oma_sd_mpe as om  # noqa: E402
 
-RESULTS = os.path.join(REPO, "benchmark", "results", "mpe.jsonl")
+RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
 
 
 @dataclass
@@ -35,7 +35,10 @@ class Cfg:
     extra: list[str] = field(default_factory=list)
     """extra flags passed to oma_sd_mpe.py for every run, e.g. --extra=--policy-steps --extra=20000"""
     report_only: bool = False
-    """only write the table and the figure from the results file"""
+    """only write the table and the figure from the results files"""
+    results: str = "mpe.jsonl"
+    """file (in benchmark/results/) this grid appends to; the report reads every mpe*.jsonl there, so
+    grids running in parallel can use their own files"""
 
 
 def command(task, quality, dec, seed, extra):
@@ -43,11 +46,17 @@ def command(task, quality, dec, seed, extra):
                      "--seed", str(seed), *extra])
 
 
+def load_rows():
+    rows = []
+    for name in sorted(os.listdir(RESULTS_DIR)) if os.path.isdir(RESULTS_DIR) else []:
+        if name.startswith("mpe") and name.endswith(".jsonl"):
+            with open(os.path.join(RESULTS_DIR, name)) as f:
+                rows += [json.loads(line) for line in f]
+    return rows
+
+
 def run_grid(cfg: Cfg):
-    done = set()
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            done = {json.loads(line)["command"] for line in f}
+    done = {r["command"] for r in load_rows()}
     os.chdir(REPO)
     for task in cfg.tasks:
         for quality in cfg.qualities:
@@ -63,13 +72,13 @@ def run_grid(cfg: Cfg):
                            "beta": res["beta"], "final_return": res["final_return"],
                            "final_normalized_score": res["final_normalized_score"], "eval_history": res["eval_history"],
                            "stages": res["stages"]}
-                    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-                    with open(RESULTS, "a") as f:
+                    os.makedirs(RESULTS_DIR, exist_ok=True)
+                    with open(os.path.join(RESULTS_DIR, cfg.results), "a") as f:
                         f.write(json.dumps(row) + "\n")
 
 
 def report():
-    rows = [json.loads(line) for line in open(RESULTS)]
+    rows = load_rows()
     cells = defaultdict(list)
     for r in rows:
         cells[(r["task"], r["quality"], r["decomposition"])].append(r)

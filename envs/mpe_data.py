@@ -6,8 +6,9 @@ Qualities (OMAR's recipe, see README "Datasets"):
   medium-replay  the training snapshots from the start up to medium, equal shares, rolled out with
                  the trainer's exploration noise (a close approximation of the replay buffer)
   expert         the best training snapshot
-  mixture        the experts of 2 independently trained seeds, equal shares (different
-                 coordination conventions: multimodal joint behaviour)
+  mixture        the expert with its agents' roles permuted (the 3 cyclic permutations of which network
+                 drives which agent), equal shares: three coordination conventions of about the same
+                 quality (e.g. which agent takes which landmark), i.e. multimodal joint behaviour
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OMAR's data.
 
 Usage:
@@ -32,7 +33,7 @@ from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
-MIXTURE_SEEDS = (0, 1)
+MIXTURE_ROLES = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # agent i is driven by the expert's network roles[i]
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
 N_CHUNKS = 16  # work split: fixed, so the file does not depend on the number of workers
@@ -95,7 +96,9 @@ def rollout(envs, actor, seeds, noise: float, rng) -> dict:
 def _plan(task: str, quality: str, n_episodes: int) -> list[tuple[str, dict, int]]:
     """(name, actor state dict, episodes) for each behaviour policy that contributes."""
     if quality == "mixture":
-        pols = [(f"seed{s}/expert", load_behaviour(task, s)[0]["expert"]) for s in MIXTURE_SEEDS]
+        expert = load_behaviour(task, 0)[0]["expert"]
+        pols = [(f"seed0/expert@roles{''.join(map(str, r))}", {k: v[list(r)] for k, v in expert.items()})
+                for r in MIXTURE_ROLES]
     elif quality == "medium-replay":
         policies = load_behaviour(task, 0)[0]
         pols = [(f"seed0/{k}", v) for k, v in sorted(policies.items(), key=lambda kv: kv[0]) if k.startswith("replay_")]
@@ -157,16 +160,25 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
         print(file=sys.stderr)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     rets = episode_returns(arrays, lambda r: paper_metric(task, r))
-    _, info = load_behaviour(task, 0)
     meta = {
         "env_family": "mpe", "task": task, "env_version": ENV_VERSION, "quality": quality,
         "agent_names": MPEEnv(task).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
         "behaviour": {"trainer": "envs/train_behaviour_mpe.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "training_steps": info["steps"], "training_eval_return": info["eval_return"]},
+                      "snapshots": {n: snapshot_info(task, n) for n, _, _ in plan}},
         "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
-        "packages": package_versions(), "seconds": time.time() - t0,
+        "packages": package_versions(),
     }
+    if verbose:
+        print(f"[{task} {quality}] {n_transitions:,d} transitions in {time.time() - t0:.0f} s", file=sys.stderr)
     return arrays, meta
+
+
+def snapshot_info(task: str, name: str) -> dict:
+    """Training step and evaluation return (40 deterministic episodes) of a snapshot such as 'seed0/replay_3'."""
+    seed, key = name.split("@")[0].split("/")
+    info = load_behaviour(task, int(seed[4:]))[1]
+    step = info["steps"]["replay"][int(key.split("_")[1])] if key.startswith("replay_") else info["steps"][key]
+    return {"training_step": step, "eval_return": {int(s): r for s, r in info["curve"]}[step]}
 
 
 def package_versions() -> dict:
@@ -193,20 +205,22 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
         except DatasetError:
             if not os.path.exists(path):  # anything but "another run made it meanwhile" is a real error
                 raise
-        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {meta['seconds']:.0f} s)", file=sys.stderr)
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
     arrays, meta = load_dataset(path, expect=env_spec(task))
     return arrays, meta, path
 
 
 def card_rows(paths: list[str]) -> list[str]:
-    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour | gen. seconds |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour policies (training step: eval return) |",
+            "|---|---|---|---|---|---|---|"]
     for p in paths:
         _, m = load_dataset(p)
         r = m["episode_return"]
-        pols = ", ".join(name for name, _ in m["behaviour"]["policies"])
+        snaps = m["behaviour"].get("snapshots", {})
+        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}: {snaps[name]['eval_return']:.1f})" if name in snaps else name
+                         for name, _ in m["behaviour"]["policies"])
         rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
-                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} | {m['seconds']:.0f} |")
+                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
     return rows
 
 
