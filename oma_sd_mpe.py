@@ -469,14 +469,17 @@ def main(args: Args) -> dict:
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    try:
-        os.makedirs(run_dir)  # never reuse (and overwrite) an existing run directory
-    except FileExistsError:
-        raise RunError(f"{run_dir} already exists; wait a second or change --exp-name") from None
-    except OSError as e:
-        raise RunError(f"cannot create {run_dir}: {e.strerror}; run from a writable directory") from None
+    dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(args.dataset_path))[0]
+    run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
+    for k in range(1000):  # never reuse (and overwrite) an existing run directory
+        run_dir = os.path.join("runs", run_name + (f"_{k}" if k else ""))
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"cannot create {run_dir}: {e.strerror}; run from a writable directory") from None
     if args.track:
         import wandb
 

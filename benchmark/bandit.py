@@ -2,7 +2,8 @@
 and the learned score field against the analytic one of the data mixture.
 
     python benchmark/bandit.py --beta 0.05
-writes benchmark/results/bandit_<weighting>_beta<beta>.json and benchmark/figures/bandit_score_field.png.
+writes benchmark/results/bandit_<weighting>_beta<beta>.json and benchmark/figures/bandit_score_field.png;
+`python benchmark/bandit.py --report` prints the README table from all such files.
 Stage 1 (behaviour models, critic) is trained once per decomposition (--stage1-seed 0) and shared by the
 10 policy seeds, which is what varies the actors' initialisation.
 """
@@ -45,6 +46,8 @@ class Cfg:
     """torch threads (these networks are too small to gain from two)"""
     figure: bool = True
     """also plot the learned score field against the analytic one"""
+    report: bool = False
+    """only print the markdown table of every benchmark/results/bandit_*.json"""
 
 
 def analytic_eps(x, t):
@@ -115,5 +118,24 @@ def main(cfg: Cfg):
     print("wrote", out)
 
 
+def report():
+    rows = ["| w(t) | β | sequential: mean ± std | coordinated (> 0.5) | independent: mean ± std | miscoordinated (< 0) | per-seed rewards, sequential / independent |",
+            "|---|---|---|---|---|---|---|"]
+    results_dir = os.path.join(REPO, "benchmark", "results")
+    found = []
+    for name in os.listdir(results_dir):
+        if name.startswith("bandit_") and name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                found.append(json.load(f))
+    for res in sorted(found, key=lambda r: (r["config"]["weighting"], r["config"]["beta"])):
+        seq = np.array([x["reward"] for x in res["runs"]["sequential"]])
+        ind = np.array([x["reward"] for x in res["runs"]["independent"]])
+        rows.append(f"| {res['config']['weighting']} | {res['config']['beta']} | {seq.mean():.3f} ± {seq.std():.3f} | "
+                    f"{np.sum(seq > 0.5)}/{len(seq)} | {ind.mean():.3f} ± {ind.std():.3f} | {np.sum(ind < 0)}/{len(ind)} | "
+                    f"{' '.join(f'{x:.2f}' for x in seq)} / {' '.join(f'{x:.2f}' for x in ind)} |")
+    print("\n".join(rows))
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Cfg))
+    cfg = tyro.cli(Cfg)
+    report() if cfg.report else main(cfg)

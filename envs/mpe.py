@@ -20,7 +20,6 @@ Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents on
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -263,11 +262,9 @@ class MPEEnv(ParallelEnv):
         self._act_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.t = 0
 
-    @functools.lru_cache(maxsize=None)
     def observation_space(self, agent):
         return self._obs_spaces[agent]
 
-    @functools.lru_cache(maxsize=None)
     def action_space(self, agent):
         return self._act_space
 

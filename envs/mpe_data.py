@@ -217,8 +217,9 @@ def card_rows(paths: list[str]) -> list[str]:
         _, m = load_dataset(p)
         r = m["episode_return"]
         snaps = m["behaviour"].get("snapshots", {})
-        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}: {snaps[name]['eval_return']:.1f})" if name in snaps else name
-                         for name, _ in m["behaviour"]["policies"])
+        # eval returns are the snapshots' as trained (a role-permuted copy has its own, not measured here)
+        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}" + ("" if "@" in name else f": {snaps[name]['eval_return']:.1f}") + ")"
+                         if name in snaps else name for name, _ in m["behaviour"]["policies"])
         rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
                     f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
     return rows
