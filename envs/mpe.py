@@ -214,9 +214,9 @@ def scripted_prey_action(prey, world) -> np.ndarray:
     """The fixed prey of tag/world: flee from the predators, weighted by closeness, and turn back
     before leaving the arena.
 
-    Scripted rather than trained so that it is deterministic, needs no file, and is the same
-    for every version of this repo; its strength is set so that trained predators reach about
-    the scores of OMAR's expert data. OMAR's own pretrained prey is a different (learned) policy.
+    Scripted rather than trained so that it is deterministic and needs no file (a change to it
+    must bump ENV_VERSION). OMAR's own pretrained prey is a different, learned policy, so tag and
+    world returns are not comparable with the OMAR literature.
     """
     pos = prey.state.p_pos
     push = np.zeros(2)
