@@ -151,7 +151,7 @@ ENV_DEFAULTS = {
     "bandit": dict(diffusion_steps=4000, critic_steps=1000, policy_steps=3000, actor_lr=1e-2, eval_every=100,
                    weighting="alpha_over_sigma", beta=0.05),
 }
-# Starting values from the paper's scripts (method.md §8.2), authors' beta convention.
+# Starting values from the authors' run scripts (not tuned here), in the authors' beta convention.
 BETA_DEFAULTS = {
     "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.05, "random": 0.5, "mixture": 0.005},
     "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
@@ -680,7 +680,7 @@ def main(args: Args) -> dict:
         "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order, "beta": args.beta,
         "weighting": args.weighting, "seed": args.seed, "final_return": final,
         "final_normalized_score": eval_history[-1]["normalized_score"],
-        "normalization": {"constants": norm, "source": "the paper's (method.md §9)"} if norm else None,
+        "normalization": {"constants": norm, "source": "the OMSD paper's MPE constants"} if norm else None,
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
                   " bandit: a1 * a2",
         "eval_history": eval_history, "stages": timing, "stage1_cache": cache, "args": asdict(args),

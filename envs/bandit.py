@@ -1,4 +1,4 @@
-"""The paper's 2-agent continuous bandit (combinatorial mode shift, method.md §10).
+"""The paper's 2-agent continuous bandit (its "combinatorial mode shift" toy).
 
 Two agents see the same constant 5-d vector of ones, act once in [-1, 1] each, and get the team
 reward a1 * a2. The data come from two equally likely joint modes, N((0.8, 0.8), 0.1^2 I) and

@@ -34,7 +34,7 @@ TASKS = ("simple_spread", "simple_tag", "simple_world")
 EPISODE_LEN = 25
 # Bump when dynamics, rewards, observations or the prey change: stored in every dataset.
 ENV_VERSION = "omar-mpe2-v1"
-# The paper's normalisation constants (method.md §9): score = 100 (R - R_random) / (R_expert - R_random).
+# The paper's normalisation constants (its MPE table; the authors' code): score = 100 (R - R_random) / (R_expert - R_random).
 PAPER_NORMALIZATION = {
     "simple_spread": {"expert": 516.8, "random": 159.8},
     "simple_tag": {"expert": 185.6, "random": -4.1},
