@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from envs import bandit
 from envs.dataset import DatasetError, checksum, load_dataset
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
-from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, default_path, ensure_dataset, env_spec
+from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, ensure_dataset, env_spec
 
 ENV_IDS = TASKS + ("bandit",)
 

@@ -11,7 +11,6 @@ Stage 1 (behaviour models, critic) is trained once per decomposition (--stage1-s
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
