@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -141,6 +142,11 @@ class Args:
     """where stage-1 models are cached (keyed by dataset checksum and every stage-1 setting)"""
     save_model: bool = True
     """save the final actors to runs/<run_name>/actors.pt"""
+    resume: bool = True
+    """continue an interrupted run of the same command (killed, Ctrl-C) from its last checkpoint, in its run
+    directory, with the same final numbers as an uninterrupted run; --no-resume starts the run over"""
+    checkpoint_every: int = 1000
+    """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
 
 # Step counts chosen by measurement on 2 CPU cores (README, "Speed"); the paper's scale is
@@ -186,7 +192,7 @@ def resolve_args(args: Args) -> Args:
         raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
     for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
               "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
-              "actor_hidden", "diffusion_blocks"):
+              "actor_hidden", "diffusion_blocks", "checkpoint_every"):
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if not 0 < args.t_min < args.t_max < 1:
@@ -411,14 +417,14 @@ class Progress:
     """Status of a stage: step, steps/s, ETA. Rewritten in place on a terminal (twice a second), otherwise
     one line every 10 s, so that logs stay readable."""
 
-    def __init__(self, stage: str, total: int):
-        self.stage, self.total, self.t0, self.last = stage, total, time.time(), 0.0
+    def __init__(self, stage: str, total: int, start: int = 0):
+        self.stage, self.total, self.start, self.t0, self.last = stage, total, start, time.time(), 0.0
         self.tty = sys.stderr.isatty()
 
     def update(self, step: int, extra: str = ""):
         now = time.time()
         if now - self.last > (0.5 if self.tty else 10.0) or step == self.total:
-            sps = step / max(now - self.t0, 1e-9)
+            sps = (step - self.start) / max(now - self.t0, 1e-9)
             eta = (self.total - step) / max(sps, 1e-9)
             line = f"[{self.stage}] {step:>8d}/{self.total}  {sps:7.1f} steps/s  eta {eta:5.0f}s  {extra}"
             end = "\n" if step == self.total or not self.tty else ""
@@ -428,6 +434,9 @@ class Progress:
     @property
     def seconds(self):
         return time.time() - self.t0
+
+    def rate(self, step: int) -> float:
+        return (step - self.start) / max(self.seconds, 1e-9)
 
 
 def check_finite(loss, stage: str, step: int):
@@ -442,17 +451,84 @@ def cache_path(args: Args, kind: str, fields: dict) -> str:
 
 
 def load_cached(path: str, fields: dict):
+    """A checkpoint this script wrote for exactly `fields`, or None if there is none."""
     if not os.path.exists(path):
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: plain tensors only
-    return ckpt if json.loads(ckpt["fields"]) == fields else None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: tensors and plain values only
+        saved = json.loads(ckpt["fields"])
+    except Exception as e:
+        raise RunError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it") from None
+    fields = json.loads(json.dumps(fields))  # as stored: tuples become lists
+    if saved != fields:
+        k = next(k for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
+                 if saved.get(k) != fields.get(k))
+        raise RunError(f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
+                       f"{fields.get(k)!r} here); delete it or use another --cache-dir")
+    return ckpt
 
 
 def save_atomic(obj, path: str):
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# Resume: the stage in progress is checkpointed every --checkpoint-every steps to `<cache>.partial.pt` (models,
+# optimisers, schedulers, RNG state, step). Ctrl-C / SIGTERM only set a flag; the loop saves at the end of the
+# step and stops, so a checkpoint always holds a whole number of steps and resuming reproduces the numbers.
+STOP = {"signal": None}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the stage was checkpointed; rerunning the command continues it."""
+
+
+def on_stop_signal(signum, frame):
+    STOP["signal"] = signum
+    print("\nstopping after the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def partial_path(path: str) -> str:
+    return path[: -len(".pt")] + ".partial.pt"
+
+
+def resume_stage(args: Args, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
+    """Load the checkpoint of an interrupted stage into `objs` (models, optimisers, schedulers) and the RNG `g`.
+    Returns (steps done, seconds spent, extra state); (0, 0.0, {}) when there is nothing to resume."""
+    ckpt = load_cached(partial_path(path), fields) if args.resume else None
+    if ckpt is None:
+        return 0, 0.0, {}
+    for k, o in objs.items():
+        o.load_state_dict(ckpt[k])
+    g.set_state(ckpt["rng"])
+    print(f"[{stage}] resuming from step {ckpt['step']} ({partial_path(path)})", file=sys.stderr)
+    return ckpt["step"], ckpt["seconds"], json.loads(ckpt["extra"])
+
+
+def checkpoint(args: Args, path: str, fields: dict, stage: str, objs: dict, g, step: int, total: int,
+               seconds: float, extra: dict | None = None):
+    """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM."""
+    stop = STOP["signal"] is not None
+    if stop or (step % args.checkpoint_every == 0 and step < total):
+        save_atomic({**{k: o.state_dict() for k, o in objs.items()}, "rng": g.get_state(), "step": step,
+                     "seconds": seconds, "extra": json.dumps(extra or {}), "fields": json.dumps(fields)},
+                    partial_path(path))
+    if stop:
+        raise Interrupted(f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command "
+                          f"again to continue")
+
+
+def remove(path: str):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def main(args: Args) -> dict:
@@ -469,17 +545,34 @@ def main(args: Args) -> dict:
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
-    dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(args.dataset_path))[0]
-    run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
-    for k in range(1000):  # never reuse (and overwrite) an existing run directory
-        run_dir = os.path.join("runs", run_name + (f"_{k}" if k else ""))
+    # An interrupted run of the same command (same settings and data) is continued in its own run directory.
+    run_fields = {k: v for k, v in asdict(args).items() if k not in ("resume", "checkpoint_every", "threads")}
+    run_fields["dataset_sha256"] = meta["sha256"]
+    run_ckpt = cache_path(args, "run", run_fields)
+    previous = load_cached(run_ckpt, run_fields) if args.resume else None
+    if previous is not None and os.path.isdir(previous["run_dir"]) \
+            and not os.path.exists(os.path.join(previous["run_dir"], "results.json")):
+        run_dir = previous["run_dir"]
+        print(f"continuing the interrupted run {run_dir}", file=sys.stderr)
+    else:
+        dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(args.dataset_path))[0]
+        run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
         try:
-            os.makedirs(run_dir)
-            break
-        except FileExistsError:
-            continue
+            os.makedirs("runs", exist_ok=True)
+            for k in range(1000):  # never reuse (and overwrite) an existing run directory
+                run_dir = os.path.join("runs", run_name + (f"_{k}" if k else ""))
+                try:
+                    os.mkdir(run_dir)
+                    break
+                except FileExistsError:
+                    continue
         except OSError as e:
-            raise RunError(f"cannot create {run_dir}: {e.strerror}; run from a writable directory") from None
+            raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
+                           f"run from a writable directory") from None
+        try:
+            save_atomic({"run_dir": run_dir, "fields": json.dumps(run_fields)}, run_ckpt)
+        except OSError as e:
+            raise RunError(f"cannot write to --cache-dir {args.cache_dir}: {e.strerror}; give a writable one") from None
     if args.track:
         import wandb
 
@@ -528,8 +621,10 @@ def main(args: Args) -> dict:
     else:
         opt = torch.optim.AdamW(score_net.parameters(), lr=args.diffusion_lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
-        g, bar = gen(1), Progress("stage 1a: diffusion", args.diffusion_steps)
-        for step in range(1, args.diffusion_steps + 1):
+        g, objs = gen(1), {"model": score_net, "opt": opt, "sched": sched}
+        start, spent, _ = resume_stage(args, path, fields, "stage 1a", objs, g)
+        bar = Progress("stage 1a: diffusion", args.diffusion_steps, start)
+        for step in range(start + 1, args.diffusion_steps + 1):
             idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=device)
             a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
             loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g)
@@ -541,10 +636,12 @@ def main(args: Args) -> dict:
             if step % 100 == 0 or step == args.diffusion_steps:
                 for k in range(n):
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
-                writer.add_scalar("charts/SPS_diffusion", step / bar.seconds, step)
+                writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
             bar.update(step, f"loss {loss.mean().item():.3f}")
-        timing["diffusion"] = {"seconds": bar.seconds, "steps_per_s": args.diffusion_steps / bar.seconds}
+            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
+        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
         save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
+        remove(partial_path(path))
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
@@ -566,9 +663,11 @@ def main(args: Args) -> dict:
     else:
         q_opt = torch.optim.Adam(q_net.parameters(), lr=args.critic_lr)
         v_opt = torch.optim.Adam(v_net.parameters(), lr=args.critic_lr)
-        g, bar = gen(2), Progress("stage 1b: IQL critic", args.critic_steps)
+        g, objs = gen(2), {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
+        start, spent, _ = resume_stage(args, path, fields, "stage 1b", objs, g)
+        bar = Progress("stage 1b: IQL critic", args.critic_steps, start)
         joint = data["act"].reshape(N, -1)
-        for step in range(1, args.critic_steps + 1):
+        for step in range(start + 1, args.critic_steps + 1):
             idx = torch.randint(N, (args.critic_batch_size,), generator=g, device=device)
             s, a, s2 = data["critic_state"][idx], joint[idx], data["next_critic_state"][idx]
             with torch.no_grad():
@@ -590,11 +689,13 @@ def main(args: Args) -> dict:
             if step % 100 == 0 or step == args.critic_steps:
                 writer.add_scalar("losses/q_loss", q_loss.item(), step)
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
-                writer.add_scalar("charts/SPS_critic", step / bar.seconds, step)
+                writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
-        timing["critic"] = {"seconds": bar.seconds, "steps_per_s": args.critic_steps / bar.seconds}
+            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+        timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
         save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
                      "fields": json.dumps(fields)}, path)
+        remove(partial_path(path))
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -602,10 +703,11 @@ def main(args: Args) -> dict:
     actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(device)
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
-    g, bar = gen(3), Progress("stage 2: actors", args.policy_steps)
-    eval_history = []
-    ret = evaluate(actors, args, order, obs_max)
-    eval_history.append({"step": 0, "return": ret})
+    g = gen(3)
+    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
+    start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
+    bar = Progress("stage 2: actors", args.policy_steps, start)
+    eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max)}]
 
     def eps_hat_and_weight(a_prev_source, idx):
         """eps_hat of every position's model at noised actions a_t = alpha_t a + sigma_t z, t ~ U(t_min, t_max),
@@ -616,7 +718,7 @@ def main(args: Args) -> dict:
         eps_hat = score_net(alpha_t * a_prev_source + sigma_t * z, t, condition(cond_base(idx), a_prev_source, mask))
         return eps_hat, score_weight(args.weighting, alpha_t, sigma_t)
 
-    for step in range(1, args.policy_steps + 1):
+    for step in range(start + 1, args.policy_steps + 1):
         idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=device)
         obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
         if args.prefix == "start":
@@ -660,7 +762,7 @@ def main(args: Args) -> dict:
         if step % 100 == 0 or step == args.policy_steps:
             for k in range(n):
                 writer.add_scalar(f"losses/actor_position{k}", loss[k].item(), step)
-            writer.add_scalar("charts/SPS_policy", step / bar.seconds, step)
+            writer.add_scalar("charts/SPS_policy", bar.rate(step), step)
         if step % args.eval_every == 0 or step == args.policy_steps:
             ret = evaluate(actors, args, order, obs_max)
             eval_history.append({"step": step, "return": ret})
@@ -668,7 +770,9 @@ def main(args: Args) -> dict:
             if args.env_id in PAPER_NORMALIZATION:
                 writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
-    timing["policy"] = {"seconds": bar.seconds, "steps_per_s": args.policy_steps / bar.seconds}
+        checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
+                   {"eval_history": eval_history})
+    timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Results
     final = eval_history[-1]["return"]
@@ -694,14 +798,22 @@ def main(args: Args) -> dict:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
     writer.close()
+    remove(partial_path(run_ckpt))
+    remove(run_ckpt)
     score = f", normalized score {results['final_normalized_score']:.1f} (paper constants {norm})" if norm else ""
     print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
     return results
 
 
 if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop at the end of a step, with a checkpoint
+        signal.signal(sig, on_stop_signal)
     try:
-        main(tyro.cli(Args))
+        main(args)
     except (RunError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
+        sys.exit(130)

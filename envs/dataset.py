@@ -105,6 +105,27 @@ def validate(arrays: dict, where: str) -> int:
     return n
 
 
+def write_npz(f, arrays: dict):
+    """np.savez, but byte-reproducible: np.savez stamps each member with the current time, so the same data
+    written twice would give different files. Members are stored uncompressed in a fixed order."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k in sorted(arrays):
+            info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(arrays[k]), allow_pickle=False)
+
+
+def check_writable(path: str):
+    """Fail early (before minutes of generation) when the dataset could not be written to `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise DatasetError(f"cannot write to {d} ({e.strerror}); set OMSD_DATA_DIR or --out to a writable "
+                           f"directory") from None
+
+
 def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = False) -> dict:
     """Validate, checksum and write atomically (temporary file + rename). Returns the metadata written."""
     if os.path.exists(path) and not overwrite:
@@ -117,11 +138,11 @@ def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = Fals
                 obs_dims=[int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
                 act_dims=[int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
                 state_dim=int(arrays["state"].shape[1]), sha256=checksum(arrays))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    check_writable(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+            write_npz(f, {"metadata": np.array(json.dumps(meta, sort_keys=True)), **arrays})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

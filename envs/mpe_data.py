@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, episode_returns, load_dataset, return_stats, save_dataset
+from envs.dataset import DatasetError, check_writable, episode_returns, load_dataset, return_stats, save_dataset
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
@@ -199,6 +199,7 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
     if not os.path.exists(path):
+        check_writable(path)
         arrays, meta = generate(task, quality, n_transitions, seed, workers)
         try:
             save_dataset(path, arrays, meta)

@@ -1,0 +1,269 @@
+"""Runs that survive: resume after SIGKILL / Ctrl-C with the same numbers, bit-identical reruns, atomic writes,
+and the bad-input cases not covered by test_dataset.py / test_oma_sd_mpe_script.py."""
+
+import filecmp
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import oma_sd_mpe as om
+from envs import dataset as ds
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
+# long enough that a stage is still running a moment after its first checkpoint, short enough for CI
+SMALL = ["--diffusion-steps", "600", "--critic-steps", "600", "--policy-steps", "600", "--eval-every", "200",
+         "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
+         "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32",
+         "--policy-batch-size", "32", "--threads", "1", "--checkpoint-every", "50"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("robust")
+
+
+def env_of(workdir):
+    return {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
+
+
+def run(workdir, *args, check=True):
+    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True,
+                       env=env_of(workdir), timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def outcome(workdir, stdout):
+    """results.json of a finished run and its final actors."""
+    path = workdir / stdout.strip().splitlines()[-1].split("-> ")[-1]
+    with open(path) as f:
+        res = json.load(f)
+    actors = torch.load(path.parent / "actors.pt", weights_only=True)["actors"]
+    return res, actors, path.parent
+
+
+def same(a, b):
+    (ra, aa, _), (rb, ab, _) = a, b
+    assert ra["eval_history"] == rb["eval_history"]
+    assert ra["final_return"] == rb["final_return"]
+    assert aa.keys() == ab.keys() and all(torch.equal(aa[k], ab[k]) for k in aa)
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """An uninterrupted run (its own cache, so every stage is trained)."""
+    return outcome(workdir, run(workdir, *SMALL, "--cache-dir", "cache_ref").stdout)
+
+
+def test_same_command_from_scratch_gives_identical_results(workdir, reference):
+    again = outcome(workdir, run(workdir, *SMALL, "--cache-dir", "cache_again").stdout)
+    same(reference, again)
+    for a in glob.glob(str(workdir / "cache_ref" / "*.pt")):  # the cached stage-1 models too
+        b = torch.load(a.replace("cache_ref", "cache_again"), weights_only=True)
+        a = torch.load(a, weights_only=True)
+        for k in a:
+            if isinstance(a[k], dict):
+                assert all(torch.equal(a[k][p], b[k][p]) for p in a[k])
+
+
+@pytest.mark.parametrize("stage,sig", [
+    ("diffusion", signal.SIGKILL), ("critic", signal.SIGKILL), ("run", signal.SIGKILL),  # run = stage 2
+    ("critic", signal.SIGINT), ("run", signal.SIGTERM),
+], ids=["diffusion-SIGKILL", "critic-SIGKILL", "policy-SIGKILL", "critic-Ctrl-C", "policy-SIGTERM"])
+def test_resume_after_interruption_gives_the_uninterrupted_result(workdir, reference, stage, sig):
+    cache = f"cache_{stage}_{sig.name}"
+    args = [*SMALL, "--cache-dir", cache]
+    p = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env_of(workdir))
+    pattern = str(workdir / cache / f"*-{stage}-*.partial.pt")
+    deadline = time.time() + 240
+    while not glob.glob(pattern) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert glob.glob(pattern), "the stage never wrote a checkpoint"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL
+    else:  # Ctrl-C / SIGTERM: checkpoint at the end of the step, one line, exit 130
+        assert p.returncode == 130, err[-2000:]
+        assert "checkpoint saved, run the same command again to continue" in err
+    # killed mid-stage: that stage did not finish
+    assert stage == "run" or not glob.glob(str(workdir / cache / f"*-{stage}-*[0-9a-f].pt"))
+    assert not glob.glob(str(workdir / cache / "*.tmp*"))  # no half-written file left behind
+
+    r = run(workdir, *args)
+    step = int(r.stderr.split("resuming from step ")[1].split()[0])
+    assert 0 < step < 600
+    resumed = outcome(workdir, r.stdout)
+    same(reference, resumed)
+    assert "continuing the interrupted run" in r.stderr  # in its own run directory
+    assert not glob.glob(str(workdir / cache / "*partial*")) and not glob.glob(str(workdir / cache / "*-run-*"))
+
+
+def test_no_resume_starts_over(workdir, reference):
+    cache = "cache_noresume"
+    p = subprocess.Popen([sys.executable, SCRIPT, *SMALL, "--cache-dir", cache], cwd=workdir, env=env_of(workdir),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not glob.glob(str(workdir / cache / "*-diffusion-*.partial.pt")) and p.poll() is None:
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    r = run(workdir, *SMALL, "--cache-dir", cache, "--no-resume")
+    assert "resuming" not in r.stderr and "continuing" not in r.stderr
+    same(reference, outcome(workdir, r.stdout))
+
+
+# ------------------------------------------------------------------------------------ checkpoints as bad input
+def _error(workdir, *args):
+    r = run(workdir, *args, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_checkpoint_of_another_configuration(workdir, reference):
+    # a cached critic swapped for the behaviour models' file: right name, other configuration
+    cache = workdir / "cache_swapped"
+    cache.mkdir()
+    for f in glob.glob(str(workdir / "cache_ref" / "*.pt")):
+        os.link(f, cache / os.path.basename(f))
+    critic = glob.glob(str(cache / "*-critic-*.pt"))[0]
+    diffusion = glob.glob(str(cache / "*-diffusion-*.pt"))[0]
+    os.remove(critic)
+    os.link(diffusion, critic)
+    before = os.stat(critic).st_mtime_ns
+    line = _error(workdir, *SMALL, "--cache-dir", str(cache))
+    assert "is a checkpoint of another configuration (stage: 'diffusion' there, 'critic' here)" in line
+    assert "delete it or use another --cache-dir" in line
+    assert os.stat(critic).st_mtime_ns == before  # left untouched
+
+
+def test_corrupted_checkpoint(workdir, reference):
+    cache = workdir / "cache_corrupt"
+    cache.mkdir()
+    for f in glob.glob(str(workdir / "cache_ref" / "*.pt")):
+        data = open(f, "rb").read()
+        (cache / os.path.basename(f)).write_bytes(data[: len(data) // 2] if "-diffusion-" in f else data)
+    line = _error(workdir, *SMALL, "--cache-dir", str(cache))
+    assert "-diffusion-" in line and "is not a readable checkpoint of this script" in line and "delete it" in line
+
+
+def test_foreign_pickle_is_never_unpickled(workdir, reference, tmp_path):
+    # a checkpoint-named file holding an arbitrary pickled object: weights_only loading refuses it
+    import pickle
+
+    cache = workdir / "cache_pickle"
+    cache.mkdir()
+    name = os.path.basename(glob.glob(str(workdir / "cache_ref" / "*-diffusion-*.pt"))[0])
+    marker = tmp_path / "was_unpickled"
+    with open(cache / name, "wb") as f:
+        pickle.dump(_Boom(str(marker)), f)
+    line = _error(workdir, *SMALL, "--cache-dir", str(cache))
+    assert "is not a readable checkpoint" in line
+    assert not marker.exists()
+
+
+class _Boom:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_unwritable_run_and_cache_directories(workdir, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "runs").write_text("a file where the runs/ directory should be")
+    r = subprocess.run([sys.executable, SCRIPT, *SMALL], cwd=blocked, capture_output=True, text=True,
+                       env=env_of(workdir), timeout=300)
+    assert r.returncode == 2 and "cannot create a run directory" in r.stderr and "writable" in r.stderr
+    assert (blocked / "runs").read_text().startswith("a file")
+    line = _error(workdir, *SMALL, "--cache-dir", str(blocked / "runs" / "cache"))
+    assert "cannot write to --cache-dir" in line
+
+
+def test_wrong_agent_count(workdir, reference):
+    src = glob.glob(str(workdir / "data" / "mpe" / "simple_spread-expert-*.npz"))[0]
+    arrays, meta = ds.load_dataset(src)
+    for k in ("obs_2", "actions_2", "rewards_2", "next_obs_2"):
+        del arrays[k]
+    meta.update(agent_names=meta["agent_names"][:2])
+    two = str(workdir / "two_agents.npz")
+    ds.save_dataset(two, arrays, meta)
+    line = _error(workdir, *SMALL, "--dataset-path", two)
+    assert "n_agents" in line and "2" in line and "3" in line
+
+
+# ------------------------------------------------------------------------------------ dataset files
+def test_same_seed_gives_byte_identical_dataset_files(tmp_path):
+    paths = [str(tmp_path / f"{k}.npz") for k in range(2)]
+    for k, p in enumerate(paths):
+        if k:
+            time.sleep(2.1)  # zip members carry a time stamp with 2 s resolution: it must not leak in
+        r = subprocess.run([sys.executable, "-m", "envs.mpe_data", "--task", "simple_world", "--quality", "random",
+                            "--n-transitions", "250", "--workers", str(k + 1), "--out", p], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert filecmp.cmp(paths[0], paths[1], shallow=False)
+
+
+def test_dataset_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
+    arrays = {f"{k}_0": np.zeros((25, 2), np.float32) for k in ("obs", "actions", "next_obs")}
+    arrays.update(rewards_0=np.zeros(25, np.float32), terminals=np.zeros(25, bool),
+                  truncations=np.eye(1, 25, 24, dtype=bool)[0], state=np.zeros((25, 3), np.float32),
+                  next_state=np.zeros((25, 3), np.float32))
+    path = str(tmp_path / "d.npz")
+    ds.save_dataset(path, arrays, {"task": "t"})
+    before = open(path, "rb").read()
+    calls = []
+
+    def crash(*a, **k):  # dies after the first member, like a full disk or a kill
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    real = np.lib.format.write_array
+    monkeypatch.setattr(np.lib.format, "write_array", crash)
+    with pytest.raises(OSError):
+        ds.save_dataset(path, {**arrays, "rewards_0": np.ones(25, np.float32)}, {"task": "t"}, overwrite=True)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["d.npz"]  # the temporary file is gone
+
+
+def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    om.save_atomic({"x": torch.zeros(3)}, path)
+    before = open(path, "rb").read()
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        om.save_atomic({"x": torch.ones(3)}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_unwritable_dataset_directory_fails_before_generating(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "envs.mpe_data", "--task", "simple_spread", "--quality", "expert",
+                        "--out", str(tmp_path / "file" / "x.npz")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot write to") and r.stderr.count("\n") == 1
+    assert time.time() - t0 < 30  # rejected before the (100k-transition) rollouts
+    assert (tmp_path / "file").read_text() == "not a directory"
