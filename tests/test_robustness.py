@@ -206,6 +206,27 @@ def test_wrong_agent_count(workdir, reference):
     assert "n_agents" in line and "2" in line and "3" in line
 
 
+@pytest.mark.parametrize("damage,msg", [
+    ("truncate", "truncated or corrupted"), ("flip", "truncated or corrupted"), ("edit", "checksum mismatch"),
+])
+def test_damaged_dataset_file(workdir, reference, damage, msg):
+    src = glob.glob(str(workdir / "data" / "mpe" / "simple_spread-expert-*.npz"))[0]
+    bad = workdir / f"{damage}.npz"
+    data = bytearray(open(src, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    if damage == "edit":  # a well-formed file whose arrays changed after the checksum was written
+        arrays, meta = ds.load_dataset(src)
+        arrays["rewards_0"] = arrays["rewards_0"] + 1
+        with open(bad, "wb") as f:
+            ds.write_npz(f, {"metadata": np.array(json.dumps(meta)), **arrays})
+    else:
+        bad.write_bytes(bytes(data))
+    assert msg in _error(workdir, *SMALL, "--dataset-path", str(bad))
+
+
 # ------------------------------------------------------------------------------------ dataset files
 def test_same_seed_gives_byte_identical_dataset_files(tmp_path):
     paths = [str(tmp_path / f"{k}.npz") for k in range(2)]
