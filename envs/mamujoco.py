@@ -1,0 +1,60 @@
+"""The paper's Multi-agent MuJoCo configurations on Gymnasium-Robotics' `mamujoco_v1` (Gymnasium v5 tasks, the
+`mujoco` bindings), as PettingZoo parallel envs.
+
+  env id            scenario, partition   agents  per-agent obs (agent_obsk=1)  per-agent action  state
+  HalfCheetah-2x3   HalfCheetah 2x3       2       12, 12                        3                 17
+  Ant-2x4           Ant 2x4               2       63, 63 (with contact forces)  4                 105
+  Ant-2x4-nocf      Ant 2x4, no contacts  2       21, 21                        4                 27
+  Hopper-3x1        Hopper 3x1            3       8, 9, 8                       1                 11
+  HalfCheetah-6x1   HalfCheetah 6x1       6       9, 9, 8, 9, 9, 8              1                 17
+
+- One team reward: every agent receives the same reward each step (mamujoco_v1's own behaviour; checked by
+  the tests).
+- Episodes: 1000 steps (truncation), with the tasks' own early termination for Hopper and Ant (termination).
+  The two are kept apart in the data.
+- `state()` is the single-agent observation of the underlying Gymnasium task.
+- Returns are NOT comparable with the MuJoCo 2.0 / 2.1 datasets and numbers of OMAR, OMIGA or og-marl:
+  the simulator, the v5 tasks and, for Ant, the action partition differ (README, "Environments").
+"""
+
+from __future__ import annotations
+
+import warnings
+
+with warnings.catch_warnings():  # gymnasium_robotics warns about unrelated Adroit envs on import
+    warnings.simplefilter("ignore")
+    from gymnasium_robotics import mamujoco_v1
+
+# env id -> (scenario, agent_conf, extra kwargs of mamujoco_v1.parallel_env)
+CONFIGS = {
+    "HalfCheetah-2x3": ("HalfCheetah", "2x3", {}),
+    "Ant-2x4": ("Ant", "2x4", {}),
+    # Both kwargs are needed: the flag alone crashes mamujoco_v1 1.4.2 while building observations.
+    "Ant-2x4-nocf": ("Ant", "2x4", {"include_cfrc_ext_in_observation": False,
+                                    "local_categories": [["qpos", "qvel"], ["qpos"]]}),
+    "Hopper-3x1": ("Hopper", "3x1", {}),
+    "HalfCheetah-6x1": ("HalfCheetah", "6x1", {}),
+}
+ENV_IDS = tuple(CONFIGS)
+EPISODE_LEN = 1000
+ENV_VERSION = "mamujoco_v1-v5"  # stored in every dataset
+
+
+def make_env(env_id: str, agent_obsk: int = 1):
+    """A PettingZoo parallel env of one of the paper's configurations (see the module docstring)."""
+    if env_id not in CONFIGS:
+        raise ValueError(f"unknown MaMuJoCo env id {env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    scenario, conf, kwargs = CONFIGS[env_id]
+    return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, **kwargs)
+
+
+def env_spec(env_id: str) -> dict:
+    """What a dataset for this env must have (same keys as envs.mpe_data.env_spec)."""
+    env = make_env(env_id)
+    agents = env.possible_agents
+    spec = {"task": env_id, "n_agents": len(agents),
+            "obs_dims": [int(env.observation_space(a).shape[0]) for a in agents],
+            "act_dims": [int(env.action_space(a).shape[0]) for a in agents],
+            "state_dim": int(env.single_agent_env.observation_space.shape[0])}  # = state()
+    env.close()
+    return spec
