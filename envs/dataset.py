@@ -169,12 +169,24 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
         raise DatasetError(f"{path}: metadata is not valid JSON; the file is corrupted, generate or copy it again") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}")
-    n = validate(arrays, path)
+    validate(arrays, path)
     if meta.get("sha256") != checksum(arrays):
         raise DatasetError(f"{path}: checksum mismatch (the arrays differ from what was written); the file is corrupted or was edited, generate or copy it again")
-    have = {"task": meta.get("task"), "n_agents": n, "obs_dims": [int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
-            "act_dims": [int(arrays[f"actions_{i}"].shape[1]) for i in range(n)], "state_dim": int(arrays["state"].shape[1])}
-    for k, v in (expect or {}).items():
-        if have[k] != v:
-            raise DatasetError(f"{path}: dataset has {k}={have[k]} but the env needs {k}={v}; use a dataset made for this env")
+    check_expect(dataset_spec(arrays, meta.get("task")), expect, path)
     return arrays, meta
+
+
+def dataset_spec(arrays: dict, task: str | None = None) -> dict:
+    """What a (validated) dataset offers, in the keys of `expect` / `envs.mpe_data.env_spec`."""
+    n = n_agents_of(arrays)
+    return {"task": task, "n_agents": n, "obs_dims": [int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
+            "act_dims": [int(arrays[f"actions_{i}"].shape[1]) for i in range(n)], "state_dim": int(arrays["state"].shape[1])}
+
+
+def check_expect(have: dict, expect: dict | None, where: str):
+    """`expect` may hold task, n_agents, obs_dims, act_dims, state_dim (what the env needs); any mismatch
+    with `have` (see `dataset_spec`) is a DatasetError naming both values."""
+    for k, v in (expect or {}).items():
+        v = list(v) if isinstance(v, tuple) else v  # obs_dims=(18, 18, 18) means the same as a list
+        if have.get(k) != v:
+            raise DatasetError(f"{where}: dataset has {k}={have.get(k)} but the env needs {k}={v}; use a dataset made for this env")

@@ -18,17 +18,16 @@ Usage:
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, check_writable, episode_returns, load_dataset, return_stats, save_dataset
+from envs.dataset import DatasetError, episode_returns, return_stats
+from envs.generation import (N_CHUNKS, card_rows, ensure, load_behaviour_file, package_versions, run_chunks,
+                             snapshot_info)
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
@@ -36,7 +35,6 @@ QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
 MIXTURE_ROLES = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # agent i is driven by the expert's network roles[i]
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
-N_CHUNKS = 16  # work split: fixed, so the file does not depend on the number of workers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mpe")
 DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
@@ -47,12 +45,8 @@ def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIO
 
 
 def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
-    path = os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt")
-    if not os.path.isfile(path):
-        raise DatasetError(f"behaviour checkpoint {path} is missing; restore it from git or retrain it with "
-                           f"`python -m envs.train_behaviour_mpe --task {task} --seed {seed}`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
-    return ckpt["policies"], json.loads(ckpt["info_json"])
+    return load_behaviour_file(os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
+                               f"python -m envs.train_behaviour --task {task} --seed {seed}")
 
 
 def rollout(envs, actor, seeds, noise: float, rng) -> dict:
@@ -139,52 +133,24 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
             if len(part):
                 jobs.append((task, sd, part, [seed, p, c]))
         ep += k
-    t0, done, parts = time.time(), 0, []
-    ctx = mp.get_context("fork") if workers > 1 else None
-    pool = ctx.Pool(workers) if ctx else None
-    try:
-        results = pool.imap(_chunk, jobs) if pool else map(_chunk, jobs)
-        for part in results:
-            parts.append(part)
-            done += len(part["obs_0"])
-            if verbose:  # one line per chunk in logs, rewritten in place on a terminal
-                rate = done / max(time.time() - t0, 1e-9)
-                tty = sys.stderr.isatty()
-                print(f"{chr(13) if tty else ''}[{task} {quality}] {done:>9,d}/{n_transitions:,d} transitions  {rate:,.0f}/s",
-                      end="" if tty else "\n", file=sys.stderr, flush=True)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    if verbose and sys.stderr.isatty():
-        print(file=sys.stderr)
+    parts = run_chunks(_chunk, jobs, workers, f"{task} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     rets = episode_returns(arrays, lambda r: paper_metric(task, r))
     meta = {
         "env_family": "mpe", "task": task, "env_version": ENV_VERSION, "quality": quality,
         "agent_names": MPEEnv(task).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
-        "behaviour": {"trainer": "envs/train_behaviour_mpe.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "snapshots": {n: snapshot_info(task, n) for n, _, _ in plan}},
+        "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
+                      "snapshots": {n: snapshot(task, n) for n, _, _ in plan}},
         "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
-        "packages": package_versions(),
+        "packages": package_versions(("mpe2",)),
     }
-    if verbose:
-        print(f"[{task} {quality}] {n_transitions:,d} transitions in {time.time() - t0:.0f} s", file=sys.stderr)
     return arrays, meta
 
 
-def snapshot_info(task: str, name: str) -> dict:
+def snapshot(task: str, name: str) -> dict:
     """Training step and evaluation return (40 deterministic episodes) of a snapshot such as 'seed0/replay_3'."""
     seed, key = name.split("@")[0].split("/")
-    info = load_behaviour(task, int(seed[4:]))[1]
-    step = info["steps"]["replay"][int(key.split("_")[1])] if key.startswith("replay_") else info["steps"][key]
-    return {"training_step": step, "eval_return": {int(s): r for s, r in info["curve"]}[step]}
-
-
-def package_versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("numpy", "torch", "mpe2", "pettingzoo", "gymnasium")}
+    return snapshot_info(load_behaviour(task, int(seed[4:]))[1], key)
 
 
 def env_spec(task: str) -> dict:
@@ -198,32 +164,7 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
                    path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
-    if not os.path.exists(path):
-        check_writable(path)
-        arrays, meta = generate(task, quality, n_transitions, seed, workers)
-        try:
-            save_dataset(path, arrays, meta)
-        except DatasetError:
-            if not os.path.exists(path):  # anything but "another run made it meanwhile" is a real error
-                raise
-        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
-    arrays, meta = load_dataset(path, expect=env_spec(task))
-    return arrays, meta, path
-
-
-def card_rows(paths: list[str]) -> list[str]:
-    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour policies (training step: eval return) |",
-            "|---|---|---|---|---|---|---|"]
-    for p in paths:
-        _, m = load_dataset(p)
-        r = m["episode_return"]
-        snaps = m["behaviour"].get("snapshots", {})
-        # eval returns are the snapshots' as trained (a role-permuted copy has its own, not measured here)
-        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}" + ("" if "@" in name else f": {snaps[name]['eval_return']:.1f}") + ")"
-                         if name in snaps else name for name, _ in m["behaviour"]["policies"])
-        rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
-                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
-    return rows
+    return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task))
 
 
 @dataclass

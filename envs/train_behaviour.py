@@ -1,4 +1,5 @@
-"""Online MATD3 on the OMAR-style MPE tasks: makes the behaviour policies of our MPE datasets.
+"""Online MATD3 on the MPE tasks and the Multi-agent MuJoCo configurations: makes the behaviour policies of
+the project's datasets.
 
 Following OMAR's recipe (D4RL style), a dataset's quality is the training stage of the policy
 that collected it. This trainer saves, in one small checkpoint per (task, seed):
@@ -11,10 +12,13 @@ Checkpoints are plain tensors (loadable with `weights_only=True`) and are commit
 under `envs/behaviour/`, so that making a dataset on a fresh machine is only rollouts.
 
 MATD3 here: decentralised tanh actors (one per predator / agent, stacked into one tensor op),
-one centralised twin critic per agent on all controlled agents' observations and actions and
-that agent's own reward, target policy smoothing, delayed actor updates.
+a centralised twin critic on all controlled agents' observations and actions, target policy smoothing,
+delayed actor updates. On MPE every agent has its own reward, so there is one twin critic per agent; on
+MaMuJoCo the reward is the team's, so one twin critic serves all agents. MaMuJoCo agents with smaller
+observations are zero-padded to the largest; early terminations (Hopper, Ant) do not bootstrap.
 
-Usage: python -m envs.train_behaviour_mpe --task simple_spread --seed 0
+Usage: python -m envs.train_behaviour --task simple_spread --seed 0
+       python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,35 +36,43 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
+from envs import mamujoco, mamujoco_data, mpe, mpe_data
 from envs.dataset import episode_returns
-from envs.mpe import ENV_VERSION, MPEEnv, paper_metric
-from envs.mpe_data import rollout
+from envs.generation import select_snapshots
 from envs.policies import StackedActor, StackedLinear
 
-BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour", "mpe")
+BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour")
+# Per family; MPE's are OMAR's generator settings, MaMuJoCo's a cheaper TD3 (half an update per transition).
+FAMILY_DEFAULTS = {
+    "mpe": dict(total_steps=500_000, learning_starts=10_000, update_every=32, batch_size=1024, lr=1e-3, gamma=0.95,
+                tau=0.01, actor_hidden=64, critic_hidden=64, eval_every=20_000, eval_episodes=40),
+    "mamujoco": dict(total_steps=1_000_000, learning_starts=25_000, update_every=2, batch_size=256, lr=1e-3,
+                     gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
+}
 
 
 @dataclass
 class Args:
     task: str = "simple_spread"
-    """simple_spread | simple_tag | simple_world"""
+    """simple_spread | simple_tag | simple_world | HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 |
+    HalfCheetah-6x1 (unset fields below take the family's value in FAMILY_DEFAULTS)"""
     seed: int = 0
     """seed of networks, exploration and envs; different seeds give independently trained experts"""
-    total_steps: int = 500_000
+    total_steps: Optional[int] = None
     """environment transitions to collect"""
     num_envs: int = 8
     """envs stepped together (their actors run as one batch)"""
-    learning_starts: int = 10_000
+    learning_starts: Optional[int] = None
     """transitions of uniform random actions before learning"""
-    update_every: int = 32
+    update_every: Optional[int] = None
     """one gradient update per this many transitions"""
-    batch_size: int = 1024
+    batch_size: Optional[int] = None
     """minibatch size"""
-    lr: float = 1e-3
+    lr: Optional[float] = None
     """Adam learning rate of actors and critics"""
-    gamma: float = 0.95
-    """discount (OMAR's generator used 0.95 on MPE)"""
-    tau: float = 0.01
+    gamma: Optional[float] = None
+    """discount (OMAR's generator used 0.95 on MPE; 0.99 on MaMuJoCo)"""
+    tau: Optional[float] = None
     """Polyak rate of the target networks"""
     expl_noise: float = 0.1
     """std of the Gaussian exploration noise"""
@@ -69,58 +82,46 @@ class Args:
     """clip of the target-policy smoothing noise"""
     policy_delay: int = 2
     """critic updates per actor update"""
-    actor_hidden: int = 64
+    actor_hidden: Optional[int] = None
     """actor width (OMAR's generator used 64)"""
-    critic_hidden: int = 64
+    critic_hidden: Optional[int] = None
     """critic width"""
-    eval_every: int = 20_000
+    eval_every: Optional[int] = None
     """transitions between evaluations (each one is a snapshot)"""
-    eval_episodes: int = 40
+    eval_episodes: Optional[int] = None
     """deterministic episodes per evaluation"""
     medium_fraction: float = 0.4
     """medium = first snapshot at this fraction of the way from random to expert return"""
     max_replay_snapshots: int = 10
     """at most this many snapshots kept for medium-replay"""
     out: str = ""
-    """checkpoint path (default envs/behaviour/mpe/<task>_seed<seed>.pt)"""
+    """checkpoint path (default envs/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt)"""
 
 
 class StackedTwinCritic(nn.Module):
-    """2n critics Q_{k,i}(s, a_1..a_n), k in {1, 2} twins, i the agent whose reward it predicts."""
+    """2h critics Q_{k,i}(s, a_1..a_n), k in {1, 2} twins, i the reward head (one per agent, or one team head)."""
 
-    def __init__(self, n: int, in_dim: int, hidden: int):
+    def __init__(self, heads: int, in_dim: int, hidden: int):
         super().__init__()
-        self.n = n
-        self.l1, self.l2 = StackedLinear(2 * n, in_dim, hidden), StackedLinear(2 * n, hidden, hidden)
-        self.l3 = StackedLinear(2 * n, hidden, 1)
+        self.heads = heads
+        self.l1, self.l2 = StackedLinear(2 * heads, in_dim, hidden), StackedLinear(2 * heads, hidden, hidden)
+        self.l3 = StackedLinear(2 * heads, hidden, 1)
 
-    def forward(self, x):  # x (2n, B, in) -> (2, n, B)
+    def forward(self, x):  # x (2h, B, in) -> (2, h, B)
         q = self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
-        return q.view(2, self.n, -1)
+        return q.view(2, self.heads, -1)
 
 
-def save_checkpoint(args: Args, snapshots: list, curve: list, seconds: float) -> dict:
+def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, seconds: float) -> dict:
     """Pick random / medium / expert and the medium-replay snapshots, write them atomically.
 
     Called after every evaluation, so a run stopped at any time leaves a usable checkpoint.
     """
-    rets = np.array([s[2] for s in snapshots])
-    i_exp = int(np.flatnonzero(rets >= rets.max() - 1e-9)[-1])
-    r_rand, r_exp = rets[0], rets[i_exp]
-    target = r_rand + args.medium_fraction * (r_exp - r_rand)
-    i_med = int(np.flatnonzero(rets[: i_exp + 1] >= target)[0])
-    replay = np.unique(np.linspace(0, i_med, min(args.max_replay_snapshots, i_med + 1)).round().astype(int))
-    policies = {"random": snapshots[0][1], "medium": snapshots[i_med][1], "expert": snapshots[i_exp][1]}
-    for k, j in enumerate(replay):
-        policies[f"replay_{k}"] = snapshots[j][1]
-    info = {
-        "task": args.task, "env_version": ENV_VERSION, "seed": args.seed, "args": asdict(args),
-        "curve": curve, "seconds": seconds,
-        "steps": {"random": 0, "medium": snapshots[i_med][0], "expert": snapshots[i_exp][0],
-                  "replay": [snapshots[j][0] for j in replay]},
-        "eval_return": {"random": float(r_rand), "medium": float(rets[i_med]), "expert": float(r_exp)},
-    }
-    out = args.out or os.path.join(BEHAVIOUR_DIR, f"{args.task}_seed{args.seed}.pt")
+    policies, steps, returns = select_snapshots(snapshots, args.medium_fraction, args.max_replay_snapshots)
+    env_version = mpe.ENV_VERSION if family == "mpe" else mamujoco.ENV_VERSION
+    info = {"task": args.task, "env_version": env_version, "seed": args.seed, "args": asdict(args), "curve": curve,
+            "seconds": seconds, "steps": steps, "eval_return": returns}
+    out = args.out or os.path.join(BEHAVIOUR_DIR, family, f"{args.task}_seed{args.seed}.pt")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     torch.save({"policies": policies, "info_json": json.dumps(info)}, out + ".tmp")
     os.replace(out + ".tmp", out)
@@ -128,17 +129,29 @@ def save_checkpoint(args: Args, snapshots: list, curve: list, seconds: float) ->
 
 
 def main(args: Args):
+    if args.task not in mpe.TASKS + mamujoco.ENV_IDS:
+        raise SystemExit(f"error: unknown --task {args.task!r}; choose one of {', '.join(mpe.TASKS + mamujoco.ENV_IDS)}")
+    family = "mpe" if args.task in mpe.TASKS else "mamujoco"
+    for k, v in FAMILY_DEFAULTS[family].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     torch.set_num_threads(1)  # two trainers can share the 2 cores
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    envs = [MPEEnv(args.task) for _ in range(args.num_envs)]
-    eval_envs = [MPEEnv(args.task) for _ in range(args.eval_episodes)]
+    make = (lambda: mpe.MPEEnv(args.task)) if family == "mpe" else (lambda: mamujoco.make_env(args.task))
+    envs = [make() for _ in range(args.num_envs)]
+    eval_envs = [make() for _ in range(args.eval_episodes)]
     names = envs[0].possible_agents
-    n, obs_dim = len(names), envs[0].observation_space(names[0]).shape[0]
-    in_dim = n * obs_dim + n * 2
+    n = len(names)
+    obs_dims = [envs[0].observation_space(a).shape[0] for a in names]
+    obs_dim, act_dim = max(obs_dims), envs[0].action_space(names[0]).shape[0]
+    if family == "mpe":
+        act_dim = 2  # OMAR's 2-D actions, mapped onto mpe2's 5-D Box inside MPEEnv
+    heads = n if family == "mpe" else 1  # per-agent rewards vs one team reward
+    in_dim = n * obs_dim + n * act_dim
 
-    actor = StackedActor(n, obs_dim, 2, args.actor_hidden)
-    critic = StackedTwinCritic(n, in_dim, args.critic_hidden)
+    actor = StackedActor(n, obs_dim, act_dim, args.actor_hidden)
+    critic = StackedTwinCritic(heads, in_dim, args.critic_hidden)
     actor_t, critic_t = copy.deepcopy(actor), copy.deepcopy(critic)
     a_opt = torch.optim.Adam(actor.parameters(), lr=args.lr)
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.lr)
@@ -146,14 +159,21 @@ def main(args: Args):
     N = args.total_steps + args.num_envs
     buf_obs = np.zeros((N, n, obs_dim), np.float32)
     buf_next = np.zeros((N, n, obs_dim), np.float32)
-    buf_act = np.zeros((N, n, 2), np.float32)
+    buf_act = np.zeros((N, n, act_dim), np.float32)
     buf_rew = np.zeros((N, n), np.float32)
+    buf_done = np.zeros(N, np.float32)  # terminal (no bootstrap); time-limit ends do bootstrap
     size = 0
+
+    def padded(ob):  # (n, obs_dim): smaller observations zero-padded
+        return [np.pad(ob[a], (0, obs_dim - len(ob[a]))) for a in names]
 
     def evaluate():
         seeds = 1_000_000 + np.arange(args.eval_episodes)  # the same episodes at every evaluation
-        data = rollout(eval_envs, actor, seeds, noise=0.0, rng=None)
-        return float(episode_returns(data, lambda r: paper_metric(args.task, r)).mean())
+        if family == "mpe":
+            data = mpe_data.rollout(eval_envs, actor, seeds, noise=0.0, rng=None)
+            return float(episode_returns(data, lambda r: mpe.paper_metric(args.task, r)).mean())
+        data = mamujoco_data.rollout(eval_envs, actor, seeds, noise=0.0, rng=None)
+        return float(episode_returns(data, mamujoco_data.team_return).mean())
 
     snapshots, curve = [], []
 
@@ -161,7 +181,7 @@ def main(args: Args):
         ret = evaluate()
         snapshots.append((step, {k: v.detach().clone() for k, v in actor.state_dict().items()}, ret))
         curve.append((step, ret))
-        info = save_checkpoint(args, snapshots, curve, time.time() - t0)
+        info = save_checkpoint(args, family, snapshots, curve, time.time() - t0)
         print(f"[{args.task} seed {args.seed}] step {step:>8d}  eval return {ret:8.2f}  "
               f"({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} transitions/s)  "
               f"so far: medium {info['eval_return']['medium']:.1f} @ {info['steps']['medium']}, "
@@ -174,49 +194,53 @@ def main(args: Args):
     ep_seed += args.num_envs
     step, updates = 0, 0
     while step < args.total_steps:
-        o = np.stack([[ob[a] for a in names] for ob in obs], axis=1)  # (n, E, obs)
+        o = np.stack([padded(ob) for ob in obs], axis=1).astype(np.float32)  # (n, E, obs)
         if step < args.learning_starts:
-            act = rng.uniform(-1, 1, (n, args.num_envs, 2))
+            act = rng.uniform(-1, 1, (n, args.num_envs, act_dim))
         else:
             with torch.no_grad():
                 act = actor(torch.as_tensor(o)).numpy()
             act = np.clip(act + args.expl_noise * rng.standard_normal(act.shape), -1, 1)
         for e, env in enumerate(envs):
-            nxt, r, _, trunc, _ = env.step({a: act[i, e] for i, a in enumerate(names)})
+            nxt, r, term, trunc, _ = env.step({a: act[i, e] for i, a in enumerate(names)})
             buf_obs[size], buf_act[size] = o[:, e], act[:, e]
             buf_rew[size] = [r[a] for a in names]
-            buf_next[size] = [nxt[a] for a in names]
+            buf_next[size] = padded(nxt)
+            buf_done[size] = float(term[names[0]])
             size += 1
-            # MPE episodes end only by the time limit, so every transition bootstraps.
-            obs[e] = env.reset(seed=ep_seed)[0] if trunc[names[0]] else nxt
-            ep_seed += int(trunc[names[0]])
+            ended = term[names[0]] or trunc[names[0]]
+            obs[e] = env.reset(seed=ep_seed)[0] if ended else nxt
+            ep_seed += int(ended)
         prev, step = step, step + args.num_envs
 
         n_updates = (step // args.update_every - prev // args.update_every) if step >= args.learning_starts else 0
         for _ in range(n_updates):
             idx = rng.integers(0, size, args.batch_size)
             ob, ac = torch.as_tensor(buf_obs[idx]), torch.as_tensor(buf_act[idx])
-            rw, nx = torch.as_tensor(buf_rew[idx]).T, torch.as_tensor(buf_next[idx])
+            rw, nx = torch.as_tensor(buf_rew[idx]).T[:heads], torch.as_tensor(buf_next[idx])
+            done = torch.as_tensor(buf_done[idx])
             B = len(idx)
             with torch.no_grad():
-                na = actor_t(nx.transpose(0, 1))  # (n, B, 2)
+                na = actor_t(nx.transpose(0, 1))  # (n, B, act)
                 na = (na + (torch.randn_like(na) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)).clamp(-1, 1)
                 x_next = torch.cat([nx.reshape(B, -1), na.transpose(0, 1).reshape(B, -1)], 1)
-                q_next = critic_t(x_next.expand(2 * n, B, in_dim)).min(0).values  # (n, B)
-                y = rw + args.gamma * q_next
+                q_next = critic_t(x_next.expand(2 * heads, B, in_dim)).min(0).values  # (heads, B)
+                y = rw + args.gamma * (1 - done) * q_next
             x = torch.cat([ob.reshape(B, -1), ac.reshape(B, -1)], 1)
-            c_loss = F.mse_loss(critic(x.expand(2 * n, B, in_dim)), y.expand(2, n, B))
+            c_loss = F.mse_loss(critic(x.expand(2 * heads, B, in_dim)), y.expand(2, heads, B))
             c_opt.zero_grad(set_to_none=True)
             c_loss.backward()
             c_opt.step()
             updates += 1
             if updates % args.policy_delay == 0:
-                a_pi = actor(ob.transpose(0, 1))  # (n, B, 2)
+                a_pi = actor(ob.transpose(0, 1))  # (n, B, act)
                 # agent i's joint action: dataset actions with slot i replaced by pi_i(o_i)
-                joint = ac.unsqueeze(0).repeat(n, 1, 1, 1)  # (n, B, n, 2)
+                joint = ac.unsqueeze(0).repeat(n, 1, 1, 1)  # (n, B, n, act)
                 joint[torch.arange(n), :, torch.arange(n)] = a_pi
                 x_pi = torch.cat([ob.reshape(1, B, -1).expand(n, B, -1), joint.reshape(n, B, -1)], 2)
-                q_pi = critic(torch.cat([x_pi, x_pi], 0))[0]  # twin 1 of each agent's critic
+                if heads == 1:  # the team critic scores every agent's joint action
+                    x_pi = x_pi.reshape(1, n * B, in_dim)
+                q_pi = critic(torch.cat([x_pi, x_pi], 0))[0].reshape(n, B)  # twin 1 (of each agent's critic)
                 a_loss = -q_pi.mean(1).sum()
                 a_opt.zero_grad(set_to_none=True)
                 a_loss.backward()
@@ -227,7 +251,6 @@ def main(args: Args):
                         pt.lerp_(p, args.tau)
         if step // args.eval_every > prev // args.eval_every:
             snapshot(step)
-
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""What the dataset generators of both env families (`envs/mpe_data.py`, `envs/mamujoco_data.py`) and their
+behaviour trainers share: picking the behaviour snapshots of a training run, loading them, running rollout
+chunks on worker processes with a progress line, making a dataset once and caching it, dataset cards."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from envs.dataset import DatasetError, check_writable, load_dataset, save_dataset
+
+N_CHUNKS = 16  # work split of a dataset: fixed, so that the file does not depend on the number of workers
+
+
+def select_snapshots(snapshots: list, medium_fraction: float, max_replay: int) -> tuple[dict, dict, dict]:
+    """OMAR's qualities from a training run's snapshots [(step, actor state dict, eval return), ...]:
+    random = step 0; expert = the best; medium = the first reaching `medium_fraction` of the way from random
+    to expert; replay_<k> = up to `max_replay` snapshots evenly spread from the start to medium.
+    Returns (policies, their training steps, their eval returns)."""
+    rets = np.array([s[2] for s in snapshots])
+    i_exp = int(np.flatnonzero(rets >= rets.max() - 1e-9)[-1])
+    r_rand, r_exp = rets[0], rets[i_exp]
+    i_med = int(np.flatnonzero(rets[: i_exp + 1] >= r_rand + medium_fraction * (r_exp - r_rand))[0])
+    replay = np.unique(np.linspace(0, i_med, min(max_replay, i_med + 1)).round().astype(int))
+    policies = {"random": snapshots[0][1], "medium": snapshots[i_med][1], "expert": snapshots[i_exp][1]}
+    for k, j in enumerate(replay):
+        policies[f"replay_{k}"] = snapshots[j][1]
+    steps = {"random": 0, "medium": snapshots[i_med][0], "expert": snapshots[i_exp][0],
+             "replay": [snapshots[j][0] for j in replay]}
+    returns = {"random": float(r_rand), "medium": float(rets[i_med]), "expert": float(r_exp)}
+    return policies, steps, returns
+
+
+def load_behaviour_file(path: str, retrain: str) -> tuple[dict, dict]:
+    """(policies, info) of a committed behaviour checkpoint; `retrain` is the command that remakes it."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"behaviour checkpoint {path} is missing; restore it from git or retrain it with `{retrain}`")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
+    return ckpt["policies"], json.loads(ckpt["info_json"])
+
+
+def snapshot_info(info: dict, key: str) -> dict:
+    """Training step and evaluation return of snapshot `key` ('expert', 'replay_3', ...) of a checkpoint."""
+    step = info["steps"]["replay"][int(key.split("_")[1])] if key.startswith("replay_") else info["steps"][key]
+    return {"training_step": step, "eval_return": {int(s): r for s, r in info["curve"]}[step]}
+
+
+def package_versions(packages: tuple[str, ...]) -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("numpy", "torch", "pettingzoo", "gymnasium", *packages)}
+
+
+def run_chunks(fn, jobs: list, workers: int, label: str, total: int, verbose: bool) -> list:
+    """fn(job) for every job, on `workers` processes, results in job order, with a progress line."""
+    t0, done, parts = time.time(), 0, []
+    ctx = mp.get_context("fork") if workers > 1 else None
+    pool = ctx.Pool(workers) if ctx else None
+    try:
+        for part in pool.imap(fn, jobs) if pool else map(fn, jobs):
+            parts.append(part)
+            done += len(part["obs_0"])
+            if verbose:  # one line per chunk in logs, rewritten in place on a terminal
+                tty = sys.stderr.isatty()
+                print(f"{chr(13) if tty else ''}[{label}] {done:>9,d}/{total:,d} transitions  "
+                      f"{done / max(time.time() - t0, 1e-9):,.0f}/s", end="" if tty else "\n", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    if verbose:
+        print(f"{chr(10) if sys.stderr.isatty() else ''}[{label}] {done:,d} transitions in {time.time() - t0:.0f} s",
+              file=sys.stderr)
+    return parts
+
+
+def ensure(path: str, make, expect: dict) -> tuple[dict, dict, str]:
+    """Load the dataset at `path`, making it first with make() -> (arrays, metadata) if it does not exist.
+    Two processes making the same file at once both succeed (the writes are atomic)."""
+    if not os.path.exists(path):
+        check_writable(path)  # before minutes of rollouts
+        arrays, meta = make()
+        try:
+            save_dataset(path, arrays, meta)
+        except DatasetError:
+            if not os.path.exists(path):  # anything but "another run made it meanwhile" is a real error
+                raise
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
+    arrays, meta = load_dataset(path, expect=expect)
+    return arrays, meta, path
+
+
+def card_rows(paths: list[str]) -> list[str]:
+    """Markdown dataset cards of the given dataset files."""
+    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour policies (training step: eval return) |",
+            "|---|---|---|---|---|---|---|"]
+    for p in paths:
+        _, m = load_dataset(p)
+        r = m["episode_return"]
+        snaps = m["behaviour"].get("snapshots", {})
+        # eval returns are the snapshots' as trained (a role-permuted copy has its own, not measured here)
+        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}" + ("" if "@" in name else f": {snaps[name]['eval_return']:.1f}") + ")"
+                         if name in snaps else name for name, _ in m["behaviour"]["policies"])
+        rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
+                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
+    return rows

@@ -1,0 +1,244 @@
+"""Make the project's Multi-agent MuJoCo datasets from the committed behaviour policies (rollouts only).
+
+Qualities (OMAR / D4RL recipe; see README "Datasets"):
+  random         an untrained actor network (tanh MLP, initialised from torch seed 0): small, smooth actions
+  medium         the first training snapshot at ~40 % of the way from random to expert return (seed 0)
+  medium-replay  the training snapshots from the start up to medium (seed 0), equal shares
+  expert         the best training snapshot (seed 0)
+  medium-expert  medium and expert, half each (as OMIGA's datasets)
+  mixture        the experts of independently trained runs (seeds 0, 1, 2), a third each: different gaits
+Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions. Episodes last up to 1000 steps; Hopper
+and Ant end early when unhealthy (a terminal). Datasets hold an exact number of transitions: the last episode
+of each chunk of work is cut there and marked as a truncation.
+
+Usage:
+  python -m envs.mamujoco_data --env-id HalfCheetah-2x3 --quality expert      # make one (cached)
+  python -m envs.mamujoco_data --card                                          # dataset cards of all made
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs.dataset import DatasetError, episode_returns, return_stats
+from envs.generation import (N_CHUNKS, card_rows, ensure, load_behaviour_file, package_versions, run_chunks,
+                             snapshot_info)
+from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
+from envs.policies import StackedActor, actor_from_state_dict
+
+QUALITIES = ("random", "medium-replay", "medium", "expert", "medium-expert", "mixture")
+MIXTURE_SEEDS = (0, 1, 2)
+COLLECT_NOISE = 0.1
+DEFAULT_TRANSITIONS = 1_000_000  # D4RL's size: 1,000 full episodes
+WAVE = 16  # episodes stepped together (one batched actor call per step)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mamujoco")
+DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
+
+
+def default_path(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
+    return os.path.join(DATA_DIR, "mamujoco", f"{env_id}-{quality}-{ENV_VERSION}-n{n_transitions}-s{seed}.npz")
+
+
+def load_behaviour(env_id: str, seed: int = 0) -> tuple[dict, dict]:
+    return load_behaviour_file(os.path.join(BEHAVIOUR_DIR, f"{env_id}_seed{seed}.pt"),
+                               f"python -m envs.train_behaviour --task {env_id} --seed {seed}")
+
+
+def team_return(rewards: np.ndarray) -> float:
+    """Episode return of the team from per-step rewards (T, n): every agent receives the team reward."""
+    return float(np.asarray(rewards, np.float64)[:, 0].sum())
+
+
+def reference_returns(env_id: str) -> dict | None:
+    """Normalisation constants: evaluation returns of the random and expert behaviour policies (seed 0),
+    or None while there is no behaviour checkpoint for this env."""
+    try:
+        info = load_behaviour(env_id, 0)[1]
+    except DatasetError:
+        return None
+    return {"random": info["eval_return"]["random"], "expert": info["eval_return"]["expert"],
+            "source": f"evaluation returns of envs/behaviour/mamujoco/{env_id}_seed0.pt (random and expert snapshots)"}
+
+
+def random_actor(env_id: str) -> dict:
+    """State dict of the `random` behaviour policy: an untrained actor, the same on every machine."""
+    spec = env_spec(env_id)
+    with torch.random.fork_rng():  # leaves the caller's RNG alone
+        torch.manual_seed(0)
+        actor = StackedActor(spec["n_agents"], max(spec["obs_dims"]), spec["act_dims"][0], 64)
+    return {k: v.detach().clone() for k, v in actor.state_dict().items()}
+
+
+def rollout(envs, actor, seeds, noise: float, rng) -> dict:
+    """One episode per env, all stepping together (one batched actor call per step) until every episode has
+    ended. Observations are zero-padded to the largest agent's size for the actor. Returns the transitions in
+    the dataset layout, episode after episode (in the order of `seeds`)."""
+    names = envs[0].possible_agents
+    n, E = len(names), len(envs)
+    obs_max = max(envs[0].observation_space(a).shape[0] for a in names)
+    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
+    eps = [{k: [] for k in ("obs", "act", "rew", "next", "state", "next_state", "term", "trunc")} for _ in range(E)]
+    live = list(range(E))
+    while live:
+        o = np.zeros((n, len(live), obs_max), np.float32)
+        for j, e in enumerate(live):
+            for i, a in enumerate(names):
+                o[i, j, : len(obs[e][a])] = obs[e][a]
+        with torch.no_grad():
+            act = actor(torch.as_tensor(o)).numpy()
+        if noise > 0:
+            act = np.clip(act + noise * rng.standard_normal(act.shape), -1.0, 1.0).astype(np.float32)
+        still = []
+        for j, e in enumerate(live):
+            ep, env = eps[e], envs[e]
+            ep["state"].append(env.state())
+            ep["obs"].append([obs[e][a] for a in names])
+            nxt, r, term, trunc, _ = env.step({a: act[i, j] for i, a in enumerate(names)})
+            ep["act"].append(act[:, j])
+            ep["rew"].append([r[a] for a in names])
+            ep["next"].append([nxt[a] for a in names])
+            ep["next_state"].append(env.state())
+            ep["term"].append(bool(term[names[0]]))
+            ep["trunc"].append(bool(trunc[names[0]]) and not term[names[0]])
+            obs[e] = nxt
+            if not (ep["term"][-1] or ep["trunc"][-1]):
+                still.append(e)
+        live = still
+    out = {"terminals": np.concatenate([ep["term"] for ep in eps]),
+           "truncations": np.concatenate([ep["trunc"] for ep in eps]),
+           "state": np.concatenate([ep["state"] for ep in eps]).astype(np.float32),
+           "next_state": np.concatenate([ep["next_state"] for ep in eps]).astype(np.float32)}
+    for i in range(n):
+        out[f"obs_{i}"] = np.concatenate([[o[i] for o in ep["obs"]] for ep in eps]).astype(np.float32)
+        out[f"actions_{i}"] = np.concatenate([[a[i] for a in ep["act"]] for ep in eps]).astype(np.float32)
+        out[f"rewards_{i}"] = np.concatenate([[r[i] for r in ep["rew"]] for ep in eps]).astype(np.float32)
+        out[f"next_obs_{i}"] = np.concatenate([[x[i] for x in ep["next"]] for ep in eps]).astype(np.float32)
+    return out
+
+
+def _plan(env_id: str, quality: str, n_transitions: int) -> list[tuple[str, dict, int]]:
+    """(name, actor state dict, transitions) for each behaviour policy that contributes."""
+    if quality == "random":
+        pols = [("untrained@torch-seed0", random_actor(env_id))]
+    elif quality == "mixture":
+        pols = [(f"seed{s}/expert", load_behaviour(env_id, s)[0]["expert"]) for s in MIXTURE_SEEDS]
+    elif quality == "medium-expert":
+        policies = load_behaviour(env_id, 0)[0]
+        pols = [("seed0/medium", policies["medium"]), ("seed0/expert", policies["expert"])]
+    elif quality == "medium-replay":
+        policies = load_behaviour(env_id, 0)[0]
+        pols = sorted([(f"seed0/{k}", v) for k, v in policies.items() if k.startswith("replay_")],
+                      key=lambda p: int(p[0].split("_")[-1]))
+    else:
+        pols = [(f"seed0/{quality}", load_behaviour(env_id, 0)[0][quality])]
+    shares = np.diff(np.linspace(0, n_transitions, len(pols) + 1).round().astype(int))
+    return [(name, sd, int(k)) for (name, sd), k in zip(pols, shares)]
+
+
+def _chunk(job):
+    """Whole episodes (waves of WAVE stepped together) until `count` transitions; the last one is cut."""
+    env_id, sd, count, chunk_seed = job
+    torch.set_num_threads(1)
+    actor = actor_from_state_dict(sd)
+    rng = np.random.default_rng(chunk_seed)
+    envs = [make_env(env_id) for _ in range(WAVE)]
+    next_seed = int(np.random.default_rng(chunk_seed).integers(2**31))  # env seed of the next episode
+    parts, have = [], 0
+    while have < count:
+        k = min(WAVE, -(-(count - have) // EPISODE_LEN))  # no more episodes than could be needed
+        parts.append(rollout(envs[:k], actor, next_seed + np.arange(k), COLLECT_NOISE, rng))
+        have += len(parts[-1]["obs_0"])
+        next_seed += k
+    out = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
+    if not (out["terminals"][-1] or out["truncations"][-1]):
+        out["truncations"][-1] = True  # the episode cut here: its next_obs is real, so it may bootstrap
+    return out
+
+
+def generate(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
+             workers: int = 2, verbose: bool = True) -> tuple[dict, dict]:
+    """Roll out the behaviour policies of (env_id, quality); returns (arrays, metadata)."""
+    if env_id not in ENV_IDS:
+        raise DatasetError(f"unknown MaMuJoCo env id {env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if quality not in QUALITIES:
+        raise DatasetError(f"unknown dataset quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if n_transitions <= 0:
+        raise DatasetError(f"n_transitions must be positive, got {n_transitions}")
+    plan = _plan(env_id, quality, n_transitions)
+    jobs = []
+    for p, (name, sd, k) in enumerate(plan):
+        counts = np.diff(np.linspace(0, k, max(1, N_CHUNKS // len(plan)) + 1).round().astype(int))
+        jobs += [(env_id, sd, int(c), [seed, p, j]) for j, c in enumerate(counts) if c > 0]
+    parts = run_chunks(_chunk, jobs, workers, f"{env_id} {quality}", n_transitions, verbose)
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    snaps = {}
+    for name, _, _ in plan:
+        if name.startswith("seed"):
+            s, key = name.split("/")
+            snaps[name] = snapshot_info(load_behaviour(env_id, int(s[4:]))[1], key)
+    meta = {
+        "env_family": "mamujoco", "task": env_id, "env_version": ENV_VERSION, "quality": quality,
+        "agent_names": make_env(env_id).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
+        "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
+                      "snapshots": snaps},
+        "episode_return": return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
+        "packages": package_versions(("mujoco", "gymnasium_robotics")),
+    }
+    return arrays, meta
+
+
+def ensure_dataset(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
+                   path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
+    """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
+    path = path or default_path(env_id, quality, n_transitions, seed)
+    return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id))
+
+
+@dataclass
+class Args:
+    env_id: str = "HalfCheetah-2x3"
+    """HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 | HalfCheetah-6x1, or `all`"""
+    quality: str = "expert"
+    """random | medium-replay | medium | expert | medium-expert | mixture, or `all`"""
+    n_transitions: int = DEFAULT_TRANSITIONS
+    """transitions per dataset"""
+    seed: int = 0
+    """generation seed (env seeds and action noise)"""
+    workers: int = 2
+    """processes used for rollouts (the output does not depend on it)"""
+    out: str = ""
+    """output path (default datasets/mamujoco/<env id>-<quality>-<env version>-n<N>-s<seed>.npz); only for one"""
+    card: bool = False
+    """print the dataset cards (markdown) of the datasets made with these settings instead"""
+
+
+def main(args: Args) -> None:
+    env_ids = ENV_IDS if args.env_id == "all" else (args.env_id,)
+    qualities = QUALITIES if args.quality == "all" else (args.quality,)
+    if args.out and len(env_ids) * len(qualities) > 1:
+        raise DatasetError("--out names one file; give one --env-id and one --quality with it")
+    paths = []
+    for env_id in env_ids:
+        for q in qualities:
+            path = args.out or default_path(env_id, q, args.n_transitions, args.seed)
+            if not args.card:
+                ensure_dataset(env_id, q, args.n_transitions, args.seed, path, args.workers)
+            paths.append(path)
+    if args.card:
+        print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
