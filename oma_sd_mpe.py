@@ -31,6 +31,7 @@ from envs import bandit
 from envs.dataset import DatasetError, checksum, load_dataset
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
 from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, ensure_dataset, env_spec
+from envs.published import FORMATS, load_published
 
 ENV_IDS = TASKS + ("bandit",)
 
@@ -63,7 +64,12 @@ class Args:
     dataset: str = "expert"
     """random | medium-replay | medium | expert | mixture (MPE; made on first use from the committed behaviour policies)"""
     dataset_path: str = ""
-    """any file in the project's dataset format for this env (overrides --dataset)"""
+    """a dataset for this env (overrides --dataset): a file in the project's format (.npz), or a published
+    dataset (OMAR's seed_<k>_data directories, OMIGA hdf5, og-marl vault, MADiff npy; see README)"""
+    dataset_format: str = "auto"
+    """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
+    dataset_seed: int = 0
+    """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
     dataset_transitions: int = DEFAULT_TRANSITIONS
     """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
 
@@ -183,7 +189,7 @@ def resolve_args(args: Args) -> Args:
         args.stage1_seed = args.seed
     if args.beta is None:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
-    choices = {"decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
+    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
                "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean")}
     for k, allowed in choices.items():
         if getattr(args, k) not in allowed:
@@ -212,9 +218,15 @@ def load_data(args: Args) -> tuple[dict, dict, str]:
         arrays, meta = bandit.make_dataset()
         meta["sha256"] = checksum(arrays)
         return arrays, meta, "generated in memory"
-    if args.dataset_path:
+    if args.dataset_path and (args.dataset_format == "project" or
+                              (args.dataset_format == "auto" and args.dataset_path.endswith(".npz"))):
         arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
         return arrays, meta, args.dataset_path
+    if args.dataset_path:
+        fmt = None if args.dataset_format == "auto" else args.dataset_format
+        arrays, meta = load_published(args.dataset_path, fmt, dataset_seed=args.dataset_seed, task=args.env_id,
+                                      expect=env_spec(args.env_id))
+        return arrays, meta, f"{args.dataset_path} ({meta['source_format']})"
     arrays, meta, path = ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)
     return arrays, meta, path
 
@@ -555,7 +567,7 @@ def main(args: Args) -> dict:
         run_dir = previous["run_dir"]
         print(f"continuing the interrupted run {run_dir}", file=sys.stderr)
     else:
-        dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(args.dataset_path))[0]
+        dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
         run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
         try:
             os.makedirs("runs", exist_ok=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import h5py
@@ -13,6 +14,8 @@ from envs.dataset import DatasetError, checksum, load_dataset, save_dataset
 from envs.mpe import PAPER_NORMALIZATION
 from envs.mpe_data import env_spec
 from envs.published import detect_format, load_published
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tree_state(root):
@@ -454,3 +457,50 @@ def test_missing_optional_packages(tmp_path, monkeypatch):
         load_published(p)
     with pytest.raises(DatasetError, match=r"needs the tensorstore package: pip install tensorstore"):
         load_published(str(tmp_path / "s.vlt" / "Expert"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training script on published layouts (tiny settings)
+# ---------------------------------------------------------------------------------------------
+TINY = ["--diffusion-steps", "10", "--critic-steps", "10", "--policy-steps", "10", "--eval-every", "10",
+        "--eval-episodes", "1", "--diffusion-hidden", "16", "--critic-hidden", "16", "--actor-hidden", "16",
+        "--diffusion-batch-size", "16", "--critic-batch-size", "16", "--policy-batch-size", "16", "--threads", "1"]
+
+
+def _train(cwd, *args):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mpe.py"), *TINY, *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    return r
+
+
+@pytest.mark.parametrize("layout", ["omar", "ogmarl", "madiff"])
+def test_oma_sd_mpe_trains_on_published_layouts(tmp_path, layout):
+    data = tmp_path / "data"
+    if layout == "omar":  # the quality directory; --dataset-seed picks seed_1_data
+        write_omar(data, "simple_spread", "expert", 0, [18] * 3, n_eps=8, T=25)
+        write_omar(data, "simple_spread", "expert", 1, [18] * 3, n_eps=8, T=25)
+        env_id, path, extra = "simple_spread", data / "simple_spread" / "expert", ["--dataset-seed", "1"]
+    elif layout == "ogmarl":
+        path = data / "prior_work" / "omar" / "mpe" / "simple_tag.vlt" / "Expert"
+        write_vault(path, tag_vault_leaves(), vault_index=75)
+        env_id, extra = "simple_tag", []
+    else:
+        path = data / "mpe" / "simple_spread" / "expert"
+        write_madiff(str(path), n_agents=3, obs_dim=18, lengths=[25] * 6, end_discounts=[1] * 6, act_dim=2)
+        env_id, extra = "simple_spread", ["--dataset-format", "madiff"]
+    before = tree_state(data)
+    r = _train(tmp_path, "--env-id", env_id, "--dataset-path", str(path), *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res_path = tmp_path / r.stdout.strip().splitlines()[-1].split("-> ")[-1]
+    res = json.loads(res_path.read_text())
+    assert res["dataset_path"] == f"{path} ({layout})" and res["env_id"] == env_id
+    assert np.isfinite(res["final_return"]) and [h["step"] for h in res["eval_history"]] == [0, 10]
+    assert tree_state(data) == before  # nothing written into the user's dataset folder
+
+
+def test_oma_sd_mpe_rejects_published_data_of_another_env(tmp_path):
+    write_omar(tmp_path / "data", "simple_spread", "expert", 0, [18] * 3, n_eps=8, T=25)
+    r = _train(tmp_path, "--env-id", "simple_tag", "--dataset-path", str(tmp_path / "data" / "simple_spread" / "expert"))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "simple_tag data must hold 4 agents" in errors[0] and not (tmp_path / "runs").exists()
