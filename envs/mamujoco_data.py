@@ -75,17 +75,18 @@ def random_actor(env_id: str) -> dict:
     return {k: v.detach().clone() for k, v in actor.state_dict().items()}
 
 
-def rollout(envs, actor, seeds, noise: float, rng) -> dict:
+def rollout(envs, actor, seeds, noise: float, rng, max_len: int = EPISODE_LEN) -> dict:
     """One episode per env, all stepping together (one batched actor call per step) until every episode has
-    ended. Observations are zero-padded to the largest agent's size for the actor. Returns the transitions in
+    ended, or was cut after `max_len` steps (a truncation). Observations are zero-padded to the largest agent's size for the actor. Returns the transitions in
     the dataset layout, episode after episode (in the order of `seeds`)."""
     names = envs[0].possible_agents
     n, E = len(names), len(envs)
     obs_max = max(envs[0].observation_space(a).shape[0] for a in names)
     obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
     eps = [{k: [] for k in ("obs", "act", "rew", "next", "state", "next_state", "term", "trunc")} for _ in range(E)]
-    live = list(range(E))
+    live, t = list(range(E)), 0
     while live:
+        t += 1
         o = np.zeros((n, len(live), obs_max), np.float32)
         for j, e in enumerate(live):
             for i, a in enumerate(names):
@@ -105,7 +106,7 @@ def rollout(envs, actor, seeds, noise: float, rng) -> dict:
             ep["next"].append([nxt[a] for a in names])
             ep["next_state"].append(env.state())
             ep["term"].append(bool(term[names[0]]))
-            ep["trunc"].append(bool(trunc[names[0]]) and not term[names[0]])
+            ep["trunc"].append((bool(trunc[names[0]]) or t == max_len) and not term[names[0]])
             obs[e] = nxt
             if not (ep["term"][-1] or ep["trunc"][-1]):
                 still.append(e)
@@ -152,7 +153,8 @@ def _chunk(job):
     parts, have = [], 0
     while have < count:
         k = min(WAVE, -(-(count - have) // EPISODE_LEN))  # no more episodes than could be needed
-        parts.append(rollout(envs[:k], actor, next_seed + np.arange(k), COLLECT_NOISE, rng))
+        parts.append(rollout(envs[:k], actor, next_seed + np.arange(k), COLLECT_NOISE, rng,
+                             max_len=min(EPISODE_LEN, count - have)))
         have += len(parts[-1]["obs_0"])
         next_seed += k
     out = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}

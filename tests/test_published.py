@@ -504,3 +504,25 @@ def test_oma_sd_mpe_rejects_published_data_of_another_env(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert "simple_tag data must hold 4 agents" in errors[0] and not (tmp_path / "runs").exists()
+
+
+def test_oma_sd_mamujoco_trains_on_an_ogmarl_vault_made_on_mamujoco_v1(tmp_path):
+    # og-marl's gymnasium_mamujoco data come from today's mamujoco_v1 (agent_obsk=1): HalfCheetah 2x3 shapes
+    rng = np.random.default_rng(4)
+    T = 60
+    term = np.zeros((1, T, 2), bool)
+    leaves = {"observations": rng.normal(size=(1, T, 2, 12)).astype(np.float32),
+              "actions": rng.uniform(-1, 1, (1, T, 2, 3)).astype(np.float32),
+              "rewards": np.repeat(rng.normal(size=(1, T, 1)), 2, axis=2).astype(np.float32), "terminals": term,
+              "truncations": np.zeros((1, T, 2), bool),
+              "infos.state": np.repeat(rng.normal(size=(1, T, 1, 17)), 2, axis=2).astype(np.float32)}
+    uid = tmp_path / "data" / "core" / "gymnasium_mamujoco" / "2halfcheetah.vlt" / "Good"
+    write_vault(uid, leaves, vault_index=T)
+    before = tree_state(tmp_path / "data")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mamujoco.py"), *TINY, "--eval-episodes", "1",
+                        "--env-id", "HalfCheetah-2x3", "--dataset-path", str(uid)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("-> ")[-1]).read_text())
+    assert res["dataset_path"] == f"{uid} (ogmarl)" and res["eval_history"][-1]["episode_lengths"] == [1000]
+    assert tree_state(tmp_path / "data") == before

@@ -1,0 +1,928 @@
+# OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968),
+# on Multi-agent MuJoCo (Gymnasium-Robotics mamujoco_v1, see envs/mamujoco.py). Single file, CleanRL style;
+# it deliberately repeats oma_sd_mpe.py instead of importing it (see README).
+#
+#   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
+#   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
+#   Stage 2   deterministic decentralised actors pi_i(o_i), each regularised towards the behaviour
+#             *conditional* of its agent given the actions of the agents before it in the order
+#
+# Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import mujoco
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from envs.dataset import DatasetError, load_dataset
+from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
+from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, ensure_dataset, reference_returns
+from envs.published import FORMATS, load_published
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode"""
+    stage1_seed: Optional[int] = None
+    """seed of stages 1a/1b (default: --seed); give several runs the same one to share the cached behaviour
+    models and critic, e.g. in a sweep over policy seeds"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same machine -> same numbers)"""
+    cuda: bool = False
+    """use CUDA if available (everything here is sized for CPU)"""
+    threads: int = 1
+    """torch CPU threads (0: all cores); measured on 2 cores with the MPE script, a second thread gives no gain
+    at these network sizes"""
+    track: bool = False
+    """log to Weights & Biases as well (needs `pip install wandb`; never required)"""
+    wandb_project_name: str = "omsd"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+    # Data
+    env_id: str = "HalfCheetah-2x3"
+    """HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 | HalfCheetah-6x1 (see envs/mamujoco.py)"""
+    dataset: str = "expert"
+    """random | medium-replay | medium | expert | medium-expert | mixture (made on first use from the committed
+    behaviour policies; only `random` needs none)"""
+    dataset_path: str = ""
+    """a dataset for this env (overrides --dataset): a file in the project's format (.npz), or a published
+    dataset (OMIGA hdf5, og-marl vault, MADiff npy, OMAR HalfCheetah; see README: only data made on today's
+    mamujoco_v1 with matching observations can pass the env's shape check)"""
+    dataset_format: str = "auto"
+    """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
+    dataset_seed: int = 0
+    """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
+    dataset_transitions: int = DEFAULT_TRANSITIONS
+    """size of the generated dataset (a different size is a different, separately cached dataset)"""
+
+    # The method
+    decomposition: str = "sequential"
+    """sequential: agent i's behaviour model conditions on the actions of the agents before it (OMSD);
+    independent: on its own observation only, i.e. the marginal (the paper's BRPO-CTDE baseline)"""
+    agent_order: tuple[int, ...] = ()
+    """order of the sequential decomposition, a permutation of 0..n-1 (default: identity)"""
+    condition: str = "obs"
+    """what the behaviour models condition on besides the prefix actions: obs (own observation, the authors' code,
+    "following OMAR") | state (the single-agent observation of the underlying Gymnasium task)"""
+    beta: Optional[float] = None
+    """weight of grad_a Q in the actor loss, the authors' convention: loss = w(t) <eps_hat, a> - beta <grad_a Q, a>,
+    so a SMALL beta is a STRONG behaviour constraint (default: per dataset quality, see BETA_DEFAULTS; untuned)"""
+    weighting: str = "sigma2"
+    """w(t) of the score term: sigma2 (authors' default) | one | alpha_over_sigma"""
+    t_min: float = 0.02
+    """lower end of the diffusion time range of the actor loss"""
+    t_max: float = 0.98
+    """upper end of the diffusion time range of the actor loss"""
+    prefix: str = "start"
+    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code; one
+    critic backward and one batched diffusion forward serve every agent) | updated = recomputed after each agent's
+    step, agent by agent (the paper's text)"""
+    regq: bool = False
+    """normalise grad_a Q by its root mean square (SRPO's optional trick)"""
+
+    # Stage 1a: diffusion behaviour models
+    diffusion_steps: int = 10_000
+    """gradient steps (all agents' models train together in one batched op); the authors run 2e6"""
+    diffusion_batch_size: int = 256
+    """minibatch size"""
+    diffusion_hidden: int = 64
+    """width of the residual trunk (authors: 512, with 4.3M parameters per agent)"""
+    diffusion_blocks: int = 2
+    """residual blocks"""
+    diffusion_lr: float = 3e-4
+    """AdamW learning rate, cosine-annealed to 1e-5"""
+
+    # Stage 1b: centralised IQL critic
+    critic_steps: int = 10_000
+    """gradient steps; the authors run 1e6 on MaMuJoCo"""
+    critic_batch_size: int = 256
+    """minibatch size"""
+    critic_hidden: int = 256
+    """width of the two hidden layers of Q and V"""
+    critic_lr: float = 3e-4
+    """Adam learning rate"""
+    expectile: float = 0.7
+    """IQL expectile tau"""
+    gamma: float = 0.99
+    """discount"""
+    polyak: float = 0.005
+    """target-Q update rate"""
+    bootstrap_truncation: bool = True
+    """bootstrap through time-limit ends (default). The 1000-step limit is not part of the MuJoCo task (nothing in
+    the observation tells how close it is), so the state at step 1000 is worth as much as any other and the TD
+    target r + gamma V(s') is the right one; treating it as terminal (--no-bootstrap-truncation, what OMAR's
+    HalfCheetah data did) teaches the critic a value drop it cannot predict; the generated datasets also mark the
+    episodes they cut at the end of a chunk of work as truncations. Terminations (Hopper and Ant falling) are never
+    bootstrapped."""
+
+    # Stage 2: actors
+    policy_steps: int = 5_000
+    """gradient steps per agent; the authors run 1e6 on MaMuJoCo"""
+    policy_batch_size: int = 256
+    """minibatch size (one batch of indices shared by all agents)"""
+    actor_hidden: int = 256
+    """width of the two hidden layers of each actor"""
+    actor_lr: float = 3e-4
+    """Adam learning rate, cosine-annealed to 0"""
+    eval_every: int = 1000
+    """policy steps between evaluations (an evaluation is eval_episodes full episodes of up to 1000 steps)"""
+    eval_episodes: int = 10
+    """evaluation episodes (decentralised execution, deterministic actions, all episodes stepped together). A
+    diverged simulation fails the episode: a non-finite observation, reward or action, or MuJoCo's own instability
+    warning (on a NaN/inf/huge qpos, qvel or qacc MuJoCo resets the simulation silently, so the observations stay
+    finite). The evaluation is finished, every failed episode is recorded in results.json (status "failed") and
+    the run stops with an error (exit 2): a mean return over diverged episodes is meaningless and leaving them out
+    would inflate it"""
+
+    # Files
+    cache_dir: str = "runs/cache"
+    """where stage-1 models are cached (keyed by dataset checksum and every stage-1 setting)"""
+    save_model: bool = True
+    """save the final actors to runs/<run_name>/actors.pt"""
+    resume: bool = True
+    """continue an interrupted run of the same command (killed, Ctrl-C) from its last checkpoint, in its run
+    directory, with the same final numbers as an uninterrupted run; --no-resume starts the run over"""
+    checkpoint_every: int = 1000
+    """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
+
+
+# Starting values in the authors' beta convention (small = strong constraint), NOT tuned here. Sources: the
+# authors' MaMuJoCo scripts sweep {0.001, 0.003, 0.005, 0.03, 0.05} without recording the choice; their older
+# 2-agent HalfCheetah comments give medium-replay ~0.02 and random ~0.05-0.25; the reference's recommended starting
+# ranges are expert 0.001-0.005, medium 0.005-0.03, medium-replay 0.02-0.05. medium-expert and mixture have no
+# source: set between expert and medium (mixture as on MPE, 0.005).
+BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.02, "medium": 0.01, "expert": 0.003, "medium-expert": 0.005,
+                 "mixture": 0.005}
+METRIC = "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, " \
+         "or until Hopper / Ant fall)"
+
+
+class RunError(Exception):
+    """Bad input or a failed run; printed as one line, exit code 2."""
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill defaults and reject bad settings before anything is written."""
+    if args.env_id not in ENV_IDS:
+        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if not args.dataset_path and args.dataset not in QUALITIES:
+        raise RunError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path")
+    if args.stage1_seed is None:
+        args.stage1_seed = args.seed
+    if args.beta is None:
+        args.beta = BETA_DEFAULTS.get(args.dataset, 0.05)
+    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
+               "weighting": ("sigma2", "one", "alpha_over_sigma")}
+    for k, allowed in choices.items():
+        if getattr(args, k) not in allowed:
+            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
+    if not args.beta > 0:
+        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
+    for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
+              "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
+              "actor_hidden", "diffusion_blocks", "checkpoint_every"):
+        if getattr(args, k) <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
+    if not 0 < args.t_min < args.t_max < 1:
+        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """Returns (arrays in the project's format, metadata, source)."""
+    if args.dataset_path and (args.dataset_format == "project" or
+                              (args.dataset_format == "auto" and args.dataset_path.endswith(".npz"))):
+        arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
+        return arrays, meta, args.dataset_path
+    if args.dataset_path:
+        fmt = None if args.dataset_format == "auto" else args.dataset_format
+        arrays, meta = load_published(args.dataset_path, fmt, dataset_seed=args.dataset_seed, task=args.env_id,
+                                      expect=env_spec(args.env_id))
+        return arrays, meta, f"{args.dataset_path} ({meta['source_format']})"
+    arrays, meta, path = ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)
+    return arrays, meta, path
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded (Hopper's agents see 8, 9
+    and 8 numbers), act (N, n, act). MaMuJoCo has one team reward, which every agent receives."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+    for i in range(1, n):
+        if not np.array_equal(arrays[f"rewards_{i}"], arrays["rewards_0"]):
+            raise RunError(f"the dataset's rewards_{i} differ from rewards_0; MaMuJoCo has one team reward that every "
+                           f"agent receives, so this is not a MaMuJoCo dataset")
+
+    def stack(key):
+        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
+
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")),  # (next observations enter only through the critic's next state)
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(arrays["rewards_0"]),
+        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: every agent's network is evaluated in one batched op over a leading agent axis
+# ---------------------------------------------------------------------------------------------
+class StackedLinear(nn.Module):
+    """n independent Linear layers as one batched matmul: (n, B, i) -> (n, B, o)."""
+
+    def __init__(self, n: int, i: int, o: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(i)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n, i, o).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, o).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def vp_sde(t):
+    """Continuous-time VP-SDE with linear beta(t), beta_0 = 0.1, beta_1 = 20: x_t = alpha_t a + sigma_t z."""
+    log_alpha_t = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
+    alpha_t = torch.exp(log_alpha_t)
+    sigma_t = torch.sqrt(1.0 - alpha_t**2)
+    return alpha_t, sigma_t
+
+
+class ScoreNet(nn.Module):
+    """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position.
+
+    Gaussian Fourier time features (fixed W ~ N(0, 30^2)) -> time MLP; [x_t, cond, t_emb] -> hidden;
+    residual blocks h + W2 relu(W1 LayerNorm(h)); relu -> linear output (the predicted noise).
+    """
+
+    def __init__(self, n: int, act_dim: int, cond_dim: int, hidden: int, blocks: int):
+        super().__init__()
+        self.register_buffer("W", torch.randn(16) * 30.0)
+        self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
+        self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+        )
+        self.out = StackedLinear(n, hidden, act_dim)
+
+    def forward(self, x_t, t, cond):  # (n, B, act), (n, B, 1), (n, B, cond)
+        f = 2 * math.pi * t * self.W
+        t_emb = self.t2(F.relu(self.t1(torch.cat([torch.sin(f), torch.cos(f)], -1))))
+        h = self.inp(torch.cat([x_t, cond, t_emb], -1))
+        for w1, w2 in self.blocks:
+            h = h + w2(F.relu(w1(F.layer_norm(h, h.shape[-1:]))))
+        return self.out(F.relu(h))
+
+
+def prefix_mask(n: int, decomposition: str) -> torch.Tensor:
+    """mask[k, j] = 1 if the model at position k conditions on the action at position j (only j < k)."""
+    if decomposition == "independent":
+        return torch.zeros(n, max(n - 1, 1))
+    return torch.tril(torch.ones(n, n), diagonal=-1)[:, : max(n - 1, 1)]
+
+
+def condition(base, a_prev_source, mask):
+    """cond_k = [base_k, a_1, ..., a_{k-1}, 0, ...]: a fixed width for every position; the zero slots of
+    agents that are not in the prefix make the stacked models equal to per-agent models of varying width.
+
+    base (n, B, d): own obs (or the state, repeated); a_prev_source (n, B, act): actions in position order.
+    """
+    n, B, act = a_prev_source.shape
+    src = a_prev_source[: mask.shape[1]]  # (n-1, B, act): position n-1 is never anyone's prefix
+    prefix = mask[:, :, None, None] * src[None]  # (n, n-1, B, act)
+    return torch.cat([base, prefix.permute(0, 2, 1, 3).reshape(n, B, -1)], -1)
+
+
+class TwinQ(nn.Module):
+    """Q_1, Q_2(s, a_1..a_n): two heads in one stacked op; s = all agents' observations."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+
+    def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
+        x = torch.cat([s, a], -1).expand(2, -1, -1)
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x))))).squeeze(-1)
+
+
+def mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
+
+
+class Actors(nn.Module):
+    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own
+    parameters and optimizer), evaluated for all agents in one batched matmul per layer."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.nets = nn.ModuleList(mlp(obs_dim, hidden, act_dim) for _ in range(n))
+
+    def forward(self, obs):  # (n, B, obs) -> (n, B, act)
+        h = obs
+        for layer in (0, 2, 4):
+            W = torch.stack([net[layer].weight for net in self.nets]).transpose(1, 2)
+            b = torch.stack([net[layer].bias for net in self.nets]).unsqueeze(1)
+            h = torch.baddbmm(b, h, W)
+            h = torch.relu(h) if layer < 4 else torch.tanh(h)
+        return h
+
+    def one(self, k: int, obs_k):  # agent k alone: (B, obs) -> (B, act)
+        return torch.tanh(self.nets[k](obs_k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+def diffusion_loss(score_net, a0, cond, gen):
+    """Noise-prediction loss of every position's model: E ||eps_k(alpha_t a + sigma_t z, t | cond_k) - z||^2,
+    t ~ U(1e-3, 1); summed over action dims, averaged over the batch. Returns (n,)."""
+    t = torch.rand(a0.shape[0], a0.shape[1], 1, generator=gen) * (1 - 1e-3) + 1e-3
+    z = torch.randn(a0.shape, generator=gen)
+    alpha_t, sigma_t = vp_sde(t)
+    eps_hat = score_net(alpha_t * a0 + sigma_t * z, t, cond)
+    return ((eps_hat - z) ** 2).sum(-1).mean(-1)
+
+
+def expectile_loss(u, tau):
+    """IQL's asymmetric L2: |tau - 1(u < 0)| u^2, u = Q - V."""
+    return (torch.abs(tau - (u < 0).float()) * u**2).mean()
+
+
+def score_weight(kind: str, alpha_t, sigma_t):
+    return {"sigma2": sigma_t**2, "one": torch.ones_like(sigma_t), "alpha_over_sigma": alpha_t / sigma_t}[kind]
+
+
+def q_grad(q_target, s, joint):
+    """grad_a of mean(Q1_target, Q2_target) at the joint action (n, B, act): every agent's slot in one backward."""
+    joint = joint.detach().requires_grad_(True)
+    q = q_target(s, joint.transpose(0, 1).reshape(s.shape[0], -1)).mean(0)
+    return torch.autograd.grad(q.sum(), joint)[0]
+
+
+def actor_surrogate(a, eps_hat, g, w, beta):
+    """Per-agent SRPO surrogate: mean_batch( w(t) <eps_hat, a> - beta <grad_a Q, a> ) with eps_hat and g detached,
+    so that its gradient is (w(t) eps_hat - beta grad_a Q) times the actor's Jacobian. Returns (n,)."""
+    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: decentralised execution, each agent acts on its own observation only
+# ---------------------------------------------------------------------------------------------
+MJ_INSTABILITY = ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC")
+
+
+def diverged(env, obs: dict, reward, names) -> str:
+    """Why one env step's output is unusable ('' if it is fine): a NaN/inf reward or observation, or MuJoCo's
+    instability warning. On a bad qpos/qvel/qacc MuJoCo resets the simulation by itself, so the episode goes on
+    with finite but meaningless numbers; its warning counters say so until the env's next reset."""
+    if not np.isfinite(reward):
+        return f"non-finite reward {reward}"
+    for a in names:
+        if not np.all(np.isfinite(obs[a])):
+            return f"non-finite observation of {a}"
+    data = getattr(getattr(getattr(env, "single_agent_env", None), "unwrapped", None), "data", None)
+    for w in MJ_INSTABILITY if data is not None else ():
+        if data.warning[int(getattr(mujoco.mjtWarning, w))].number:
+            return f"unstable simulation (MuJoCo warning {w}; MuJoCo reset it)"
+    return ""
+
+
+@torch.no_grad()
+def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
+    """eval_episodes full episodes (env seeds seed + 100 + e), all stepped together with one batched actor call
+    per step until every episode has ended (termination, or truncation at 1000 steps).
+
+    Returns {"return": mean team return (None if any episode failed), "episode_returns", "episode_lengths",
+    "failed_episodes": [{episode, env_seed, env_step, what}]}. An episode fails (and stops) at a non-finite
+    action, observation or reward or an unstable simulation (see `diverged`); the other episodes go on, so that
+    every failure is recorded.
+    """
+    actors.eval()
+    device = next(actors.parameters()).device
+    E = args.eval_episodes
+    envs = [make_env(args.env_id) for _ in range(E)]
+    names = envs[0].possible_agents
+    seeds = [args.seed + 100 + e for e in range(E)]
+    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds)]
+    returns, lengths, failed, live = [0.0] * E, [0] * E, [], []
+    for e in range(E):
+        what = diverged(envs[e], obs[e], 0.0, names)
+        if what:
+            failed.append({"episode": e, "env_seed": seeds[e], "env_step": 0, "what": what + " after reset"})
+        else:
+            live.append(e)
+    for t in range(1, EPISODE_LEN + 1):
+        if not live:
+            break
+        o = np.zeros((len(order), len(live), obs_max), np.float32)
+        for j, e in enumerate(live):
+            for k, i in enumerate(order):
+                x = obs[e][names[i]]
+                o[k, j, : len(x)] = x
+        act = actors(torch.as_tensor(o, device=device)).cpu().numpy()  # (n positions, live, act)
+        still = []
+        for j, e in enumerate(live):
+            bad = [names[i] for k, i in enumerate(order) if not np.all(np.isfinite(act[k, j]))]
+            if bad:
+                failed.append({"episode": e, "env_seed": seeds[e], "env_step": t, "what": f"non-finite action of {bad[0]}"})
+                continue
+            obs[e], r, term, trunc, _ = envs[e].step({names[i]: act[k, j] for k, i in enumerate(order)})
+            reward = float(r[names[0]])  # the team reward: every agent receives the same
+            lengths[e] = t
+            what = diverged(envs[e], obs[e], reward, names)
+            if what:
+                failed.append({"episode": e, "env_seed": seeds[e], "env_step": t, "what": what})
+                continue
+            returns[e] += reward
+            if not (any(term.values()) or any(trunc.values())):
+                still.append(e)
+        live = still
+    for env in envs:
+        env.close()
+    actors.train()
+    failed.sort(key=lambda f: f["episode"])
+    bad = {f["episode"] for f in failed}
+    return {"return": None if failed else float(np.mean(returns)),
+            "episode_returns": [None if e in bad else returns[e] for e in range(E)],
+            "episode_lengths": lengths, "failed_episodes": failed}
+
+
+def normalized_score(ret, ref: dict | None):
+    """100 * (R - R_random) / (R_expert - R_random) with the behaviour policies' returns; None without them."""
+    if ret is None or ref is None:
+        return None
+    return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Status of a stage: step, steps/s, ETA. Rewritten in place on a terminal (twice a second), otherwise
+    one line every 10 s, so that logs stay readable."""
+
+    def __init__(self, stage: str, total: int, start: int = 0):
+        self.stage, self.total, self.start, self.t0, self.last = stage, total, start, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, extra: str = ""):
+        now = time.time()
+        if now - self.last > (0.5 if self.tty else 10.0) or step == self.total:
+            sps = (step - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - step) / max(sps, 1e-9)
+            line = f"[{self.stage}] {step:>8d}/{self.total}  {sps:7.1f} steps/s  eta {eta:5.0f}s  {extra}"
+            end = "\n" if step == self.total or not self.tty else ""
+            print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+            self.last = now
+
+    @property
+    def seconds(self):
+        return time.time() - self.t0
+
+    def rate(self, step: int) -> float:
+        return (step - self.start) / max(self.seconds, 1e-9)
+
+
+def check_finite(loss, stage: str, step: int):
+    if not torch.isfinite(loss).all():
+        raise RunError(f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
+                       f"at step {step}; lower the learning rate or check the data")
+
+
+def cache_path(args: Args, kind: str, fields: dict) -> str:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(args.cache_dir, f"{args.env_id}-{kind}-{key}.pt")
+
+
+def load_cached(path: str, fields: dict):
+    """A checkpoint this script wrote for exactly `fields`, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: tensors and plain values only
+        saved = json.loads(ckpt["fields"])
+    except Exception as e:
+        raise RunError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it") from None
+    fields = json.loads(json.dumps(fields))  # as stored: tuples become lists
+    if saved != fields:
+        k = next(k for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
+                 if saved.get(k) != fields.get(k))
+        raise RunError(f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
+                       f"{fields.get(k)!r} here); delete it or use another --cache-dir")
+    return ckpt
+
+
+def save_atomic(obj, path: str):
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# Resume: the stage in progress is checkpointed every --checkpoint-every steps to `<cache>.partial.pt` (models,
+# optimisers, schedulers, RNG state, step). Ctrl-C / SIGTERM only set a flag; the loop saves at the end of the
+# step and stops, so a checkpoint always holds a whole number of steps and resuming reproduces the numbers.
+STOP = {"signal": None}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the stage was checkpointed; rerunning the command continues it."""
+
+
+def on_stop_signal(signum, frame):
+    STOP["signal"] = signum
+    print("\nstopping after the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def partial_path(path: str) -> str:
+    return path[: -len(".pt")] + ".partial.pt"
+
+
+def resume_stage(args: Args, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
+    """Load the checkpoint of an interrupted stage into `objs` (models, optimisers, schedulers) and the RNG `g`.
+    Returns (steps done, seconds spent, extra state); (0, 0.0, {}) when there is nothing to resume."""
+    ckpt = load_cached(partial_path(path), fields) if args.resume else None
+    if ckpt is None:
+        return 0, 0.0, {}
+    for k, o in objs.items():
+        o.load_state_dict(ckpt[k])
+    g.set_state(ckpt["rng"])
+    print(f"[{stage}] resuming from step {ckpt['step']} ({partial_path(path)})", file=sys.stderr)
+    return ckpt["step"], ckpt["seconds"], json.loads(ckpt["extra"])
+
+
+def checkpoint(args: Args, path: str, fields: dict, stage: str, objs: dict, g, step: int, total: int,
+               seconds: float, extra: dict | None = None):
+    """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM."""
+    stop = STOP["signal"] is not None
+    if stop or (step % args.checkpoint_every == 0 and step < total):
+        save_atomic({**{k: o.state_dict() for k, o in objs.items()}, "rng": g.get_state(), "step": step,
+                     "seconds": seconds, "extra": json.dumps(extra or {}), "fields": json.dumps(fields)},
+                    partial_path(path))
+    if stop:
+        raise Interrupted(f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command "
+                          f"again to continue")
+
+
+def remove(path: str):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def main(args: Args) -> dict:
+    args = resolve_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arrays, meta, source = load_data(args)
+    n = sum(1 for k in arrays if k.startswith("obs_"))
+    order = list(args.agent_order) or list(range(n))
+    if sorted(order) != list(range(n)):
+        raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
+    data = to_tensors(arrays, order, args)
+    del arrays  # 1M Ant transitions are ~2 GB of arrays; only the tensors are used from here on
+    N, _, obs_max = data["obs"].shape
+    act_dim = data["act"].shape[-1]
+    S = data["critic_state"].shape[1]
+    ref = reference_returns(args.env_id)  # normalisation constants (None: no expert behaviour policy yet)
+    if ref is not None and not ref["expert"] > ref["random"]:
+        raise RunError(f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
+                       f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies")
+
+    # An interrupted run of the same command (same settings and data) is continued in its own run directory.
+    run_fields = {k: v for k, v in asdict(args).items() if k not in ("resume", "checkpoint_every", "threads")}
+    run_fields["dataset_sha256"] = meta["sha256"]
+    run_ckpt = cache_path(args, "run", run_fields)
+    previous = load_cached(run_ckpt, run_fields) if args.resume else None
+    if previous is not None and os.path.isdir(previous["run_dir"]) \
+            and not os.path.exists(os.path.join(previous["run_dir"], "results.json")):
+        run_dir = previous["run_dir"]
+        print(f"continuing the interrupted run {run_dir}", file=sys.stderr)
+    else:
+        dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
+        run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
+        try:
+            os.makedirs("runs", exist_ok=True)
+            for k in range(1000):  # never reuse (and overwrite) an existing run directory
+                run_dir = os.path.join("runs", run_name + (f"_{k}" if k else ""))
+                try:
+                    os.mkdir(run_dir)
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
+                           f"run from a writable directory") from None
+        try:
+            save_atomic({"run_dir": run_dir, "fields": json.dumps(run_fields)}, run_ckpt)
+        except OSError as e:
+            raise RunError(f"cannot write to --cache-dir {args.cache_dir}: {e.strerror}; give a writable one") from None
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    data = {k: v.to(device) for k, v in data.items()}
+    print(f"data: {source}, {N:,} transitions, {n} agents, order {order}", file=sys.stderr)
+
+    def gen(stage: int):  # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
+        return torch.Generator(device).manual_seed((args.seed if stage == 3 else args.stage1_seed) * 1000 + stage)
+
+    timing = {}
+    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 1}
+
+    # ------------------------------------------------------------------ Stage 1a: behaviour models
+    mask = prefix_mask(n, args.decomposition).to(device)
+    base_dim = data["state"].shape[1] if args.condition == "state" else obs_max
+    cond_dim = base_dim + mask.shape[1] * act_dim
+    torch.manual_seed(args.stage1_seed * 1000 + 1)
+    score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
+    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
+                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
+                                                   "diffusion_blocks", "diffusion_lr")})
+    cache = {"diffusion": cache_path(args, "diffusion", fields)}
+    path = cache["diffusion"]
+
+    def cond_base(idx):  # (n, B, base_dim)
+        if args.condition == "state":
+            return data["state"][idx].unsqueeze(0).expand(n, -1, -1)
+        return data["obs"][idx].transpose(0, 1)
+
+    cached = load_cached(path, fields)
+    if cached is not None:
+        score_net.load_state_dict(cached["model"])
+        timing["diffusion"] = {"cached": path}
+        print(f"[stage 1a] reusing cached behaviour models {path}", file=sys.stderr)
+    else:
+        opt = torch.optim.AdamW(score_net.parameters(), lr=args.diffusion_lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
+        g, objs = gen(1), {"model": score_net, "opt": opt, "sched": sched}
+        start, spent, _ = resume_stage(args, path, fields, "stage 1a", objs, g)
+        bar = Progress("stage 1a: diffusion", args.diffusion_steps, start)
+        for step in range(start + 1, args.diffusion_steps + 1):
+            idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=device)
+            a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
+            loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g)
+            check_finite(loss, "stage 1a (diffusion)", step)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            sched.step()
+            if step % 100 == 0 or step == args.diffusion_steps:
+                for k in range(n):
+                    writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
+                writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
+            bar.update(step, f"loss {loss.mean().item():.3f}")
+            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
+        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+        save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
+        remove(partial_path(path))
+    score_net.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
+    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
+        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
+        "bootstrap_truncation")})
+    cache["critic"] = path = cache_path(args, "critic", fields)
+    torch.manual_seed(args.stage1_seed * 1000 + 2)
+    q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
+    q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
+    q_target.load_state_dict(q_net.state_dict())
+    cached = load_cached(path, fields)
+    if cached is not None:
+        q_net.load_state_dict(cached["q"])
+        q_target.load_state_dict(cached["q_target"])
+        v_net.load_state_dict(cached["v"])
+        timing["critic"] = {"cached": path}
+        print(f"[stage 1b] reusing cached critic {path}", file=sys.stderr)
+    else:
+        q_opt = torch.optim.Adam(q_net.parameters(), lr=args.critic_lr)
+        v_opt = torch.optim.Adam(v_net.parameters(), lr=args.critic_lr)
+        g, objs = gen(2), {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
+        start, spent, _ = resume_stage(args, path, fields, "stage 1b", objs, g)
+        bar = Progress("stage 1b: IQL critic", args.critic_steps, start)
+        joint = data["act"].reshape(N, -1)
+        for step in range(start + 1, args.critic_steps + 1):
+            idx = torch.randint(N, (args.critic_batch_size,), generator=g, device=device)
+            s, a, s2 = data["critic_state"][idx], joint[idx], data["next_critic_state"][idx]
+            with torch.no_grad():
+                q_t = q_target(s, a).min(0).values
+            v_loss = expectile_loss(q_t - v_net(s).squeeze(-1), args.expectile)
+            v_opt.zero_grad(set_to_none=True)
+            v_loss.backward()
+            v_opt.step()
+            with torch.no_grad():
+                y = data["reward"][idx] + args.gamma * (1 - data["done"][idx]) * v_net(s2).squeeze(-1)
+            q_loss = 0.5 * ((q_net(s, a) - y) ** 2).mean(1).sum()
+            check_finite(q_loss + v_loss, "stage 1b (IQL critic)", step)
+            q_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_opt.step()
+            with torch.no_grad():
+                for p, pt in zip(q_net.parameters(), q_target.parameters()):
+                    pt.lerp_(p, args.polyak)
+            if step % 100 == 0 or step == args.critic_steps:
+                writer.add_scalar("losses/q_loss", q_loss.item(), step)
+                writer.add_scalar("losses/v_loss", v_loss.item(), step)
+                writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
+            bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
+            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+        timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
+        save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
+                     "fields": json.dumps(fields)}, path)
+        remove(partial_path(path))
+    q_target.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ Stage 2: score-regularised actors
+    torch.manual_seed(args.seed * 1000 + 3)
+    actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(device)
+    opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
+    g = gen(3)
+    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
+    start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
+    bar = Progress("stage 2: actors", args.policy_steps, start)
+    norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
+
+    def finish(eval_history: list, status: str) -> dict:
+        """results.json (and the actors) of a finished or failed run; the run's checkpoints are removed."""
+        final = eval_history[-1]["return"]
+        for h in eval_history:
+            h["normalized_score"] = normalized_score(h["return"], ref)
+        failed = [dict(f, policy_step=h["step"]) for h in eval_history for f in h.get("failed_episodes", [])]
+        results = {
+            "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
+            "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order,
+            "beta": args.beta, "weighting": args.weighting, "seed": args.seed, "status": status,
+            "final_return": final, "final_normalized_score": eval_history[-1]["normalized_score"],
+            "normalization": norm,
+            "normalization_note": None if norm else f"reference_returns({args.env_id!r}) is None: no behaviour "
+                                                    f"checkpoint with random and expert returns for this env yet",
+            "metric": METRIC, "failed_episodes": failed,
+            "eval_history": eval_history, "stages": timing, "stage1_cache": cache, "args": asdict(args),
+        }
+        if args.save_model:
+            save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
+        with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+        writer.close()
+        remove(partial_path(run_ckpt))
+        remove(run_ckpt)
+        return results
+
+    def run_eval(step: int, eval_history: list) -> list:
+        """Evaluate, log, append to eval_history; a failed evaluation ends the run (see --eval-episodes)."""
+        ev = evaluate(actors, args, order, obs_max)
+        entry = {"step": step, "return": ev["return"], "episode_returns": ev["episode_returns"],
+                 "episode_lengths": ev["episode_lengths"]}
+        if ev["failed_episodes"]:
+            entry["failed_episodes"] = ev["failed_episodes"]
+        eval_history.append(entry)
+        if ev["failed_episodes"]:
+            timing["policy"] = {"seconds": spent + bar.seconds, "failed_at_step": step}
+            finish(eval_history, "failed")
+            f = ev["failed_episodes"][0]
+            raise RunError(f"evaluation at policy step {step}: {len(ev['failed_episodes'])} of {args.eval_episodes} "
+                           f"episodes diverged (first: episode {f['episode']}, env seed {f['env_seed']}, env step "
+                           f"{f['env_step']}: {f['what']}); no mean return is reported, see "
+                           f"{run_dir}/results.json")
+        writer.add_scalar("eval/episodic_return", ev["return"], step)
+        writer.add_scalar("eval/episode_length", float(np.mean(ev["episode_lengths"])), step)
+        if ref is not None:
+            writer.add_scalar("eval/normalized_score", normalized_score(ev["return"], ref), step)
+        return eval_history
+
+    eval_history = extra.get("eval_history") or run_eval(0, [])
+
+    def eps_hat_and_weight(a_prev_source, idx):
+        """eps_hat of every position's model at noised actions a_t = alpha_t a + sigma_t z, t ~ U(t_min, t_max),
+        conditioned on the prefix actions taken from a_prev_source (detached); and w(t)."""
+        t = torch.rand(n, len(idx), 1, generator=g, device=device) * (args.t_max - args.t_min) + args.t_min
+        z = torch.randn(n, len(idx), act_dim, generator=g, device=device)
+        alpha_t, sigma_t = vp_sde(t)
+        eps_hat = score_net(alpha_t * a_prev_source + sigma_t * z, t, condition(cond_base(idx), a_prev_source, mask))
+        return eps_hat, score_weight(args.weighting, alpha_t, sigma_t)
+
+    for step in range(start + 1, args.policy_steps + 1):
+        idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=device)
+        obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
+        if args.prefix == "start":
+            # Every agent's prefix is the actors' actions at the start of the iteration, so one critic backward
+            # gives grad_a Q for every slot and one batched diffusion forward gives every agent's eps_hat.
+            a = actors(obs)  # (n, B, act), live
+            cur = a.detach()
+            grad_q = q_grad(q_target, s, cur)
+            if args.regq:
+                grad_q = grad_q / grad_q.pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-8)
+            eps_hat, w = eps_hat_and_weight(cur, idx)
+            loss = actor_surrogate(a, eps_hat, grad_q, w, args.beta)  # (n,)
+            check_finite(loss, "stage 2 (actors)", step)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.sum().backward()  # agents share no parameters: each actor gets exactly its own gradient
+            for o, sc in zip(opts, scheds):
+                o.step()
+                sc.step()
+        else:
+            # The paper's text: agent k's prefix comes from the already-updated actors of positions < k.
+            with torch.no_grad():
+                cur = actors(obs)
+            losses = []
+            for k in range(n):
+                a_k = actors.one(k, obs[k])
+                grad_q = q_grad(q_target, s, cur)[k]
+                if args.regq:
+                    grad_q = grad_q / grad_q.pow(2).mean().sqrt().clamp_min(1e-8)
+                eps_hat, w = eps_hat_and_weight(cur, idx)
+                loss_k = actor_surrogate(a_k[None], eps_hat[k : k + 1], grad_q[None], w[k : k + 1], args.beta)[0]
+                check_finite(loss_k, "stage 2 (actors)", step)
+                opts[k].zero_grad(set_to_none=True)
+                loss_k.backward()
+                opts[k].step()
+                scheds[k].step()
+                with torch.no_grad():
+                    cur[k] = actors.one(k, obs[k])
+                losses.append(loss_k.detach())
+            loss = torch.stack(losses)
+        if step % 100 == 0 or step == args.policy_steps:
+            for k in range(n):
+                writer.add_scalar(f"losses/actor_position{k}", loss[k].item(), step)
+            writer.add_scalar("charts/SPS_policy", bar.rate(step), step)
+        if step % args.eval_every == 0 or step == args.policy_steps:
+            run_eval(step, eval_history)
+        bar.update(step, f"eval return {eval_history[-1]['return']:.1f}")
+        checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
+                   {"eval_history": eval_history})
+    timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
+
+    # ------------------------------------------------------------------ Results
+    results = finish(eval_history, "ok")
+    final = results["final_return"]
+    if norm:
+        score = (f", normalized score {results['final_normalized_score']:.1f} = {norm['formula']} with R_random "
+                 f"{ref['random']:.1f}, R_expert {ref['expert']:.1f} ({ref['source']})")
+    else:
+        score = f", no normalized score ({results['normalization_note']})"
+    print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop at the end of a step, with a checkpoint
+        signal.signal(sig, on_stop_signal)
+    try:
+        main(args)
+    except (RunError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
+        sys.exit(130)

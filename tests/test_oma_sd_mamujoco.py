@@ -1,0 +1,263 @@
+"""oma_sd_mamujoco.py end to end with tiny settings (CleanRL-style subprocess smoke tests), its bad-input errors,
+and evaluation of a diverged simulation."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import oma_sd_mamujoco as om
+from envs import mamujoco_data as md
+from envs.mamujoco import ENV_IDS, EPISODE_LEN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
+N_DATA = 200  # transitions of the tiny random datasets
+TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
+        "--eval-episodes", "2", "--dataset", "random", "--dataset-transitions", str(N_DATA), "--diffusion-hidden", "16",
+        "--critic-hidden", "16", "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32",
+        "--policy-batch-size", "32", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("omsd_mamujoco")
+
+
+def run(workdir, *args, check=True, script=SCRIPT):
+    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data"), "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, script, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def results_of(workdir, stdout):
+    path = stdout.strip().splitlines()[-1].split("-> ")[-1]
+    with open(workdir / path) as f:
+        return json.load(f)
+
+
+def check_results(res, env_id, steps, episodes):
+    for k in ("env_id", "dataset", "dataset_sha256", "decomposition", "agent_order", "beta", "seed", "status",
+              "final_return", "final_normalized_score", "normalization", "metric", "failed_episodes", "eval_history",
+              "stages", "stage1_cache", "args"):
+        assert k in res
+    assert res["env_id"] == env_id and res["dataset"] == "random" and res["status"] == "ok"
+    assert res["failed_episodes"] == []
+    assert res["beta"] == om.BETA_DEFAULTS["random"]
+    assert res["args"]["bootstrap_truncation"] is True  # the MaMuJoCo default
+    assert [h["step"] for h in res["eval_history"]] == steps
+    for h in res["eval_history"]:
+        assert len(h["episode_returns"]) == len(h["episode_lengths"]) == episodes
+        assert all(1 <= t <= EPISODE_LEN for t in h["episode_lengths"])
+        if env_id.startswith("HalfCheetah"):  # never unhealthy: every episode runs to the time limit
+            assert h["episode_lengths"] == [EPISODE_LEN] * episodes
+        assert h["return"] == pytest.approx(np.mean(h["episode_returns"]))
+    assert np.isfinite(res["final_return"]) and res["final_return"] == res["eval_history"][-1]["return"]
+    ref = md.reference_returns(env_id)
+    if ref is None:  # no behaviour checkpoint yet: no normalized score, and results.json says why
+        assert res["final_normalized_score"] is None and res["normalization"] is None and res["normalization_note"]
+    else:
+        assert res["normalization"]["random"] == ref["random"] and res["normalization"]["expert"] == ref["expert"]
+        assert res["final_normalized_score"] == pytest.approx(
+            100 * (res["final_return"] - ref["random"]) / (ref["expert"] - ref["random"]))
+    for stage in ("diffusion", "critic", "policy"):
+        assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_smoke_every_env(workdir, env_id):
+    r = run(workdir, "--env-id", env_id, *TINY)
+    res = results_of(workdir, r.stdout)
+    check_results(res, env_id, [0, 10, 20], 2)
+    assert "steps/s" in r.stderr
+    run_dir = workdir / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])
+    assert os.path.basename(run_dir).startswith(f"{env_id}__random__oma_sd_mamujoco__sequential__1__")
+    assert os.path.exists(run_dir / "actors.pt")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+
+
+@pytest.mark.parametrize("env_id,extra", [
+    ("Ant-2x4-nocf", ["--decomposition", "independent", "--condition", "state", "--regq"]),
+    ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4"]),
+])
+def test_variants(workdir, env_id, extra):
+    r = run(workdir, "--env-id", env_id, *TINY, "--eval-every", "20", "--eval-episodes", "1", *extra)
+    res = results_of(workdir, r.stdout)
+    check_results(res, env_id, [0, 20], 1)
+    if "--decomposition" in extra:
+        assert res["decomposition"] == "independent" and "__independent__" in r.stdout
+    else:
+        assert res["agent_order"] == [5, 3, 1, 0, 2, 4] and res["args"]["prefix"] == "updated"
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
+    args = ["--env-id", "HalfCheetah-2x3", *TINY, "--policy-steps", "40", "--checkpoint-every", "10",
+            "--eval-episodes", "1", "--exp-name", "resume"]
+    reference = results_of(workdir, run(workdir, *args, "--cache-dir", "cache_ref").stdout)
+    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
+    p = subprocess.Popen([sys.executable, SCRIPT, *args, "--cache-dir", "cache_int"], cwd=workdir, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(workdir / "cache_int" / "*-run-*.partial.pt")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "checkpoint saved, run the same command again to continue" in err
+    r = run(workdir, *args, "--cache-dir", "cache_int")
+    assert "continuing the interrupted run" in r.stderr
+    assert 0 < int(r.stderr.split("resuming from step ")[1].split()[0]) < 40
+    assert "reusing cached behaviour models" in r.stderr and "reusing cached critic" in r.stderr
+    resumed = results_of(workdir, r.stdout)
+    assert resumed["eval_history"] == reference["eval_history"]
+
+
+def _bad(workdir, *args):
+    runs = workdir / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    r = run(workdir, *args, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    assert after == before  # bad input is rejected before anything in runs/ is written
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--env-id", "Walker-2x3"], "unknown --env-id"),
+    (["--dataset", "good"], "unknown --dataset"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--beta", "-1"], "--beta must be > 0"),
+    (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
+    (["--critic-steps", "0"], "--critic-steps must be a positive integer"),
+    (["--agent-order", "0", "0"], "--agent-order must be a permutation"),
+])
+def test_bad_input(workdir, args, msg):
+    assert msg in _bad(workdir, *TINY, *args)
+
+
+def test_dataset_of_another_env(workdir):
+    path = workdir / "data" / "mamujoco" / os.path.basename(md.default_path("HalfCheetah-6x1", "random", N_DATA))
+    line = _bad(workdir, *TINY, "--env-id", "HalfCheetah-2x3", "--dataset-path", str(path))
+    assert "the env needs" in line
+
+
+# ------------------------------------------------------------------------------ a diverged simulation
+class Diverging:
+    """A real env that diverges at env step `at` of the episodes reset with `seed`: a NaN observation, an
+    infinite reward, or a real blow-up (a huge velocity, which MuJoCo detects and resets by itself)."""
+
+    def __init__(self, env, seed, at, what):
+        self.env, self.bad_seed, self.at, self.what, self.t, self.seed = env, seed, at, what, 0, None
+
+    def __getattr__(self, k):
+        return getattr(self.env, k)
+
+    def reset(self, seed=None, **kw):
+        self.seed, self.t = seed, 0
+        return self.env.reset(seed=seed, **kw)
+
+    def step(self, actions):
+        bad = self.seed == self.bad_seed and self.t + 1 == self.at
+        if bad and self.what == "qvel":
+            self.env.single_agent_env.unwrapped.data.qvel[:] = 1e200
+        obs, rew, term, trunc, info = self.env.step(actions)
+        self.t += 1
+        if bad:
+            if self.what == "obs":
+                obs = {**obs, "agent_1": obs["agent_1"] * np.nan}
+            elif self.what == "reward":
+                rew = {a: np.inf for a in rew}
+        return obs, rew, term, trunc, info
+
+
+def tiny_args(**kw):
+    return om.resolve_args(om.Args(**{"env_id": "HalfCheetah-2x3", "eval_episodes": 3, "seed": 1, **kw}))
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("obs", "non-finite observation of agent_1"), ("reward", "non-finite reward inf"),
+    ("qvel", "unstable simulation (MuJoCo warning mjWARN_BADQVEL; MuJoCo reset it)"),
+])
+def test_evaluate_records_a_diverged_episode(monkeypatch, tmp_path, what, expect):
+    monkeypatch.chdir(tmp_path)  # MUJOCO_LOG.TXT
+    real = om.make_env
+    monkeypatch.setattr(om, "make_env", lambda env_id: Diverging(real(env_id), seed=102, at=7, what=what))
+    torch.manual_seed(0)
+    actors = om.Actors(2, 12, 3, 8)
+    ev = om.evaluate(actors, tiny_args(), [0, 1], 12)
+    assert ev["return"] is None  # never a mean over diverged episodes
+    assert ev["failed_episodes"] == [{"episode": 1, "env_seed": 102, "env_step": 7, "what": expect}]
+    assert ev["episode_returns"][1] is None and all(np.isfinite(ev["episode_returns"][e]) for e in (0, 2))
+    assert ev["episode_lengths"] == [EPISODE_LEN, 7, EPISODE_LEN]  # the others ran to the end
+
+
+def test_evaluate_non_finite_actions_fail_every_episode(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # MUJOCO_LOG.TXT
+    actors = om.Actors(2, 12, 3, 8)
+    with torch.no_grad():
+        actors.nets[1][4].bias.fill_(float("nan"))
+    ev = om.evaluate(actors, tiny_args(eval_episodes=2), [0, 1], 12)
+    assert ev["return"] is None
+    assert [f["what"] for f in ev["failed_episodes"]] == ["non-finite action of agent_1"] * 2
+    assert [f["env_step"] for f in ev["failed_episodes"]] == [1, 1]
+
+
+WRAPPER = """
+import runpy, sys
+import envs.mamujoco as mj
+sys.path.insert(0, {tests!r})
+from test_oma_sd_mamujoco import Diverging
+
+real, resets = mj.make_env, {{"n": 0}}
+
+
+class SecondEvaluation(Diverging):  # diverges in the second evaluation only (policy step 10)
+    def reset(self, seed=None, **kw):
+        resets["n"] += seed == 102
+        self.bad_seed = 102 if resets["n"] == 2 else None
+        return super().reset(seed=seed, **kw)
+
+
+mj.make_env = lambda env_id, **kw: SecondEvaluation(real(env_id, **kw), 102, 5, "obs")
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_diverged_evaluation_stops_the_run_and_is_recorded(workdir):
+    wrapper = workdir / "diverging.py"
+    wrapper.write_text(WRAPPER.format(tests=os.path.dirname(os.path.abspath(__file__)), script=SCRIPT))
+    r = run(workdir, "--env-id", "HalfCheetah-2x3", *TINY, "--exp-name", "diverged", "--cache-dir", "cache_div",
+            check=False, script=str(wrapper))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "evaluation at policy step 10" in lines[0] and "diverged" in lines[0], r.stderr[-2000:]
+    assert "non-finite observation of agent_1" in lines[0]
+    path = lines[0].split("see ")[-1]
+    with open(workdir / path) as f:
+        res = json.load(f)
+    assert res["status"] == "failed" and res["final_return"] is None and res["final_normalized_score"] is None
+    assert res["failed_episodes"] == [{"episode": 1, "env_seed": 102, "env_step": 5, "policy_step": 10,
+                                       "what": "non-finite observation of agent_1"}]
+    assert [h["step"] for h in res["eval_history"]] == [0, 10]
+    assert np.isfinite(res["eval_history"][0]["return"]) and res["eval_history"][1]["return"] is None
+    assert not glob.glob(str(workdir / "cache_div" / "*-run-*"))  # the run is over: nothing left to resume
+
+
+def test_normalized_score():
+    ref = {"random": -300.0, "expert": 3700.0, "source": "test"}
+    assert om.normalized_score(-300.0, ref) == 0.0
+    assert om.normalized_score(3700.0, ref) == 100.0
+    assert om.normalized_score(1700.0, ref) == pytest.approx(50.0)
+    assert om.normalized_score(1700.0, None) is None and om.normalized_score(None, ref) is None
