@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,3 +111,45 @@ def card_rows(paths: list[str]) -> list[str]:
         rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
                     f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
     return rows
+
+
+@dataclass
+class Args:
+    task: str = ""
+    """the task / env id (listed above), or `all`"""
+    quality: str = "expert"
+    """a dataset quality (listed above), or `all`"""
+    n_transitions: int = 0
+    """transitions per dataset"""
+    seed: int = 0
+    """generation seed (env seeds and action noise)"""
+    workers: int = 2
+    """processes used for rollouts (the output does not depend on it)"""
+    out: str = ""
+    """output path (default datasets/<family>/<task>-<quality>-<env version>-n<N>-s<seed>.npz); only for one dataset"""
+    card: bool = False
+    """print the dataset cards (markdown) of the datasets made with these settings instead"""
+
+
+def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: int, default_path, ensure_dataset):
+    """The command line of a family's generator: make (or print the cards of) the selected datasets."""
+    import tyro
+
+    args = tyro.cli(Args, default=Args(task=default_task, n_transitions=default_n), description=doc)
+    try:
+        for name, value, allowed in (("task", args.task, tasks), ("quality", args.quality, qualities)):
+            if value != "all" and value not in allowed:
+                raise DatasetError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)} or all")
+        selected = [(t, q) for t in (tasks if args.task == "all" else (args.task,))
+                    for q in (qualities if args.quality == "all" else (args.quality,))]
+        if args.out and len(selected) > 1:
+            raise DatasetError("--out names one file; give one --task and one --quality with it")
+        paths = [args.out or default_path(t, q, args.n_transitions, args.seed) for t, q in selected]
+        if args.card:
+            print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
+            return
+        for (t, q), path in zip(selected, paths):
+            ensure_dataset(t, q, args.n_transitions, args.seed, path, args.workers)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

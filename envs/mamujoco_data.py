@@ -12,21 +12,19 @@ and Ant end early when unhealthy (a terminal). Datasets hold an exact number of 
 of each chunk of work is cut there and marked as a truncation.
 
 Usage:
-  python -m envs.mamujoco_data --env-id HalfCheetah-2x3 --quality expert      # make one (cached)
-  python -m envs.mamujoco_data --card                                          # dataset cards of all made
+  python -m envs.mamujoco_data --task HalfCheetah-2x3 --quality expert        # make one (cached)
+  python -m envs.mamujoco_data --task all --quality all --card                 # cards of all made so far
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, card_rows, ensure, load_behaviour_file, package_versions, run_chunks,
+from envs.generation import (N_CHUNKS, cli, ensure, load_behaviour_file, package_versions, run_chunks,
                              snapshot_info)
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
 from envs.policies import StackedActor, actor_from_state_dict
@@ -202,45 +200,5 @@ def ensure_dataset(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANS
     return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id))
 
 
-@dataclass
-class Args:
-    env_id: str = "HalfCheetah-2x3"
-    """HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 | HalfCheetah-6x1, or `all`"""
-    quality: str = "expert"
-    """random | medium-replay | medium | expert | medium-expert | mixture, or `all`"""
-    n_transitions: int = DEFAULT_TRANSITIONS
-    """transitions per dataset"""
-    seed: int = 0
-    """generation seed (env seeds and action noise)"""
-    workers: int = 2
-    """processes used for rollouts (the output does not depend on it)"""
-    out: str = ""
-    """output path (default datasets/mamujoco/<env id>-<quality>-<env version>-n<N>-s<seed>.npz); only for one"""
-    card: bool = False
-    """print the dataset cards (markdown) of the datasets made with these settings instead"""
-
-
-def main(args: Args) -> None:
-    env_ids = ENV_IDS if args.env_id == "all" else (args.env_id,)
-    qualities = QUALITIES if args.quality == "all" else (args.quality,)
-    if args.out and len(env_ids) * len(qualities) > 1:
-        raise DatasetError("--out names one file; give one --env-id and one --quality with it")
-    paths = []
-    for env_id in env_ids:
-        for q in qualities:
-            path = args.out or default_path(env_id, q, args.n_transitions, args.seed)
-            if not args.card:
-                ensure_dataset(env_id, q, args.n_transitions, args.seed, path, args.workers)
-            paths.append(path)
-    if args.card:
-        print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
-
-
 if __name__ == "__main__":
-    import tyro
-
-    try:
-        main(tyro.cli(Args))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(__doc__ + f"\nenv ids: {', '.join(ENV_IDS)}", ENV_IDS, QUALITIES, "HalfCheetah-2x3", DEFAULT_TRANSITIONS, default_path, ensure_dataset)

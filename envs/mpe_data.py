@@ -13,20 +13,18 @@ Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OM
 
 Usage:
   python -m envs.mpe_data --task simple_spread --quality expert        # make one (cached)
-  python -m envs.mpe_data --card                                       # dataset cards of all made
+  python -m envs.mpe_data --task all --quality all --card              # cards of all made so far
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, card_rows, ensure, load_behaviour_file, package_versions, run_chunks,
+from envs.generation import (N_CHUNKS, cli, ensure, load_behaviour_file, package_versions, run_chunks,
                              snapshot_info)
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
@@ -167,45 +165,5 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
     return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task))
 
 
-@dataclass
-class Args:
-    task: str = "simple_spread"
-    """simple_spread | simple_tag | simple_world, or `all`"""
-    quality: str = "expert"
-    """random | medium-replay | medium | expert | mixture, or `all`"""
-    n_transitions: int = DEFAULT_TRANSITIONS
-    """transitions per dataset (multiple of 25)"""
-    seed: int = 0
-    """generation seed (env seeds and action noise)"""
-    workers: int = 2
-    """processes used for rollouts (the output does not depend on it)"""
-    out: str = ""
-    """output path (default datasets/mpe/<task>-<quality>-<env version>-n<N>-s<seed>.npz); only for one dataset"""
-    card: bool = False
-    """print the dataset cards (markdown) of the datasets made with these settings instead"""
-
-
-def main(args: Args) -> None:
-    tasks = TASKS if args.task == "all" else (args.task,)
-    qualities = QUALITIES if args.quality == "all" else (args.quality,)
-    if args.out and len(tasks) * len(qualities) > 1:
-        raise DatasetError("--out names one file; give one --task and one --quality with it")
-    paths = []
-    for task in tasks:
-        for q in qualities:
-            path = args.out or default_path(task, q, args.n_transitions, args.seed)
-            if not args.card:
-                ensure_dataset(task, q, args.n_transitions, args.seed, path, args.workers)
-            paths.append(path)
-    if args.card:
-        print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
-
-
 if __name__ == "__main__":
-    import tyro
-
-    try:
-        main(tyro.cli(Args))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(__doc__ + f"\ntasks: {', '.join(TASKS)}", TASKS, QUALITIES, "simple_spread", DEFAULT_TRANSITIONS, default_path, ensure_dataset)

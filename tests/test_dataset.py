@@ -136,8 +136,8 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--task", "simple_world_comm"], "unknown MPE task"),
-    (["--quality", "best"], "unknown dataset quality"),
+    (["--task", "simple_world_comm"], "unknown --task 'simple_world_comm'"),
+    (["--quality", "best"], "unknown --quality 'best'"),
     (["--n-transitions", "30"], "multiple of the episode length"),
 ])
 def test_cli_bad_input(tmp_path, args, msg):
