@@ -608,6 +608,7 @@ def remove(path: str):
 
 
 def main(args: Args) -> dict:
+    t_start = time.time()  # wall-clock of the whole run (a resumed run counts from its restart)
     args = resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -790,6 +791,8 @@ def main(args: Args) -> dict:
     bar = Progress("stage 2: actors", args.policy_steps, start)
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
 
+    eval_seconds = list(extra.get("eval_seconds", []))  # for time-to-score plots
+
     def finish(eval_history: list, status: str) -> dict:
         """results.json (and the actors) of a finished or failed run; the run's checkpoints are removed."""
         final = eval_history[-1]["return"]
@@ -805,7 +808,8 @@ def main(args: Args) -> dict:
             "normalization_note": None if norm else f"reference_returns({args.env_id!r}) is None: no behaviour "
                                                     f"checkpoint with random and expert returns for this env yet",
             "metric": METRIC, "failed_episodes": failed,
-            "eval_history": eval_history, "stages": timing, "stage1_cache": cache, "args": asdict(args),
+            "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
+            "stages": timing, "stage1_cache": cache, "args": asdict(args),
         }
         if args.save_model:
             save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
@@ -820,6 +824,7 @@ def main(args: Args) -> dict:
     def run_eval(step: int, eval_history: list) -> list:
         """Evaluate, log, append to eval_history; a failed evaluation ends the run (see --eval-episodes)."""
         ev = evaluate(actors, args, order, obs_max)
+        eval_seconds.append(time.time() - t_start)
         entry = {"step": step, "return": ev["return"], "episode_returns": ev["episode_returns"],
                  "episode_lengths": ev["episode_lengths"]}
         if ev["failed_episodes"]:
@@ -899,7 +904,7 @@ def main(args: Args) -> dict:
             run_eval(step, eval_history)
         bar.update(step, f"eval return {eval_history[-1]['return']:.1f}")
         checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history})
+                   {"eval_history": eval_history, "eval_seconds": eval_seconds})
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Results

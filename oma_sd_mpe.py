@@ -31,7 +31,7 @@ from envs import bandit
 from envs.dataset import DatasetError, checksum, load_dataset
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
 from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, ensure_dataset, env_spec
-from envs.published import FORMATS, load_published
+from envs.published import FORMATS, PREY_OBS_DIMS, convert_omar_prey, load_prey, load_published, prey_file_kind
 
 ENV_IDS = TASKS + ("bandit",)
 
@@ -70,6 +70,12 @@ class Args:
     """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
     dataset_seed: int = 0
     """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
+    prey_path: str = ""
+    """tag/world: evaluate against OMAR's pretrained prey instead of the scripted one: a file converted with
+    `python -m envs.published --convert-prey ...` or OMAR's original .pt with --trust-pickle"""
+    trust_pickle: bool = False
+    """allow unpickling OMAR's original prey .pt (this runs any code the file contains); it is converted once
+    into <cache-dir>/omar_prey_<sha256[:16]>.pt and later runs can use that file"""
     dataset_transitions: int = DEFAULT_TRANSITIONS
     """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
 
@@ -203,7 +209,30 @@ def resolve_args(args: Args) -> Args:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if not 0 < args.t_min < args.t_max < 1:
         raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
+    if args.prey_path and args.env_id not in PREY_OBS_DIMS:
+        raise RunError(f"--prey-path is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
     return args
+
+
+def load_prey_arg(args: Args):
+    """(prey policy for MPEEnv or None, what results.json records). OMAR's original pickle is converted once
+    into --cache-dir, and only with --trust-pickle."""
+    if not args.prey_path:
+        return None, "scripted" if args.env_id in PREY_OBS_DIMS else None
+    path = args.prey_path
+    if prey_file_kind(path) == "pickle":
+        with open(path, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        converted = os.path.join(args.cache_dir, f"omar_prey_{sha[:16]}.pt")
+        if not args.trust_pickle:
+            have = f" (a converted copy exists: --prey-path {converted})" if os.path.exists(converted) else ""
+            raise RunError(f"{path} is a torch pickle (OMAR's original prey); loading it can run arbitrary code: pass "
+                           f"--trust-pickle to convert it once if you trust its source{have}")
+        if not os.path.exists(converted):
+            convert_omar_prey(path, converted, True, task=args.env_id)
+        path = converted
+    prey = load_prey(path, task=args.env_id)
+    return prey, {"file": os.path.abspath(path), "source_sha256": prey.info["source_sha256"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +431,13 @@ def actor_surrogate(a, eps_hat, g, w, beta):
 # Evaluation: decentralised execution, each agent acts on its own observation only
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actors, args: Args, order: list[int], obs_max: int) -> float:
+def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None) -> float:
     actors.eval()
     if args.env_id == "bandit":
         a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
         actors.train()
         return float(bandit.reward(a[0], a[1]))
-    envs = [MPEEnv(args.env_id) for _ in range(args.eval_episodes)]
+    envs = [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)]
     names = envs[0].possible_agents
     obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
     rewards = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names)))
@@ -544,7 +573,9 @@ def remove(path: str):
 
 
 def main(args: Args) -> dict:
+    t_start = time.time()  # wall-clock of the whole run (a resumed run counts from its restart)
     args = resolve_args(args)
+    prey, prey_record = load_prey_arg(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     arrays, meta, source = load_data(args)
@@ -558,8 +589,11 @@ def main(args: Args) -> dict:
     S = data["critic_state"].shape[1]
 
     # An interrupted run of the same command (same settings and data) is continued in its own run directory.
-    run_fields = {k: v for k, v in asdict(args).items() if k not in ("resume", "checkpoint_every", "threads")}
+    run_fields = {k: v for k, v in asdict(args).items()
+                  if k not in ("resume", "checkpoint_every", "threads", "prey_path", "trust_pickle")}
     run_fields["dataset_sha256"] = meta["sha256"]
+    if prey is not None:  # the prey itself, not the path it came from (runs with the scripted prey keep their key)
+        run_fields["prey_sha256"] = prey_record["source_sha256"]
     run_ckpt = cache_path(args, "run", run_fields)
     previous = load_cached(run_ckpt, run_fields) if args.resume else None
     if previous is not None and os.path.isdir(previous["run_dir"]) \
@@ -719,7 +753,8 @@ def main(args: Args) -> dict:
     objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
     start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
     bar = Progress("stage 2: actors", args.policy_steps, start)
-    eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max)}]
+    eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max, prey)}]
+    eval_seconds = extra.get("eval_seconds") or [time.time() - t_start]  # for time-to-score plots
 
     def eps_hat_and_weight(a_prev_source, idx):
         """eps_hat of every position's model at noised actions a_t = alpha_t a + sigma_t z, t ~ U(t_min, t_max),
@@ -776,14 +811,15 @@ def main(args: Args) -> dict:
                 writer.add_scalar(f"losses/actor_position{k}", loss[k].item(), step)
             writer.add_scalar("charts/SPS_policy", bar.rate(step), step)
         if step % args.eval_every == 0 or step == args.policy_steps:
-            ret = evaluate(actors, args, order, obs_max)
+            ret = evaluate(actors, args, order, obs_max, prey)
             eval_history.append({"step": step, "return": ret})
+            eval_seconds.append(time.time() - t_start)
             writer.add_scalar("eval/episodic_return", ret, step)
             if args.env_id in PAPER_NORMALIZATION:
                 writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
         checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history})
+                   {"eval_history": eval_history, "eval_seconds": eval_seconds})
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Results
@@ -794,12 +830,13 @@ def main(args: Args) -> dict:
     results = {
         "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
         "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order, "beta": args.beta,
-        "weighting": args.weighting, "seed": args.seed, "final_return": final,
+        "weighting": args.weighting, "seed": args.seed, "prey": prey_record, "final_return": final,
         "final_normalized_score": eval_history[-1]["normalized_score"],
         "normalization": {"constants": norm, "source": "the OMSD paper's MPE constants"} if norm else None,
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
                   " bandit: a1 * a2",
-        "eval_history": eval_history, "stages": timing, "stage1_cache": cache, "args": asdict(args),
+        "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
+        "stages": timing, "stage1_cache": cache, "args": asdict(args),
     }
     if args.env_id == "bandit":
         with torch.no_grad():

@@ -12,7 +12,9 @@ from stock mpe2 (see README, "Environments"):
 - `simple_world` is OMAR's 3-vs-1 scenario (1 obstacle, 2 food, 2 forests), not mpe2's
   `simple_world_comm`;
 - in tag/world only the 3 predators are controlled; the prey is driven inside the env by
-  `scripted_prey_action`, a fixed hand-written flee rule (see its docstring for why).
+  `scripted_prey_action`, a fixed hand-written flee rule (see its docstring for why), or, with
+  `MPEEnv(task, prey=...)`, by any policy of the prey's observation, e.g. OMAR's pretrained prey
+  (`envs.published.load_prey`).
 
 Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents only.
 `paper_metric` is the return the paper reports, used by dataset cards and evaluation alike.
@@ -216,7 +218,8 @@ def scripted_prey_action(prey, world) -> np.ndarray:
 
     Scripted rather than trained so that it is deterministic and needs no file (a change to it
     must bump ENV_VERSION). OMAR's own pretrained prey is a different, learned policy, so tag and
-    world returns are not comparable with the OMAR literature.
+    world returns are not comparable with the OMAR literature; `MPEEnv(task, prey=load_prey(...))`
+    evaluates against that one instead.
     """
     pos = prey.state.p_pos
     push = np.zeros(2)
@@ -230,6 +233,10 @@ def scripted_prey_action(prey, world) -> np.ndarray:
 
 
 PREY_EFFORT = 0.5  # fraction of full thrust the prey uses
+# Size of the prey's observation, the input of OMAR's prey network (benchmarks reference §1.2): tag 14 =
+# vel 2, pos 2, 2 obstacles 4, 3 predators 6; world 22 = vel 2, pos 2, 5 landmarks 10, 3 predators 6,
+# 2 in-forest flags. MPEEnv checks its own prey observation against it.
+PREY_OBS_DIMS = {"simple_tag": 14, "simple_world": 22}
 
 
 class MPEEnv(ParallelEnv):
@@ -238,14 +245,24 @@ class MPEEnv(ParallelEnv):
     Actions: Box(-1, 1, (2,)) per agent. Episodes end by truncation after `max_cycles` steps
     (never by termination). `state()` is the concatenation of all agents' observations,
     the prey's included.
+
+    prey (tag/world only): a policy for the prey (agent index 3), called each step with the prey's
+    observation (np.float32 array of PREY_OBS_DIMS[task] values) and returning its 2-D action in
+    [-1, 1]; used exactly where the default `scripted_prey_action` is. The observation is that of
+    the scenario's `observation` function, which follows OMAR's (and mpe2's) layout: own velocity,
+    own position, landmark positions, other agents' positions (all relative to the prey), and in
+    world the two in-forest flags; OMAR's prey network takes this vector as it is. A policy with an
+    `obs_dim` attribute (envs.published.load_prey) is checked against it.
     """
 
     metadata = {"render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, task: str = "simple_spread", max_cycles: int = EPISODE_LEN):
+    def __init__(self, task: str = "simple_spread", max_cycles: int = EPISODE_LEN, prey=None):
         if task not in SCENARIOS:
             raise ValueError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
-        self.task, self.max_cycles = task, max_cycles
+        if prey is not None and task not in PREY_OBS_DIMS:
+            raise ValueError(f"{task} has no prey; a prey policy is for {' and '.join(PREY_OBS_DIMS)} only")
+        self.task, self.max_cycles, self.prey_policy = task, max_cycles, prey
         self.metadata = dict(self.metadata, name=f"{task}_omar")
         self.scenario = SCENARIOS[task]()
         self.world = self.scenario.make_world()
@@ -258,6 +275,14 @@ class MPEEnv(ParallelEnv):
         self.scenario.reset_world(self.world, self.np_random)
         obs_dims = {a.name: len(self.scenario.observation(a, self.world)) for a in controlled}
         self.state_space = spaces.Box(-np.inf, np.inf, (len(self._all_obs()),), np.float32)
+        if self._prey:
+            prey_dim = len(self.scenario.observation(self._prey[0], self.world))
+            assert prey_dim == PREY_OBS_DIMS[task], (task, prey_dim)  # what OMAR's prey network takes
+            want = getattr(prey, "obs_dim", None)
+            if want is not None and want != prey_dim:
+                raise ValueError(f"the prey policy takes observations of {want} values, but the prey of {task} "
+                                 f"observes {prey_dim}; it belongs to another task "
+                                 f"({', '.join(f'{k}: {v}' for k, v in PREY_OBS_DIMS.items())})")
         self._obs_spaces = {n: spaces.Box(-np.inf, np.inf, (d,), np.float32) for n, d in obs_dims.items()}
         self._act_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.t = 0
@@ -284,9 +309,14 @@ class MPEEnv(ParallelEnv):
         self.agents, self.t = list(self.possible_agents), 0
         return self._obs(), {a: {} for a in self.agents}
 
+    def _prey_action(self, prey) -> np.ndarray:
+        if self.prey_policy is None:
+            return scripted_prey_action(prey, self.world)
+        return self.prey_policy(self.scenario.observation(prey, self.world).astype(np.float32))
+
     def step(self, actions):
         for agent in self.world.agents:
-            a = scripted_prey_action(agent, self.world) if agent in self._prey else actions[agent.name]
+            a = self._prey_action(agent) if agent in self._prey else actions[agent.name]
             sensitivity = agent.accel if agent.accel is not None else 5.0
             agent.action.u = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0) * sensitivity
             agent.action.c = np.zeros(self.world.dim_c)

@@ -55,6 +55,8 @@ def check_results(res, env_id, steps, episodes):
     assert res["beta"] == om.BETA_DEFAULTS["random"]
     assert res["args"]["bootstrap_truncation"] is True  # the MaMuJoCo default
     assert [h["step"] for h in res["eval_history"]] == steps
+    secs = res["eval_seconds"]
+    assert len(secs) == len(steps) and all(0 < a < b for a, b in zip(secs, secs[1:])) and secs[-1] < res["total_seconds"]
     for h in res["eval_history"]:
         assert len(h["episode_returns"]) == len(h["episode_lengths"]) == episodes
         assert all(1 <= t <= EPISODE_LEN for t in h["episode_lengths"])

@@ -49,6 +49,8 @@ def test_smoke_every_task(workdir, env_id, extra):
         assert k in res
     assert res["env_id"] == env_id
     assert [h["step"] for h in res["eval_history"]] == [0, 10, 20]
+    secs = res["eval_seconds"]  # wall-clock of each evaluation, for time-to-score plots
+    assert len(secs) == 3 and 0 < secs[0] < secs[1] < secs[2] < res["total_seconds"]
     assert np.isfinite(res["final_return"]) and np.isfinite(res["final_normalized_score"])
     for stage in ("diffusion", "critic", "policy"):
         assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
