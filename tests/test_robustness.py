@@ -288,3 +288,84 @@ def test_unwritable_dataset_directory_fails_before_generating(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: cannot write to") and r.stderr.count("\n") == 1
     assert time.time() - t0 < 30  # rejected before the (100k-transition) rollouts
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+# ------------------------------------------------------------------------------------ the MaMuJoCo script
+MJ_SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
+
+
+@pytest.fixture(scope="module")
+def mj_dataset(tmp_path_factory):
+    """A tiny HalfCheetah-2x3 dataset in the project's format (the random behaviour policy)."""
+    from envs import mamujoco_data as md
+
+    d = tmp_path_factory.mktemp("mj")
+    arrays, meta = md.generate("HalfCheetah-2x3", "random", 200, workers=1, verbose=False)
+    path = str(d / "hc.npz")
+    meta = ds.save_dataset(path, arrays, meta)  # the metadata as written (format, checksum)
+    return d, path, arrays, meta
+
+
+def _mj_error(cwd, *args, creates_run=False):
+    """One error line, exit 2; nothing in runs/ changed (a run that fails mid-way keeps its new run directory)."""
+    runs = cwd / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    r = subprocess.run([sys.executable, MJ_SCRIPT, "--threads", "1", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    assert {k: after.get(k) for k in before} == before and (creates_run or after == before)
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("missing", "does not exist"), ("truncate", "truncated or corrupted"), ("edit", "checksum mismatch"),
+    ("nan", "non-finite"), ("agents", "n_agents"), ("shapes", "obs_dims"),
+])
+def test_mamujoco_script_bad_dataset_files(mj_dataset, damage, msg):
+    d, src, arrays, meta = mj_dataset
+    bad = d / f"{damage}.npz"
+    a = {k: v.copy() for k, v in arrays.items()}
+    if damage == "truncate":
+        data = open(src, "rb").read()
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "edit":
+        a["rewards_0"] = a["rewards_0"] + 1
+        with open(bad, "wb") as f:
+            ds.write_npz(f, {"metadata": np.array(json.dumps(meta)), **a})
+    elif damage == "nan":
+        a["obs_1"][3, 2] = np.nan
+        with open(bad, "wb") as f:  # bypasses the writer's checks on purpose
+            ds.write_npz(f, {"metadata": np.array(json.dumps(meta)), **a})
+    elif damage == "agents":
+        for k in ("obs_1", "actions_1", "rewards_1", "next_obs_1"):
+            del a[k]
+        ds.save_dataset(str(bad), a, meta)
+    elif damage == "shapes":
+        a["obs_0"], a["next_obs_0"] = a["obs_0"][:, :8], a["next_obs_0"][:, :8]
+        ds.save_dataset(str(bad), a, meta)
+    assert msg in _mj_error(d, "--dataset-path", str(bad), "--env-id", "HalfCheetah-2x3")
+
+
+def test_mamujoco_script_unwritable_run_directory(mj_dataset, tmp_path):
+    _, src, _, _ = mj_dataset
+    (tmp_path / "runs").write_text("a file where the runs/ directory should be")
+    r = subprocess.run([sys.executable, MJ_SCRIPT, "--threads", "1", "--dataset-path", src], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot create a run directory" in r.stderr
+    assert (tmp_path / "runs").read_text().startswith("a file")
+
+
+def test_mamujoco_script_checkpoint_of_another_configuration(mj_dataset, tmp_path):
+    _, src, _, _ = mj_dataset
+    tiny = ["--diffusion-steps", "5", "--critic-steps", "5", "--policy-steps", "5", "--eval-every", "5",
+            "--eval-episodes", "1", "--diffusion-hidden", "16", "--critic-hidden", "16", "--actor-hidden", "16",
+            "--threads", "1", "--dataset-path", src, "--cache-dir", "cache"]
+    r = subprocess.run([sys.executable, MJ_SCRIPT, *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    critic = glob.glob(str(tmp_path / "cache" / "*-critic-*.pt"))[0]
+    diffusion = glob.glob(str(tmp_path / "cache" / "*-diffusion-*.pt"))[0]
+    os.replace(diffusion, critic)  # the critic's name now holds the behaviour models
+    line = _mj_error(tmp_path, *tiny, creates_run=True)
+    assert "is a checkpoint of another configuration (stage: 'diffusion' there, 'critic' here)" in line
