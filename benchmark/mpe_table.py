@@ -109,9 +109,16 @@ def curves(cells):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(t, q) for t, q, _ in cells})
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, (task, quality) in zip(axes[0], keys):
+    tasks = [t for t in om.TASKS if any(k[0] == t for k in cells)]
+    qualities = [q for q in om.QUALITIES if any(k[1] == q for k in cells)]
+    fig, axes = plt.subplots(len(tasks), len(qualities), figsize=(3.2 * len(qualities), 2.6 * len(tasks)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (r, task), (c, quality) in ((rt, cq) for rt in enumerate(tasks) for cq in enumerate(qualities)):
+        ax = axes[r][c]
+        if not any(k[:2] == (task, quality) for k in cells):
+            continue
+        ax.set_visible(True)
         for dec, color in (("sequential", "C0"), ("independent", "C1")):
             rs = cells.get((task, quality, dec), [])
             if not rs:
@@ -120,10 +127,13 @@ def curves(cells):
             ys = np.array([[h["normalized_score"] for h in r["eval_history"]] for r in rs])
             ax.plot(steps, ys.mean(0), color=color, label=f"{dec} ({len(rs)} seeds)")
             ax.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
-        ax.set_title(f"{task} {quality}")
-        ax.set_xlabel("policy steps")
-    axes[0][0].set_ylabel("normalized score (paper constants)")
-    axes[0][0].legend(fontsize=8)
+        ax.set_title(f"{task} {quality}", fontsize=9)
+        ax.set_xlabel("policy steps", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if c == 0:
+            ax.set_ylabel("normalized score", fontsize=8)
+        if (r, c) == (0, 0):
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(REPO, "benchmark", "figures", "mpe_learning_curves.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
