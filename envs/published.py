@@ -135,6 +135,8 @@ def load_published(path: str, fmt: str | None = None, *, dataset_seed: int = 0, 
     loader = {"omar": _load_omar, "omiga": _load_omiga, "ogmarl": _load_vault, "madiff": _load_madiff}[fmt]
     arrays, info = loader(os.path.normpath(path), dataset_seed, task or None, (expect or {}).get("task"))
     validate(arrays, path)
+    if _old_stack_ant(path, fmt, arrays):
+        info["actions_remapped"] = _remap_old_ant_actions(arrays)
     task, norm_key = info["task"], info.pop("normalization_key", info["task"])
     metric_name, metric = (("paper (spread: mean over agents; tag/world: predator 0)", lambda r: paper_metric(task, r))
                            if task in TASKS else ("agent 0's return (team reward)", lambda r: float(r[:, 0].sum())))
@@ -149,6 +151,40 @@ def load_published(path: str, fmt: str | None = None, *, dataset_seed: int = 0, 
     }
     check_expect(dataset_spec(arrays, task), expect, path)
     return arrays, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Ant data from the old MaMuJoCo port
+# ---------------------------------------------------------------------------------------------
+OLD_ANT_CONFS = {(2, 4): "2x4", (4, 2): "4x2"}  # (agents, action size) -> partition
+
+
+def _old_stack_ant(path: str, fmt: str, arrays: dict) -> bool:
+    """Ant data made with the old MaMuJoCo port (OMIGA's Ant-v2 files, og-marl's 2ant/4ant, MADiff's copies
+    of them); og-marl's gymnasium_mamujoco data come from mamujoco_v1 already."""
+    p = path.lower().replace(os.sep, "/")
+    n = sum(1 for k in arrays if k.startswith("actions_"))
+    return (fmt in ("omiga", "ogmarl", "madiff") and "gymnasium_mamujoco" not in p
+            and re.search(r"(^|[/_-])(ant-v2|2ant|4ant)", p) is not None
+            and (n, arrays["actions_0"].shape[1]) in OLD_ANT_CONFS)
+
+
+def _remap_old_ant_actions(arrays: dict) -> str:
+    """The old port concatenated the agents' actions in agent order into Ant's actuator vector (hip4, ankle4,
+    hip1, ankle1, ...); mamujoco_v1 gives each agent the actuators of its own joints. Rebuild the actuator
+    vector, then split it the mamujoco_v1 way, so that each agent's actions drive the joints they drove."""
+    from envs.mamujoco import mamujoco_v1  # MuJoCo is only needed here
+
+    n = sum(1 for k in arrays if k.startswith("actions_"))
+    conf = OLD_ANT_CONFS[(n, arrays["actions_0"].shape[1])]
+    env = mamujoco_v1.parallel_env("Ant", conf, agent_obsk=1)
+    local = env.map_global_action_to_local_actions(np.arange(n * arrays["actions_0"].shape[1], dtype=np.float64))
+    g = np.concatenate([arrays[f"actions_{i}"] for i in range(n)], 1)
+    for i, a in enumerate(env.possible_agents):
+        arrays[f"actions_{i}"] = np.ascontiguousarray(g[:, local[a].astype(int)])
+    env.close()
+    return f"old MaMuJoCo Ant {conf} partition -> mamujoco_v1 (agent i gets actuator ids " \
+           f"{[local[a].astype(int).tolist() for a in env.possible_agents]})"
 
 
 # ---------------------------------------------------------------------------------------------

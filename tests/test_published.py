@@ -243,6 +243,24 @@ def test_omar_wrong_seed_agents_and_env(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # OMIGA
 # ---------------------------------------------------------------------------------------------
+def test_old_ant_actions_are_remapped_to_mamujoco_v1_joints(tmp_path):
+    # the old port's agent 0 drove actuators 0-3 (hip4, ankle4, hip1, ankle1), agent 1 actuators 4-7;
+    # mamujoco_v1's agent 0 drives hip1, ankle1, hip2, ankle2 = actuators 2-5, agent 1 actuators 6, 7, 0, 1
+    p = str(tmp_path / "Ant-v2-2x4-expert.hdf5")
+    src = write_omiga(p, obs_dim=5, n_agents=2, episode_rows=[20], act_dim=4)
+    a, m = load_published(p)
+    g = np.concatenate([src["a"][:20, 0], src["a"][:20, 1]], 1).astype(np.float32)  # the actuator vector
+    np.testing.assert_array_equal(a["actions_0"], g[:, [2, 3, 4, 5]])
+    np.testing.assert_array_equal(a["actions_1"], g[:, [6, 7, 0, 1]])
+    assert "[[2, 3, 4, 5], [6, 7, 0, 1]]" in m["actions_remapped"]
+    # HalfCheetah's slices agree between the two ports: nothing to remap
+    q = str(tmp_path / "HalfCheetah-v2-6x1-expert.hdf5")
+    src = write_omiga(q, obs_dim=5, n_agents=6, episode_rows=[20], act_dim=1)
+    b, mb = load_published(q)
+    np.testing.assert_array_equal(b["actions_3"], src["a"][:20, 3].astype(np.float32))
+    assert "actions_remapped" not in mb
+
+
 def test_omiga_transitions_and_ends(tmp_path):
     p = str(tmp_path / "Hopper-v2-3x1-medium.hdf5")
     src = write_omiga(p, obs_dim=14, n_agents=3, episode_rows=[1000, 6], cut_rows=4)  # 1001 + 7 + 4 rows
