@@ -191,7 +191,8 @@ def resolve_args(args: Args) -> Args:
         args.stage1_seed = args.seed
     if args.beta is None:
         args.beta = BETA_DEFAULTS.get(args.dataset, 0.05)
-    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
+    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
+               "condition": ("obs", "state"), "prefix": ("start", "updated"),
                "weighting": ("sigma2", "one", "alpha_over_sigma")}
     for k, allowed in choices.items():
         if getattr(args, k) not in allowed:

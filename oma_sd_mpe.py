@@ -195,7 +195,8 @@ def resolve_args(args: Args) -> Args:
         args.stage1_seed = args.seed
     if args.beta is None:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
-    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"), "condition": ("obs", "state"), "prefix": ("start", "updated"),
+    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
+               "condition": ("obs", "state"), "prefix": ("start", "updated"),
                "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean")}
     for k, allowed in choices.items():
         if getattr(args, k) not in allowed:
