@@ -623,7 +623,9 @@ def main(args: Args) -> dict:
     N, _, obs_max = data["obs"].shape
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
-    ref = reference_returns(args.env_id)  # normalisation constants (None: no expert behaviour policy yet)
+    # normalisation constants: a published dataset's own (e.g. og-marl's), else this project's behaviour
+    # policies' evaluation returns (None: no expert behaviour policy yet)
+    ref = meta.get("normalization") or reference_returns(args.env_id)
     if ref is not None and not ref["expert"] > ref["random"]:
         raise RunError(f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
                        f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies")

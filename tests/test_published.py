@@ -544,3 +544,15 @@ def test_oma_sd_mamujoco_trains_on_an_ogmarl_vault_made_on_mamujoco_v1(tmp_path)
     res = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("-> ")[-1]).read_text())
     assert res["dataset_path"] == f"{uid} (ogmarl)" and res["eval_history"][-1]["episode_lengths"] == [1000]
     assert tree_state(tmp_path / "data") == before
+
+
+def test_oma_sd_mamujoco_refuses_omiga_data_of_the_old_port(tmp_path):
+    # OMIGA's Hopper observations are the 11-d state plus a one-hot id (14), mamujoco_v1's are 8, 9, 8
+    p = str(tmp_path / "Hopper-v2-3x1-expert.hdf5")
+    write_omiga(p, obs_dim=14, n_agents=3, episode_rows=[30])
+    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mamujoco.py"), *TINY, "--env-id", "Hopper-3x1",
+                        "--dataset-path", p], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "obs_dims=[14, 14, 14] but the env needs obs_dims=[8, 9, 8]" in errors[0]
+    assert not (tmp_path / "runs").exists()
