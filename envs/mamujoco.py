@@ -19,11 +19,24 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+
+import mujoco
 
 with warnings.catch_warnings():  # gymnasium_robotics warns about unrelated Adroit envs on import
     warnings.simplefilter("ignore")
     from gymnasium_robotics import mamujoco_v1
+
+
+def _mujoco_warning(msg: str):
+    """Gymnasium's v5 model files use a deprecated attribute (settotalmass): MuJoCo would say so on every env
+    creation, on stderr and in a MUJOCO_LOG.TXT in the working directory. Every other warning is shown."""
+    if "settotalmass" not in msg:
+        print(f"MuJoCo warning: {msg}", file=sys.stderr)
+
+
+mujoco.set_mju_user_warning(_mujoco_warning)
 
 # env id -> (scenario, agent_conf, extra kwargs of mamujoco_v1.parallel_env)
 CONFIGS = {
