@@ -16,6 +16,7 @@ import torch
 import oma_sd_mamujoco as om
 from envs import mamujoco_data as md
 from envs.mamujoco import ENV_IDS, EPISODE_LEN
+from tests.helpers import results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
@@ -32,17 +33,7 @@ def workdir(tmp_path_factory):
 
 
 def run(workdir, *args, check=True, script=SCRIPT):
-    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data"), "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, script, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def results_of(workdir, stdout):
-    path = stdout.strip().splitlines()[-1].split("-> ")[-1]
-    with open(workdir / path) as f:
-        return json.load(f)
+    return run_script(script, workdir, *args, check=check)
 
 
 def check_results(res, env_id, steps, episodes):

@@ -2,18 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import MPE_TINY, results_of, run_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
-TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
-        "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
-        "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32", "--policy-batch-size", "32",
-        "--threads", "1"]
+TINY = MPE_TINY
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +19,7 @@ def workdir(tmp_path_factory):
 
 
 def run(workdir, *args, check=True):
-    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
-    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def results_of(workdir, stdout):
-    path = stdout.strip().splitlines()[-1].split("-> ")[-1]
-    with open(workdir / path) as f:
-        return json.load(f)
+    return run_script(SCRIPT, workdir, *args, check=check)
 
 
 @pytest.mark.parametrize("env_id,extra", [

@@ -16,13 +16,12 @@ import torch
 from envs.dataset import DatasetError
 from envs.mpe import PREY_OBS_DIMS, MPEEnv
 from envs.published import convert_omar_prey, load_prey, prey_file_kind
+from tests.helpers import MPE_TINY, run_script
+from tests.helpers import results_of as results_of_stdout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
-TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
-        "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
-        "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32", "--policy-batch-size", "32",
-        "--threads", "1"]
+TINY = MPE_TINY
 PRED_OBS = {"simple_tag": 16, "simple_world": 24}
 
 
@@ -251,15 +250,12 @@ def workdir(tmp_path_factory):
 
 
 def run(workdir, *args):
-    env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True, env=env,
-                          timeout=300)
+    return run_script(SCRIPT, workdir, *args, check=False)
 
 
 def results_of(workdir, r):
     assert r.returncode == 0, r.stderr[-3000:]
-    with open(workdir / r.stdout.strip().splitlines()[-1].split("-> ")[-1]) as f:
-        return json.load(f)
+    return results_of_stdout(workdir, r.stdout)
 
 
 def test_script_with_omar_prey(files, workdir):
