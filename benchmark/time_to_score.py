@@ -4,6 +4,8 @@ normalized score vs wall-clock seconds (dataset generation and stage 1 included)
     python benchmark/time_to_score.py                                   # MPE: simple_spread expert
     python benchmark/time_to_score.py --script oma_sd_mamujoco.py       # HalfCheetah 2x3 expert
     python benchmark/time_to_score.py --report-only
+    python benchmark/time_to_score.py --script oma_sd_mamujoco.py --report-only \
+        --table-rows benchmark/results/mamujoco_hc_expert_sequential.jsonl   # plot table.py's default-command runs
 
 Each run is a fresh process in its own empty working directory with an empty dataset directory (so dataset
 generation and stage 1 are timed, nothing is reused), one after the other. Every finished run appends a line
@@ -26,7 +28,7 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE10 = {"oma_sd_mpe.py": ["--diffusion-steps", "100000", "--critic-steps", "100000", "--policy-steps", "50000",
                              "--eval-every", "5000"],
-           "oma_sd_mamujoco.py": ["--diffusion-steps", "100000", "--critic-steps", "100000", "--policy-steps", "50000",
+           "oma_sd_mamujoco.py": ["--diffusion-steps", "300000", "--critic-steps", "100000", "--policy-steps", "50000",
                                   "--eval-every", "10000"]}
 
 
@@ -40,21 +42,28 @@ class Cfg:
     """which settings to run"""
     report_only: bool = False
     """only summarise and plot what is in the results file"""
+    table_rows: str = ""
+    """plot the default-setting (sequential) rows of a benchmark/table.py results file instead, e.g.
+    benchmark/results/mamujoco_hc_expert_sequential.jsonl (those runs found their dataset already made, so its
+    generation is not in their times)"""
 
 
 def results_file(cfg: Cfg) -> str:
     return os.path.join(REPO, "benchmark", "results", f"time_to_score_{cfg.script[:-3]}.jsonl")
 
 
+def finished(path: str) -> set:
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {(r["setting"], r["seed"]) for r in map(json.loads, f)}
+
+
 def run(cfg: Cfg):
     path = results_file(cfg)
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {(r["setting"], r["seed"]) for r in map(json.loads, f)}
     for setting in cfg.settings:
         for seed in cfg.seeds:
-            if (setting, seed) in done:
+            if (setting, seed) in finished(path):  # read again before every run: several invocations can share the file
                 continue
             extra = SCALE10[cfg.script] if setting == "10x" else []
             cmd = [sys.executable, os.path.join(REPO, cfg.script), "--seed", str(seed), *extra]
@@ -81,8 +90,10 @@ def report(cfg: Cfg):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(results_file(cfg)) as f:
+    with open(cfg.table_rows or results_file(cfg)) as f:
         rows = [json.loads(line) for line in f]
+    if cfg.table_rows:
+        rows = [dict(r, setting="default") for r in rows if r["decomposition"] == "sequential"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, color in (("default", "C0"), ("10x", "C1")):
         rs = [r for r in rows if r["setting"] == setting]
@@ -97,7 +108,8 @@ def report(cfg: Cfg):
             ax.plot(r["eval_seconds"], [h["normalized_score"] for h in r["eval_history"]], color=color, alpha=0.8,
                     label=f"{setting} ({len(rs)} seeds)" if k == 0 else None)
     ax.set_xscale("log")
-    ax.set_xlabel("wall-clock seconds since start (dataset generation and stage 1 included)")
+    ax.set_xlabel("wall-clock seconds since start (stage 1 included; dataset generation "
+                  + ("not included)" if cfg.table_rows else "included)"))
     ax.set_ylabel("normalized score")
     ax.set_title(f"{cfg.script}: time to score, 2 CPU cores")
     ax.legend()

@@ -80,7 +80,7 @@ def test_smoke_every_env(workdir, env_id):
 
 @pytest.mark.parametrize("env_id,extra", [
     ("Ant-2x4-nocf", ["--decomposition", "independent", "--condition", "state", "--regq"]),
-    ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4"]),
+    ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4", "--no-z-baseline"]),
 ])
 def test_variants(workdir, env_id, extra):
     r = run(workdir, "--env-id", env_id, *TINY, "--eval-every", "20", "--eval-episodes", "1", *extra)
@@ -90,6 +90,7 @@ def test_variants(workdir, env_id, extra):
         assert res["decomposition"] == "independent" and "__independent__" in r.stdout
     else:
         assert res["agent_order"] == [5, 3, 1, 0, 2, 4] and res["args"]["prefix"] == "updated"
+        assert res["args"]["z_baseline"] is False
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):

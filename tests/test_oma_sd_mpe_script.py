@@ -26,7 +26,7 @@ def run(workdir, *args, check=True):
     ("simple_spread", []), ("simple_tag", ["--dataset", "medium"]), ("simple_world", ["--dataset", "random"]),
     ("simple_spread", ["--decomposition", "independent", "--dataset", "mixture"]),
     ("simple_tag", ["--prefix", "updated", "--agent-order", "2", "0", "1", "--dataset", "medium-replay"]),
-    ("simple_world", ["--condition", "state", "--weighting", "alpha_over_sigma", "--regq"]),
+    ("simple_world", ["--condition", "state", "--weighting", "alpha_over_sigma", "--regq", "--z-baseline"]),
 ])
 def test_smoke_every_task(workdir, env_id, extra):
     r = run(workdir, "--env-id", env_id, *TINY, *extra)

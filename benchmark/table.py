@@ -1,11 +1,12 @@
-"""OMSD sequential vs independent on the MPE datasets: runs a grid, then writes the README table and a
+"""OMSD sequential vs independent on the generated datasets: runs a grid, then writes the README table and a
 learning-curve figure from the runs' results.json files.
 
-    python benchmark/mpe_table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3
-    python benchmark/mpe_table.py --report-only          # table + figure from benchmark/results/mpe*.jsonl
+    python benchmark/table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3
+    python benchmark/table.py --report-only          # table + figure from benchmark/results/mpe*.jsonl
+    python benchmark/table.py --family mamujoco --tasks HalfCheetah-2x3 --qualities expert medium
 
-Every finished run appends one line to benchmark/results/mpe.jsonl (or --results), so an interrupted grid keeps
-what it did and cells already there are skipped. Each cell's command is printed in the table.
+Every finished run appends one line to benchmark/results/<family>.jsonl (or --results), so an interrupted grid
+keeps what it did and cells already there are skipped. Each cell's command is printed in the table.
 """
 
 from __future__ import annotations
@@ -21,48 +22,51 @@ import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import oma_sd_mpe as om  # noqa: E402
+SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 
 RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
 
 
 @dataclass
 class Cfg:
+    family: str = "mpe"
+    """mpe (oma_sd_mpe.py) | mamujoco (oma_sd_mamujoco.py)"""
     tasks: tuple[str, ...] = ("simple_spread", "simple_tag", "simple_world")
+    """--env-id values to run"""
     qualities: tuple[str, ...] = ("expert", "medium", "medium-replay", "random", "mixture")
     decompositions: tuple[str, ...] = ("sequential", "independent")
     seeds: tuple[int, ...] = (1, 2, 3)
     extra: list[str] = field(default_factory=list)
-    """extra flags passed to oma_sd_mpe.py for every run, e.g. --extra=--policy-steps --extra=20000"""
+    """extra flags passed to the script for every run, e.g. --extra=--policy-steps --extra=20000"""
     report_only: bool = False
     """only write the table and the figure from the results files"""
-    results: str = "mpe.jsonl"
-    """file (in benchmark/results/) this grid appends to; the report reads every mpe*.jsonl there, so
-    grids running in parallel can use their own files"""
+    results: str = ""
+    """file (in benchmark/results/) this grid appends to (default <family>.jsonl); the report reads every
+    <family>*.jsonl there, so grids running in parallel can use their own files"""
 
 
-def command(task, quality, dec, seed, extra):
-    return " ".join(["python oma_sd_mpe.py", "--env-id", task, "--dataset", quality, "--decomposition", dec,
+def command(family, task, quality, dec, seed, extra):
+    return " ".join([f"python {SCRIPTS[family]}.py", "--env-id", task, "--dataset", quality, "--decomposition", dec,
                      "--seed", str(seed), *extra])
 
 
-def load_rows():
+def load_rows(family):
     rows = []
     for name in sorted(os.listdir(RESULTS_DIR)) if os.path.isdir(RESULTS_DIR) else []:
-        if name.startswith("mpe") and name.endswith(".jsonl"):
+        if name.startswith(family) and name.endswith(".jsonl"):
             with open(os.path.join(RESULTS_DIR, name)) as f:
                 rows += [json.loads(line) for line in f]
     return rows
 
 
-def run_grid(cfg: Cfg):
-    done = {r["command"] for r in load_rows()}
+def run_grid(cfg: Cfg, om):
+    done = {r["command"] for r in load_rows(cfg.family)}
     os.chdir(REPO)
     for task in cfg.tasks:
         for quality in cfg.qualities:
             for seed in cfg.seeds:
                 for dec in cfg.decompositions:
-                    cmd = command(task, quality, dec, seed, cfg.extra)
+                    cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
                     if cmd in done:
                         continue
                     print(">>", cmd, flush=True)
@@ -71,14 +75,15 @@ def run_grid(cfg: Cfg):
                     row = {"command": cmd, "task": task, "quality": quality, "decomposition": dec, "seed": seed,
                            "beta": res["beta"], "final_return": res["final_return"],
                            "final_normalized_score": res["final_normalized_score"], "eval_history": res["eval_history"],
+                           "eval_seconds": res["eval_seconds"], "total_seconds": res["total_seconds"],
                            "stages": res["stages"]}
                     os.makedirs(RESULTS_DIR, exist_ok=True)
-                    with open(os.path.join(RESULTS_DIR, cfg.results), "a") as f:
+                    with open(os.path.join(RESULTS_DIR, cfg.results or f"{cfg.family}.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
 
 
-def report():
-    rows = load_rows()
+def report(family, om):
+    rows = load_rows(family)
     cells = defaultdict(list)
     for r in rows:
         cells[(r["task"], r["quality"], r["decomposition"])].append(r)
@@ -100,16 +105,16 @@ def report():
             cmd = cmd or sorted(rs, key=lambda r: r["seed"])[0]["command"].replace(" --decomposition sequential", "")
         lines.append(f"| {task} | {quality} | {beta} | {out[0]} | {out[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
     print("\n".join(lines))
-    curves(cells)
+    curves(cells, family, om)
 
 
-def curves(cells):
+def curves(cells, family, om):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in om.TASKS if any(k[0] == t for k in cells)]
+    tasks = [t for t in (om.TASKS if family == "mpe" else om.ENV_IDS) if any(k[0] == t for k in cells)]
     qualities = [q for q in om.QUALITIES if any(k[1] == q for k in cells)]
     fig, axes = plt.subplots(len(tasks), len(qualities), figsize=(3.2 * len(qualities), 2.6 * len(tasks)), squeeze=False)
     for ax in axes.flat:
@@ -135,7 +140,7 @@ def curves(cells):
         if (r, c) == (0, 0):
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = os.path.join(REPO, "benchmark", "figures", "mpe_learning_curves.png")
+    out = os.path.join(REPO, "benchmark", "figures", f"{family}_learning_curves.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fig.savefig(out, dpi=80)
     print("wrote", out)
@@ -143,6 +148,9 @@ def curves(cells):
 
 if __name__ == "__main__":
     cfg = tyro.cli(Cfg)
+    if cfg.family not in SCRIPTS:
+        sys.exit(f"error: --family must be one of {', '.join(SCRIPTS)}, got {cfg.family!r}")
+    om = __import__(SCRIPTS[cfg.family])
     if not cfg.report_only:
-        run_grid(cfg)
-    report()
+        run_grid(cfg, om)
+    report(cfg.family, om)
