@@ -107,8 +107,11 @@ def report(cfg: Cfg):
         for k, r in enumerate(rs):
             ax.plot(r["eval_seconds"], [h["normalized_score"] for h in r["eval_history"]], color=color, alpha=0.8,
                     label=f"{setting} ({len(rs)} seeds)" if k == 0 else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("wall-clock seconds since start (stage 1 included; dataset generation "
+    if len({r["setting"] for r in rows}) > 1:
+        ax.set_xscale("log")  # the 10x runs take ten times as long
+    else:
+        ax.set_xlim(left=0)  # the time before the first evaluation is stage 1
+    ax.set_xlabel("wall-clock seconds since start\n(stage 1 included; dataset generation "
                   + ("not included)" if cfg.table_rows else "included)"))
     ax.set_ylabel("normalized score")
     ax.set_title(f"{cfg.script}: time to score, 2 CPU cores")
