@@ -31,9 +31,10 @@ RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
 class Cfg:
     family: str = "mpe"
     """mpe (oma_sd_mpe.py) | mamujoco (oma_sd_mamujoco.py)"""
-    tasks: tuple[str, ...] = ("simple_spread", "simple_tag", "simple_world")
-    """--env-id values to run"""
-    qualities: tuple[str, ...] = ("expert", "medium", "medium-replay", "random", "mixture")
+    tasks: tuple[str, ...] = ()
+    """--env-id values to run (default: all of the family's)"""
+    qualities: tuple[str, ...] = ()
+    """dataset qualities to run (default: all of the family's)"""
     decompositions: tuple[str, ...] = ("sequential", "independent")
     seeds: tuple[int, ...] = (1, 2, 3)
     extra: list[str] = field(default_factory=list)
@@ -62,8 +63,8 @@ def load_rows(family):
 def run_grid(cfg: Cfg, om):
     done = {r["command"] for r in load_rows(cfg.family)}
     os.chdir(REPO)
-    for task in cfg.tasks:
-        for quality in cfg.qualities:
+    for task in cfg.tasks or (om.TASKS if cfg.family == "mpe" else om.ENV_IDS):
+        for quality in cfg.qualities or om.QUALITIES:
             for seed in cfg.seeds:
                 for dec in cfg.decompositions:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
@@ -71,7 +72,10 @@ def run_grid(cfg: Cfg, om):
                         continue
                     print(">>", cmd, flush=True)
                     args = tyro.cli(om.Args, args=cmd.split()[2:])
-                    res = om.main(args)
+                    try:
+                        res = om.main(args)
+                    except (om.RunError, om.DatasetError) as e:
+                        sys.exit(f"error: {e}")
                     row = {"command": cmd, "task": task, "quality": quality, "decomposition": dec, "seed": seed,
                            "beta": res["beta"], "final_return": res["final_return"],
                            "final_normalized_score": res["final_normalized_score"], "eval_history": res["eval_history"],
