@@ -4,6 +4,7 @@ chunks on worker processes with a progress line, making a dataset once and cachi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -44,6 +45,17 @@ def load_behaviour_file(path: str, retrain: str) -> tuple[dict, dict]:
         raise DatasetError(f"behaviour checkpoint {path} is missing; restore it from git or retrain it with `{retrain}`")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
     return ckpt["policies"], json.loads(ckpt["info_json"])
+
+
+def behaviour_tag(paths: list[str]) -> str:
+    """8 hex digits of the sha256 of the behaviour checkpoints a dataset is made from, for its default file name:
+    a retrained checkpoint gives new files instead of silently reusing data made by the old one."""
+    h = hashlib.sha256()
+    for p in paths:
+        if os.path.isfile(p):  # a missing one is reported, with the command that remakes it, when generating
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:8]
 
 
 def snapshot_info(info: dict, key: str) -> dict:

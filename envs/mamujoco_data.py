@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, cli, ensure, load_behaviour_file, package_versions, run_chunks,
-                             snapshot_info)
+from envs.generation import (N_CHUNKS, behaviour_tag, cli, ensure, load_behaviour_file, package_versions,
+                             run_chunks, snapshot_info)
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
 from envs.policies import StackedActor, actor_from_state_dict
 
@@ -40,7 +40,9 @@ DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
 def default_path(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
-    return os.path.join(DATA_DIR, "mamujoco", f"{env_id}-{quality}-{ENV_VERSION}-n{n_transitions}-s{seed}.npz")
+    seeds = {"random": (), "mixture": MIXTURE_SEEDS}.get(quality, (0,))  # the checkpoints the data come from
+    tag = f"-b{behaviour_tag([os.path.join(BEHAVIOUR_DIR, f'{env_id}_seed{s}.pt') for s in seeds])}" if seeds else ""
+    return os.path.join(DATA_DIR, "mamujoco", f"{env_id}-{quality}-{ENV_VERSION}{tag}-n{n_transitions}-s{seed}.npz")
 
 
 def load_behaviour(env_id: str, seed: int = 0) -> tuple[dict, dict]:

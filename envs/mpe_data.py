@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, cli, ensure, load_behaviour_file, package_versions, run_chunks,
-                             snapshot_info)
+from envs.generation import (N_CHUNKS, behaviour_tag, cli, ensure, load_behaviour_file, package_versions,
+                             run_chunks, snapshot_info)
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
@@ -39,7 +39,8 @@ DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
 def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
-    return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-n{n_transitions}-s{seed}.npz")
+    tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt")])  # every quality comes from seed 0's run
+    return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-b{tag}-n{n_transitions}-s{seed}.npz")
 
 
 def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:

@@ -34,8 +34,11 @@ class StackedActor(nn.Module):
         self.l1, self.l2 = StackedLinear(n, obs_dim, hidden), StackedLinear(n, hidden, hidden)
         self.l3 = StackedLinear(n, hidden, act_dim)
 
-    def forward(self, obs):  # obs (n, B, obs_dim)
-        return torch.tanh(self.l3(torch.relu(self.l2(torch.relu(self.l1(obs))))))
+    def pre_tanh(self, obs):  # obs (n, B, obs_dim) -> the actions before the tanh squashing
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(obs)))))
+
+    def forward(self, obs):
+        return torch.tanh(self.pre_tanh(obs))
 
 
 def actor_from_state_dict(sd: dict) -> StackedActor:

@@ -49,6 +49,16 @@ FAMILY_DEFAULTS = {
     "mamujoco": dict(total_steps=1_000_000, learning_starts=25_000, update_every=2, batch_size=256, lr=1e-3,
                      gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
 }
+# Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
+# `python -m envs.train_behaviour --task T --seed 0` remakes it. Why they differ: README "Datasets".
+TASK_DEFAULTS = {
+    # Four times the updates: at one per 32 transitions the spread actors fell below their random
+    # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290.
+    "simple_spread": dict(update_every=8, preact_penalty=1e-3),
+    # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
+    # balance together); one update per transition as in TD3.
+    "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1),
+}
 
 
 @dataclass
@@ -82,6 +92,12 @@ class Args:
     """clip of the target-policy smoothing noise"""
     policy_delay: int = 2
     """critic updates per actor update"""
+    others_in_actor_update: Optional[str] = None
+    """'dataset': agent i's actor is updated at the other agents' replayed actions (MADDPG/MATD3);
+    'policy': at their current policy actions (the joint deterministic policy gradient). Default 'dataset'"""
+    preact_penalty: Optional[float] = None
+    """weight of MADDPG's penalty on the squared pre-tanh actions in the actor loss (keeps the actors
+    from saturating early). Default 0"""
     actor_hidden: Optional[int] = None
     """actor width (OMAR's generator used 64)"""
     critic_hidden: Optional[int] = None
@@ -112,6 +128,23 @@ class StackedTwinCritic(nn.Module):
         return q.view(2, self.heads, -1)
 
 
+def actor_loss(actor, critic, ob, ac, others: str, preact_penalty: float, heads: int):
+    """MATD3's actor loss on a minibatch (ob (B, n, obs), ac (B, n, act)): for every agent i,
+    -Q_i(o, a_1..a_n) with a_i = pi_i(o_i) and the other agents' actions from the data ('dataset') or from
+    their current actors ('policy'), summed over agents; plus `preact_penalty` * mean squared pre-tanh action."""
+    B, n = ob.shape[:2]
+    pre = actor.pre_tanh(ob.transpose(0, 1))  # (n, B, act)
+    a_pi = torch.tanh(pre)
+    rest = ac if others == "dataset" else a_pi.detach().transpose(0, 1)
+    joint = rest.unsqueeze(0).repeat(n, 1, 1, 1)  # (n, B, n, act): agent i's joint action in row i
+    joint[torch.arange(n), :, torch.arange(n)] = a_pi
+    x_pi = torch.cat([ob.reshape(1, B, -1).expand(n, B, -1), joint.reshape(n, B, -1)], 2)
+    if heads == 1:  # the team critic scores every agent's joint action
+        x_pi = x_pi.reshape(1, n * B, -1)
+    q_pi = critic(torch.cat([x_pi, x_pi], 0))[0].reshape(n, B)  # twin 1 (of each agent's critic)
+    return -q_pi.mean(1).sum() + preact_penalty * pre.pow(2).mean(2).mean(1).sum()
+
+
 def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, seconds: float) -> dict:
     """Pick random / medium / expert and the medium-replay snapshots, write them atomically.
 
@@ -132,9 +165,12 @@ def main(args: Args):
     if args.task not in mpe.TASKS + mamujoco.ENV_IDS:
         raise SystemExit(f"error: unknown --task {args.task!r}; choose one of {', '.join(mpe.TASKS + mamujoco.ENV_IDS)}")
     family = "mpe" if args.task in mpe.TASKS else "mamujoco"
-    for k, v in FAMILY_DEFAULTS[family].items():
+    base = dict(others_in_actor_update="dataset", preact_penalty=0.0)
+    for k, v in {**base, **FAMILY_DEFAULTS[family], **TASK_DEFAULTS.get(args.task, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.others_in_actor_update not in ("dataset", "policy"):
+        raise SystemExit(f"error: --others-in-actor-update must be 'dataset' or 'policy', got {args.others_in_actor_update!r}")
     torch.set_num_threads(1)  # two trainers can share the 2 cores
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -233,15 +269,7 @@ def main(args: Args):
             c_opt.step()
             updates += 1
             if updates % args.policy_delay == 0:
-                a_pi = actor(ob.transpose(0, 1))  # (n, B, act)
-                # agent i's joint action: dataset actions with slot i replaced by pi_i(o_i)
-                joint = ac.unsqueeze(0).repeat(n, 1, 1, 1)  # (n, B, n, act)
-                joint[torch.arange(n), :, torch.arange(n)] = a_pi
-                x_pi = torch.cat([ob.reshape(1, B, -1).expand(n, B, -1), joint.reshape(n, B, -1)], 2)
-                if heads == 1:  # the team critic scores every agent's joint action
-                    x_pi = x_pi.reshape(1, n * B, in_dim)
-                q_pi = critic(torch.cat([x_pi, x_pi], 0))[0].reshape(n, B)  # twin 1 (of each agent's critic)
-                a_loss = -q_pi.mean(1).sum()
+                a_loss = actor_loss(actor, critic, ob, ac, args.others_in_actor_update, args.preact_penalty, heads)
                 a_opt.zero_grad(set_to_none=True)
                 a_loss.backward()
                 a_opt.step()

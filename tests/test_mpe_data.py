@@ -57,3 +57,18 @@ def test_missing_behaviour_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(mpe_data, "BEHAVIOUR_DIR", str(tmp_path))
     with pytest.raises(mpe_data.DatasetError, match="behaviour checkpoint .* is missing"):
         mpe_data.generate("simple_spread", "expert", 250, workers=1, verbose=False)
+
+
+def test_a_retrained_checkpoint_gets_new_default_files(tmp_path, monkeypatch):
+    """Default dataset names carry a hash of the behaviour checkpoint: data made by an old one is not reused."""
+    from envs import mamujoco_data
+
+    for mod, task in ((mpe_data, "simple_spread"), (mamujoco_data, "HalfCheetah-2x3")):
+        monkeypatch.setattr(mod, "BEHAVIOUR_DIR", str(tmp_path))
+        ckpt = tmp_path / f"{task}_seed0.pt"
+        ckpt.write_bytes(b"first run")
+        before = mod.default_path(task, "expert")
+        assert before == mod.default_path(task, "expert")  # stable
+        ckpt.write_bytes(b"retrained")
+        assert mod.default_path(task, "expert") != before
+    assert "-b" not in os.path.basename(mamujoco_data.default_path("HalfCheetah-2x3", "random"))  # no checkpoint
