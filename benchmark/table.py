@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tyro
@@ -37,8 +37,8 @@ class Cfg:
     """dataset qualities to run (default: all of the family's)"""
     decompositions: tuple[str, ...] = ("sequential", "independent")
     seeds: tuple[int, ...] = (1, 2, 3)
-    extra: list[str] = field(default_factory=list)
-    """extra flags passed to the script for every run, e.g. --extra=--policy-steps --extra=20000"""
+    extra: str = ""
+    """extra flags passed to the script for every run, as one string, e.g. --extra='--weighting alpha_over_sigma'"""
     report_only: bool = False
     """only write the table and the figure from the results files"""
     results: str = ""
@@ -48,7 +48,7 @@ class Cfg:
 
 def command(family, task, quality, dec, seed, extra):
     return " ".join([f"python {SCRIPTS[family]}.py", "--env-id", task, "--dataset", quality, "--decomposition", dec,
-                     "--seed", str(seed), *extra])
+                     "--seed", str(seed), *extra.split()])
 
 
 def load_rows(family):
