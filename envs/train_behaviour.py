@@ -16,6 +16,7 @@ a centralised twin critic on all controlled agents' observations and actions, ta
 delayed actor updates. On MPE every agent has its own reward, so there is one twin critic per agent; on
 MaMuJoCo the reward is the team's, so one twin critic serves all agents. MaMuJoCo agents with smaller
 observations are zero-padded to the largest; early terminations (Hopper, Ant) do not bootstrap.
+Some tasks train with settings of their own (`TASK_DEFAULTS`), recorded in every checkpoint's info.
 
 Usage: python -m envs.train_behaviour --task simple_spread --seed 0
        python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0
@@ -50,10 +51,12 @@ FAMILY_DEFAULTS = {
                      gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
-# `python -m envs.train_behaviour --task T --seed 0` remakes it. Why they differ: README "Datasets".
+# `python -m envs.train_behaviour --task T --seed 0 --total-steps N` (N as in the README) remakes it.
+# Why they differ: README "Datasets".
 TASK_DEFAULTS = {
     # Four times the updates: at one per 32 transitions the spread actors fell below their random
-    # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290.
+    # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290. The penalty
+    # alone shortened that dip but did not remove it.
     "simple_spread": dict(update_every=8, preact_penalty=1e-3),
     # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
     # balance together); one update per transition as in TD3.
