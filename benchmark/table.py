@@ -6,7 +6,7 @@ learning-curve figure from the runs' results.json files.
     python benchmark/table.py --family mamujoco --tasks HalfCheetah-2x3 --qualities expert medium
 
 Every finished run appends one line to benchmark/results/<family>.jsonl (or --results), so an interrupted grid
-keeps what it did and cells already there are skipped. Each cell's command is printed in the table.
+keeps what it did and cells already there (in any <family>*.jsonl, checked before each cell) are skipped. Each cell's command is printed in the table.
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ def load_rows(family):
 
 
 def run_grid(cfg: Cfg, om):
-    done = {r["command"] for r in load_rows(cfg.family)}
     os.chdir(REPO)
     for task in cfg.tasks or (om.TASKS if cfg.family == "mpe" else om.ENV_IDS):
         for quality in cfg.qualities or om.QUALITIES:
             for seed in cfg.seeds:
                 for dec in cfg.decompositions:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
-                    if cmd in done:
+                    # read again before every cell: grids running in parallel then never run the same cell twice
+                    if cmd in {r["command"] for r in load_rows(cfg.family)}:
                         continue
                     print(">>", cmd, flush=True)
                     args = tyro.cli(om.Args, args=cmd.split()[2:])
