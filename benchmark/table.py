@@ -51,10 +51,11 @@ def command(family, task, quality, dec, seed, extra):
                      "--seed", str(seed), *extra.split()])
 
 
-def load_rows(family):
+def load_rows(family, also=""):
+    """Rows of every <family>*.jsonl in benchmark/results/, plus those of the file `also` (an ablation's)."""
     rows = []
     for name in sorted(os.listdir(RESULTS_DIR)) if os.path.isdir(RESULTS_DIR) else []:
-        if name.startswith(family) and name.endswith(".jsonl"):
+        if (name.startswith(family) or name == also) and name.endswith(".jsonl"):
             with open(os.path.join(RESULTS_DIR, name)) as f:
                 rows += [json.loads(line) for line in f]
     return rows
@@ -68,7 +69,7 @@ def run_grid(cfg: Cfg, om):
                 for dec in cfg.decompositions:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
                     # read again before every cell: grids running in parallel then never run the same cell twice
-                    if cmd in {r["command"] for r in load_rows(cfg.family)}:
+                    if cmd in {r["command"] for r in load_rows(cfg.family, cfg.results)}:
                         continue
                     print(">>", cmd, flush=True)
                     args = tyro.cli(om.Args, args=cmd.split()[2:])
