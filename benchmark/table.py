@@ -6,7 +6,8 @@ learning-curve figure from the runs' results.json files.
     python benchmark/table.py --family mamujoco --tasks HalfCheetah-2x3 --qualities expert medium
 
 Every finished run appends one line to benchmark/results/<family>.jsonl (or --results), so an interrupted grid
-keeps what it did and cells already there (in any <family>*.jsonl, checked before each cell) are skipped. Each cell's command is printed in the table.
+keeps what it did; a cell already in any <family>*.jsonl (or in --results) is skipped, checked again before
+each cell. Each cell's command is printed in the table.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run_grid(cfg: Cfg, om):
             for seed in cfg.seeds:
                 for dec in cfg.decompositions:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
-                    # read again before every cell: grids running in parallel then never run the same cell twice
+                    # read again before every cell: a grid running in parallel may have finished it meanwhile
                     if cmd in {r["command"] for r in load_rows(cfg.family, cfg.results)}:
                         continue
                     print(">>", cmd, flush=True)
