@@ -183,7 +183,8 @@ class Args:
 BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.02, "medium": 0.01, "expert": 0.003, "medium-expert": 0.005,
                  "mixture": 0.005}
 # Stage-2 length per env. Hopper needs more: on expert data, 5,000 steps give 13.1 +- 1.5 (normalized, 3 seeds)
-# and 20,000 give 75.4 +- 14.2 (README "Results on Multi-agent MuJoCo"); HalfCheetah 2x3 was tuned at 5,000.
+# and 20,000 give 75.4 +- 14.2 (README "Results on Multi-agent MuJoCo"; medium does worse at 20,000 with its
+# default beta). HalfCheetah 2x3 was tuned at 5,000.
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
 METRIC = "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, " \
