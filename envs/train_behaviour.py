@@ -61,6 +61,8 @@ TASK_DEFAULTS = {
     # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
     # balance together); one update per transition as in TD3.
     "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1),
+    # Ant's legs must also act together; the joint gradient, at HalfCheetah's half update per transition.
+    "Ant-2x4": dict(others_in_actor_update="policy"),
 }
 
 
