@@ -1,7 +1,11 @@
 """MaMuJoCo dataset generation and the behaviour trainer on MaMuJoCo (tiny runs)."""
 
+import glob
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from envs import mamujoco_data as md
 from envs.dataset import DatasetError, checksum, load_dataset, save_dataset, validate
@@ -81,3 +85,35 @@ def test_trainer_checkpoints_feed_every_quality(tmp_path, monkeypatch):
             assert names == ["seed0/expert", "seed1/expert", "seed2/expert"]
         if quality == "medium-expert":
             assert names == ["seed0/medium", "seed0/expert"] and [k for _, k in meta["behaviour"]["policies"]] == [100, 100]
+
+
+COMMITTED = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(md.BEHAVIOUR_DIR, "*_seed*.pt")))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_behaviour_checkpoint(name):
+    """Every committed checkpoint loads weights-only, fits its configuration and picked its snapshots as documented."""
+    env_id, seed = name.rsplit("_seed", 1)
+    policies, info = md.load_behaviour(env_id, int(seed))
+    spec = env_spec(env_id)
+    assert info["task"] == env_id and info["seed"] == int(seed) and info["env_version"] == md.ENV_VERSION
+    curve = dict((int(s), r) for s, r in info["curve"])
+    assert info["eval_return"]["expert"] == max(curve.values()) == curve[info["steps"]["expert"]]
+    assert info["steps"]["random"] == 0 and {"random", "medium", "expert", "replay_0"} <= set(policies)
+    actor = md.actor_from_state_dict(policies["expert"])
+    n, obs_dim = policies["expert"]["l1.weight"].shape[:2]
+    assert n == spec["n_agents"] and obs_dim == max(spec["obs_dims"])
+    out = actor(torch.zeros(n, 5, obs_dim))
+    assert out.shape == (n, 5, spec["act_dims"][0]) and out.abs().max() <= 1
+
+
+def test_committed_mixture_is_three_independent_experts():
+    """A configuration with all mixture seeds committed makes its mixture from three different expert networks."""
+    env_id = "HalfCheetah-2x3"
+    experts = [md.load_behaviour(env_id, s)[0]["expert"]["l1.weight"] for s in md.MIXTURE_SEEDS]
+    assert not any(torch.equal(experts[i], experts[j]) for i in range(3) for j in range(i))
+    a, meta = md.generate(env_id, "mixture", 300, workers=1, verbose=False)
+    validate(a, "mixture")
+    _episodes_are_consistent(a)
+    assert [name for name, _ in meta["behaviour"]["policies"]] == [f"seed{s}/expert" for s in md.MIXTURE_SEEDS]
+    assert [k for _, k in meta["behaviour"]["policies"]] == [100, 100, 100]
