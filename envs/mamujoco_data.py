@@ -6,7 +6,8 @@ Qualities (OMAR / D4RL recipe; see README "Datasets"):
   medium-replay  the training snapshots from the start up to medium (seed 0), equal shares
   expert         the best training snapshot (seed 0)
   medium-expert  medium and expert, half each (as OMIGA's datasets)
-  mixture        the experts of independently trained runs (seeds 0, 1, 2), a third each: different gaits
+  mixture        the experts of independently trained runs (seeds 0, 1, 2), a third each; how much their
+                 gaits differ: README "Multi-agent MuJoCo datasets"
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions. Episodes last up to 1000 steps; Hopper
 and Ant end early when unhealthy (a terminal). Datasets hold an exact number of transitions: the last episode
 of each chunk of work is cut there and marked as a truncation.
