@@ -12,7 +12,7 @@ different observations, the data hold only one policy's action there.
     python benchmark/mixture_stats.py datasets/mamujoco/HalfCheetah-2x3-mixture-*.npz
 
 Works on any dataset this repo generates (MPE or MaMuJoCo): the rows of each behaviour policy are consecutive,
-in the order and counts of the metadata's `behaviour.policies`. A diagnostic, not part of OMSD.
+in the order and counts (transitions on MaMuJoCo, episodes on MPE) of the metadata's `behaviour.policies`. A diagnostic, not part of OMSD.
 """
 
 from __future__ import annotations
@@ -23,22 +23,26 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs.dataset import DatasetError, load_dataset, n_agents_of  # noqa: E402
+from envs.dataset import DatasetError, episode_ends, load_dataset, n_agents_of  # noqa: E402
 
 
 def policy_action_stats(arrays: dict, policies: list) -> dict:
     """{'shares': [per agent], 'means': {policy: [per agent mean action]}} for consecutive blocks of rows."""
-    counts = [int(k) for _, k in policies]
-    if sum(counts) != len(arrays["obs_0"]):
-        raise DatasetError(f"the metadata's behaviour policies cover {sum(counts)} rows, the data has "
-                           f"{len(arrays['obs_0'])}; this dataset was not made by this repo's generators")
-    bounds = np.cumsum([0] + counts)
+    counts, rows = [int(k) for _, k in policies], len(arrays["obs_0"])
+    ends = episode_ends(arrays) + 1  # the row after each episode's last
+    if sum(counts) == rows:  # MaMuJoCo: counts are transitions
+        bounds = np.cumsum([0] + counts)
+    elif sum(counts) == len(ends):  # MPE: counts are episodes
+        bounds = np.concatenate([[0], ends[np.cumsum(counts) - 1]])
+    else:
+        raise DatasetError(f"the metadata's behaviour policies cover {sum(counts)} rows or episodes, the data has "
+                           f"{rows} rows in {len(ends)} episodes; this dataset was not made by this repo's generators")
     shares, means = [], {name: [] for name, _ in policies}
     for i in range(n_agents_of(arrays)):
         a = arrays[f"actions_{i}"].astype(np.float64)
         blocks = [a[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
         mu = np.stack([b.mean(0) for b in blocks])  # (policies, act_dim)
-        w = np.array(counts, np.float64)[:, None] / len(a)
+        w = np.diff(bounds)[:, None] / len(a)  # each policy's share of the rows
         between = (w * (mu - a.mean(0)) ** 2).sum()
         shares.append(float(between / a.var(0).sum()))
         for (name, _), m in zip(policies, mu):

@@ -130,11 +130,15 @@ def test_mixture_stats_measures_how_the_behaviour_policies_differ():
     spec.loader.exec_module(ms)
     # two policies, one action dim: actions -1/+1 half each -> between variance 1 of total 1 (share 1);
     # within each block +-1 around 0 -> share 0
-    a = {"obs_0": np.zeros((4, 1), np.float32), "actions_0": np.array([[-1], [-1], [1], [1]], np.float32)}
+    a = {"obs_0": np.zeros((4, 1), np.float32), "actions_0": np.array([[-1], [-1], [1], [1]], np.float32),
+         "terminals": np.zeros(4, bool), "truncations": np.array([0, 1, 0, 1], bool)}
     assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [1.0]
     a["actions_0"] = np.array([[-1], [1], [-1], [1]], np.float32)
     assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [0.0]
-    with pytest.raises(DatasetError, match="cover 3 rows"):
+    assert ms.policy_action_stats(a, [["p", 1], ["q", 1]])["shares"] == [0.0]  # counts in episodes (MPE)
+    a["actions_0"] = np.array([[-1], [-1], [1], [1]], np.float32)
+    assert ms.policy_action_stats(a, [["p", 1], ["q", 1]])["shares"] == [1.0]
+    with pytest.raises(DatasetError, match="cover 3 rows or episodes"):
         ms.policy_action_stats(a, [["p", 2], ["q", 1]])
     for quality, positive in (("expert", False), ("mixture", True)):
         arrays, meta = md.generate("HalfCheetah-2x3", quality, 300, workers=1, verbose=False)
