@@ -51,8 +51,8 @@ FAMILY_DEFAULTS = {
                      gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
-# `python -m envs.train_behaviour --task T --seed 0 --total-steps N` (N as in the README) remakes it.
-# Why they differ: README "Datasets".
+# `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: README "Datasets".
+# MaMuJoCo's total_steps are the seed-0 runs' budgets, set by session time, not by convergence.
 TASK_DEFAULTS = {
     # Four times the updates: at one per 32 transitions the spread actors fell below their random
     # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290. The penalty
@@ -60,9 +60,11 @@ TASK_DEFAULTS = {
     "simple_spread": dict(update_every=8, preact_penalty=1e-3),
     # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
     # balance together); one update per transition as in TD3.
-    "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1),
+    "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1, total_steps=300_000),
     # Ant's legs must also act together; the joint gradient, at HalfCheetah's half update per transition.
-    "Ant-2x4": dict(others_in_actor_update="policy"),
+    "Ant-2x4": dict(others_in_actor_update="policy", total_steps=400_000),
+    "HalfCheetah-2x3": dict(total_steps=200_000),
+    "HalfCheetah-6x1": dict(total_steps=250_000),
 }
 
 
