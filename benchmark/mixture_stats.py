@@ -12,7 +12,8 @@ different observations, the data hold only one policy's action there.
     python benchmark/mixture_stats.py datasets/mamujoco/HalfCheetah-2x3-mixture-*.npz
 
 Works on any dataset this repo generates (MPE or MaMuJoCo): the rows of each behaviour policy are consecutive,
-in the order and counts (transitions on MaMuJoCo, episodes on MPE) of the metadata's `behaviour.policies`. A diagnostic, not part of OMSD.
+in the order and counts (transitions on MaMuJoCo, episodes on MPE) of the metadata's `behaviour.policies`.
+A diagnostic, not part of OMSD.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def disagreement(arrays: dict, meta: dict, n_obs: int = 10_000) -> list[float]:
     from envs import mamujoco_data as md
 
     plan = md._plan(meta["task"], meta["quality"], len(arrays["obs_0"]))
+    for name, _, _ in plan:  # the committed checkpoints must be the ones that made the data
+        if name.startswith("seed"):
+            s, key = name.split("/")
+            now = md.snapshot_info(md.load_behaviour(meta["task"], int(s[4:]))[1], key)
+            if meta["behaviour"]["snapshots"].get(name) != now:
+                raise DatasetError(f"{name} of the committed checkpoints ({now}) is not the policy that made this "
+                                   f"dataset ({meta['behaviour']['snapshots'].get(name)}); regenerate the dataset")
     n = n_agents_of(arrays)
     rows = np.random.default_rng(0).choice(len(arrays["obs_0"]), min(n_obs, len(arrays["obs_0"])), replace=False)
     obs_max = max(arrays[f"obs_{i}"].shape[1] for i in range(n))

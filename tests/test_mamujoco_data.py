@@ -144,3 +144,6 @@ def test_mixture_stats_measures_how_the_behaviour_policies_differ():
         arrays, meta = md.generate("HalfCheetah-2x3", quality, 300, workers=1, verbose=False)
         d = ms.disagreement(arrays, meta, n_obs=200)
         assert len(d) == 2 and all((x > 0.05) if positive else (x == 0.0) for x in d), (quality, d)
+    meta["behaviour"]["snapshots"]["seed1/expert"]["training_step"] += 1  # data from another checkpoint
+    with pytest.raises(DatasetError, match="seed1/expert of the committed checkpoints .* regenerate"):
+        ms.disagreement(arrays, meta, n_obs=200)
