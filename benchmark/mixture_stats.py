@@ -59,13 +59,11 @@ def disagreement(arrays: dict, meta: dict, n_obs: int = 10_000) -> list[float]:
     from envs import mamujoco_data as md
 
     plan = md._plan(meta["task"], meta["quality"], len(arrays["obs_0"]))
-    for name, _, _ in plan:  # the committed checkpoints must be the ones that made the data
-        if name.startswith("seed"):
-            s, key = name.split("/")
-            now = md.snapshot_info(md.load_behaviour(meta["task"], int(s[4:]))[1], key)
-            if meta["behaviour"]["snapshots"].get(name) != now:
-                raise DatasetError(f"{name} of the committed checkpoints ({now}) is not the policy that made this "
-                                   f"dataset ({meta['behaviour']['snapshots'].get(name)}); regenerate the dataset")
+    now, then = md.plan_snapshots(meta["task"], plan), meta["behaviour"]["snapshots"]
+    for name in now:  # the committed checkpoints must be the ones that made the data
+        if then.get(name) != now[name]:
+            raise DatasetError(f"{name} of the committed checkpoints ({now[name]}) is not the policy that made this "
+                               f"dataset ({then.get(name)}); regenerate the dataset")
     n = n_agents_of(arrays)
     rows = np.random.default_rng(0).choice(len(arrays["obs_0"]), min(n_obs, len(arrays["obs_0"])), replace=False)
     obs_max = max(arrays[f"obs_{i}"].shape[1] for i in range(n))

@@ -143,6 +143,16 @@ def _plan(env_id: str, quality: str, n_transitions: int) -> list[tuple[str, dict
     return [(name, sd, int(k)) for (name, sd), k in zip(pols, shares)]
 
 
+def plan_snapshots(env_id: str, plan: list) -> dict:
+    """Training step and evaluation return of every checkpoint snapshot in a plan ('seed1/expert': {...})."""
+    snaps = {}
+    for name, _, _ in plan:
+        if name.startswith("seed"):
+            s, key = name.split("/")
+            snaps[name] = snapshot_info(load_behaviour(env_id, int(s[4:]))[1], key)
+    return snaps
+
+
 def _chunk(job):
     """Whole episodes (waves of WAVE stepped together) until `count` transitions; the last one is cut."""
     env_id, sd, count, chunk_seed = job
@@ -180,16 +190,11 @@ def generate(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS
         jobs += [(env_id, sd, int(c), [seed, p, j]) for j, c in enumerate(counts) if c > 0]
     parts = run_chunks(_chunk, jobs, workers, f"{env_id} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    snaps = {}
-    for name, _, _ in plan:
-        if name.startswith("seed"):
-            s, key = name.split("/")
-            snaps[name] = snapshot_info(load_behaviour(env_id, int(s[4:]))[1], key)
     meta = {
         "env_family": "mamujoco", "task": env_id, "env_version": ENV_VERSION, "quality": quality,
         "agent_names": make_env(env_id).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
         "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "snapshots": snaps},
+                      "snapshots": plan_snapshots(env_id, plan)},
         "episode_return": return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
         "packages": package_versions(("mujoco", "gymnasium_robotics")),
     }
