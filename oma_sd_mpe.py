@@ -28,12 +28,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from envs import bandit
-from envs.dataset import DatasetError, checksum, load_dataset
+from envs.dataset import DatasetError, checksum, episode_ends, load_dataset
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
-from envs.mpe_data import DEFAULT_TRANSITIONS, QUALITIES, ensure_dataset, env_spec
+from envs.mpe_data import CONVENTIONS, DEFAULT_TRANSITIONS, convention_actions, ensure_dataset, env_spec, task_qualities
 from envs.published import FORMATS, PREY_OBS_DIMS, convert_omar_prey, load_prey, load_published, prey_file_kind
 
 ENV_IDS = TASKS + ("bandit",)
+HOLDOUT_EVERY = 50  # every 50th episode is held out of stage 1a, to measure the behaviour models' fit
 
 
 @dataclass
@@ -151,6 +152,21 @@ class Args:
     """policy steps between evaluations"""
     eval_episodes: int = 10
     """evaluation episodes (decentralised execution, deterministic actions)"""
+    actor_init: str = "random"
+    """random (the authors' code) | samples: before stage 2, fit each actor by regression onto samples of its behaviour
+    model drawn with one noise vector shared by all states (deterministic DDIM sampler), agent by agent in the order,
+    each conditioned on the samples of the agents before it, so that the actors start inside one joint mode"""
+    init_steps: int = 2000
+    """regression steps of --actor-init samples"""
+    init_candidates: int = 1
+    """--actor-init samples: number of shared noise vectors tried; the one whose joint samples have the highest mean Q
+    over the data is used (the critic picks among joint modes, the same one in every state)"""
+    sample_steps: int = 20
+    """steps of the deterministic DDIM sampler (the probability-flow ODE's first-order solver) of the behaviour models"""
+    diagnostics: bool = True
+    """after training, measure behaviour-model fit (held-out denoising loss, samples against the data), critic
+    quality (Q of dataset actions against Monte-Carlo returns) and the final policy's support distance and mode
+    agreement; logged to TensorBoard and results.json"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -174,7 +190,9 @@ ENV_DEFAULTS = {
 }
 # Starting values from the authors' run scripts (not tuned here), in the authors' beta convention.
 BETA_DEFAULTS = {
-    "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.05, "random": 0.5, "mixture": 0.005},
+    "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.05, "random": 0.5, "mixture": 0.005,
+                      # the controlled conventions are expert-level data: the expert's value
+                      "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001},
     "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
@@ -188,8 +206,9 @@ def resolve_args(args: Args) -> Args:
     """Fill per-env defaults and reject bad settings before anything is written."""
     if args.env_id not in ENV_IDS:
         raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
-    if args.env_id != "bandit" and not args.dataset_path and args.dataset not in QUALITIES:
-        raise RunError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path")
+    if args.env_id != "bandit" and not args.dataset_path and args.dataset not in task_qualities(args.env_id):
+        raise RunError(f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
+                       f"{', '.join(task_qualities(args.env_id))} or give --dataset-path")
     family = "bandit" if args.env_id == "bandit" else "mpe"
     for k, v in ENV_DEFAULTS[family].items():
         if getattr(args, k) is None:
@@ -200,7 +219,8 @@ def resolve_args(args: Args) -> Args:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
     choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
                "condition": ("obs", "state"), "prefix": ("start", "updated"),
-               "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean")}
+               "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean"),
+               "actor_init": ("random", "samples")}
     for k, allowed in choices.items():
         if getattr(args, k) not in allowed:
             raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
@@ -208,7 +228,7 @@ def resolve_args(args: Args) -> Args:
         raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
     for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
               "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
-              "actor_hidden", "diffusion_blocks", "checkpoint_every"):
+              "actor_hidden", "diffusion_blocks", "checkpoint_every", "init_steps", "init_candidates", "sample_steps"):
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if not 0 < args.t_min < args.t_max < 1:
@@ -444,11 +464,52 @@ def actor_surrogate(a, eps_hat, g, w, beta):
     return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
 
 
+@torch.no_grad()
+def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
+    """Deterministic DDIM samples of every position's behaviour model, from x_1 = z (n, B, act).
+
+    The prefix of position k is a_prev (e.g. the dataset's actions) if given, else the samples of positions < k:
+    ancestral sampling of mu(a|s) = prod_k mu_k(a_k | s, a_<k), one pass per position (one pass if no position
+    has a prefix). x0_hat = (x_t - sigma_t eps_hat) / alpha_t is clipped to the action box [-1, 1] at each step.
+    """
+    n, B, _ = z.shape
+    ts = torch.linspace(1.0, 1e-3, steps + 1, device=z.device)
+    passes = 1 if a_prev is not None or not mask.any() else n
+    out = torch.zeros_like(z)
+    for k in range(passes):
+        cond = condition(base, out if a_prev is None else a_prev, mask)
+        x = z
+        for i in range(steps):
+            alpha_t, sigma_t = vp_sde(ts[i])
+            alpha_s, sigma_s = vp_sde(ts[i + 1])
+            eps_hat = score_net(x, ts[i].expand(n, B, 1), cond)
+            x0 = ((x - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
+            x = alpha_s * x0 + sigma_s * (x - alpha_t * x0) / sigma_t
+        if passes == 1:
+            return x0
+        out[k] = x0[k]
+    return out
+
+
+def fit_actors(actors, obs, target, steps: int, batch: int, lr: float, g):
+    """Regress every actor onto its target actions: mean_batch ||pi_k(o_k) - target_k||^2. obs (n, N, obs)."""
+    opt = torch.optim.Adam(actors.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(obs.shape[1], (batch,), generator=g, device=obs.device)
+        loss = ((actors(obs[:, idx]) - target[:, idx]) ** 2).sum(-1).mean(-1)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+    return loss.detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: decentralised execution, each agent acts on its own observation only
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None) -> float:
+def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: list | None = None) -> float:
+    """Mean return of --eval-episodes episodes; `record` (a list) receives (obs (n, E, obs), act (n, E, act)) of
+    every step, in position order."""
     actors.eval()
     if args.env_id == "bandit":
         a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
@@ -461,11 +522,93 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None) -> f
     for t in range(envs[0].max_cycles):
         o = np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
         act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
+        if record is not None:
+            record.append((o.astype(np.float32), act))
         for e, env in enumerate(envs):
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
             rewards[e, t] = [r[a] for a in names]
     actors.train()
     return float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics: which part limits a score (behaviour models, critic or extraction)
+# ---------------------------------------------------------------------------------------------
+NEAR = 0.3  # an action follows a convention of the controlled spread data when it lies this close to its action
+
+
+def convention_table(obs: np.ndarray, order: list[int]) -> np.ndarray:
+    """(K, n, B, act): the scripted action of every convention of the controlled spread data (envs/mpe_data.py)
+    at observations obs (n, B, obs) in position order; returned in position order too."""
+    agents = np.empty_like(obs)
+    agents[order] = obs  # position p holds agent order[p]
+    return np.stack([convention_actions(agents, np.tile(c, (obs.shape[1], 1)))[order] for c in CONVENTIONS])
+
+
+def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
+    """How actions (n, B, act) relate to the conventions' actions (K, n, B, act): per position the share near any
+    convention; the share of joint actions with every agent near the same convention, overall and per convention;
+    the share where all agents' nearest conventions agree."""
+    d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
+    joint = (d < NEAR).all(1)  # (K, B)
+    nearest = d.argmin(0)
+    return {"near_any": (d.min(0) < NEAR).mean(1).round(4).tolist(), "joint_in_one": float(joint.any(0).mean()),
+            "per_convention": joint.mean(1).round(4).tolist(), "agree": float((nearest == nearest[0]).all(0).mean())}
+
+
+@torch.no_grad()
+def behaviour_fit(score_net, data, held, cond_base, mask, args, order, controlled: bool) -> dict:
+    """Held-out denoising loss of every position's model, and where DDIM samples given the dataset's prefix land:
+    their distance to the dataset action, and on controlled data whether they lie near a convention and follow the
+    one the data's prefix chose."""
+    g = torch.Generator(held.device).manual_seed(12345)
+    idx = held[:2048]
+    a0 = data["act"][idx].transpose(0, 1)
+    cond = condition(cond_base(idx), a0, mask)
+    loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
+    samples = sample_actions(score_net, cond_base(idx), mask, torch.randn(a0.shape, generator=g, device=a0.device),
+                             args.sample_steps, a_prev=a0)
+    out = {"heldout_denoising_loss": loss.round(decimals=4).tolist(),
+           "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).round(decimals=4).tolist()}
+    if controlled:
+        table = convention_table(data["obs"][idx].transpose(0, 1).cpu().numpy(), order)
+        d_s = np.linalg.norm(samples.cpu().numpy()[None] - table, axis=-1)
+        d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
+        out["samples_near_a_convention"] = (d_s.min(0) < NEAR).mean(1).round(4).tolist()
+        out["samples_follow_data_convention"] = (d_s.argmin(0) == d_a.argmin(0)).mean(1).round(4).tolist()
+    return out
+
+
+@torch.no_grad()
+def support_distance(states, acts, pool_states, pool_acts, k: int = 20) -> np.ndarray:
+    """For every (state, joint action): the distance from the action to the nearest joint action of the dataset
+    among the k dataset states nearest to the state (standardised), the authors' planned OOD measure."""
+    mu, sd = pool_states.mean(0), pool_states.std(0) + 1e-6
+    pool = (pool_states - mu) / sd
+    out = []
+    for lo in range(0, len(states), 256):
+        nn_idx = torch.cdist((states[lo : lo + 256] - mu) / sd, pool).topk(k, largest=False).indices  # (m, k)
+        out.append((acts[lo : lo + 256, None] - pool_acts[nn_idx]).norm(dim=-1).min(1).values)
+    return torch.cat(out).cpu().numpy()
+
+
+@torch.no_grad()
+def critic_quality(q_target, data, arrays, gamma: float, n: int = 10_000) -> dict:
+    """Q (mean of the two target heads) of dataset actions against their discounted Monte-Carlo returns to the end
+    of the episode, on n evenly spaced transitions."""
+    r = data["reward"].cpu().numpy().astype(np.float64)
+    ends = np.zeros(len(r), bool)
+    ends[episode_ends(arrays)] = True
+    G = np.zeros_like(r)
+    for t in range(len(r) - 1, -1, -1):
+        G[t] = r[t] + (0.0 if ends[t] or t == len(r) - 1 else gamma * G[t + 1])
+    idx = np.linspace(0, len(r) - 1, min(n, len(r))).astype(int)
+    joint = data["act"][idx].reshape(len(idx), -1)
+    q = q_target(data["critic_state"][idx], joint).mean(0).cpu().numpy()
+    g = G[idx]
+    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else float("nan")
+    return {"q_mean": float(q.mean()), "mc_return_mean": float(g.mean()), "abs_error": float(np.abs(q - g).mean()),
+            "pearson_r": corr}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +638,19 @@ class Progress:
 
     def rate(self, step: int) -> float:
         return (step - self.start) / max(self.seconds, 1e-9)
+
+
+def flat_scalars(d: dict, prefix: str = "") -> dict:
+    """{'a/b_0': x, ...}: the numbers of a nested dict of diagnostics, for TensorBoard."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, list):
+            out.update({f"{prefix}{k}_{i}": x for i, x in enumerate(v)})
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_finite(loss, stage: str, step: int):
@@ -602,6 +758,10 @@ def main(args: Args) -> dict:
         raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
     data = to_tensors(arrays, order, args)
     N, _, obs_max = data["obs"].shape
+    # Every HOLDOUT_EVERY-th episode is held out of the behaviour models' training, to measure their fit.
+    episode = np.searchsorted(episode_ends(arrays), np.arange(N))
+    is_held = (episode % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if episode.max() >= HOLDOUT_EVERY - 1 else episode == episode.max()
+    train_idx, held_idx = torch.as_tensor(np.flatnonzero(~is_held)), torch.as_tensor(np.flatnonzero(is_held))
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
@@ -657,7 +817,7 @@ def main(args: Args) -> dict:
         return torch.Generator(device).manual_seed((args.seed if stage == 3 else args.stage1_seed) * 1000 + stage)
 
     timing = {}
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 1}
+    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 2}
 
     # ------------------------------------------------------------------ Stage 1a: behaviour models
     mask = prefix_mask(n, args.decomposition).to(device)
@@ -666,6 +826,7 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
     fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
+                  holdout_every=HOLDOUT_EVERY,
                   **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
                                                    "diffusion_blocks", "diffusion_lr")})
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
@@ -688,7 +849,7 @@ def main(args: Args) -> dict:
         start, spent, _ = resume_stage(args, path, fields, "stage 1a", objs, g)
         bar = Progress("stage 1a: diffusion", args.diffusion_steps, start)
         for step in range(start + 1, args.diffusion_steps + 1):
-            idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=device)
+            idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=g)].to(device)
             a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
             loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g)
             check_finite(loss, "stage 1a (diffusion)", step)
@@ -769,6 +930,29 @@ def main(args: Args) -> dict:
     g = gen(3)
     objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
     start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
+    init_record = extra.get("init")
+    if args.actor_init == "samples" and start == 0:
+        # Mode-seeking start: distillation of the score alone is mean-seeking between far-apart modes, so the actors
+        # first imitate one joint sample per state. The noise z is shared by all states, so the mode a sample lands
+        # in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of agents < k.
+        t0, g_init = time.time(), gen(4)
+        obs_all, base_all = data["obs"].transpose(0, 1), cond_base(torch.arange(N, device=device))
+        best = None
+        for c in range(args.init_candidates):
+            z = torch.randn(n, 1, act_dim, generator=g_init, device=device).expand(n, N, act_dim)
+            target = torch.cat([sample_actions(score_net, base_all[:, lo : lo + 20_000], mask, z[:, lo : lo + 20_000],
+                                               args.sample_steps) for lo in range(0, N, 20_000)], 1)
+            with torch.no_grad():
+                q = torch.cat([q_target(data["critic_state"][lo : lo + 20_000],
+                                        target[:, lo : lo + 20_000].transpose(0, 1).reshape(-1, n * act_dim)).mean(0)
+                               for lo in range(0, N, 20_000)]).mean().item()
+            if best is None or q > best[0]:
+                best = (q, c, target)
+        init_loss = fit_actors(actors, obs_all, best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g_init)
+        init_record = {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.round(decimals=4).tolist(),
+                       "seconds": time.time() - t0}
+        print(f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
+              f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)", file=sys.stderr)
     bar = Progress("stage 2: actors", args.policy_steps, start)
     eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max, prey)}]
     eval_seconds = extra.get("eval_seconds") or [time.time() - t_start]  # for time-to-score plots
@@ -832,8 +1016,40 @@ def main(args: Args) -> dict:
                 writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
         checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history, "eval_seconds": eval_seconds})
+                   {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record})
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
+
+    # ------------------------------------------------------------------ Diagnostics
+    diagnostics = None
+    if args.diagnostics:
+        t0 = time.time()
+        controlled = bool(meta.get("behaviour", {}).get("conventions")) and args.env_id == "simple_spread"
+        diagnostics = {"behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order,
+                                                  controlled),
+                       "critic": critic_quality(q_target, data, arrays, args.gamma)}
+        if args.env_id != "bandit":
+            record = []
+            evaluate(actors, args, order, obs_max, prey, record)  # the same episodes as the final evaluation
+            obs_e = np.concatenate([o for o, _ in record], 1)  # (n, T*E, obs), steps of all episodes
+            act_e = np.concatenate([a for _, a in record], 1)
+            pool = train_idx.to(device)
+            ref = held_idx[torch.linspace(0, len(held_idx) - 1, min(500, len(held_idx))).long()].to(device)
+            d_pol = support_distance(torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
+                                     torch.as_tensor(act_e).transpose(0, 1).reshape(act_e.shape[1], -1).to(device),
+                                     data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
+            d_ref = support_distance(data["critic_state"][ref], data["act"][ref].reshape(len(ref), -1),
+                                     data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
+            diagnostics["policy"] = {"support_distance": float(d_pol.mean()), "support_distance_data": float(d_ref.mean()),
+                                     "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean())}
+            if controlled:
+                E = args.eval_episodes
+                diagnostics["policy"]["conventions_all_steps"] = convention_stats(act_e, convention_table(obs_e, order))
+                diagnostics["policy"]["conventions_first_step"] = convention_stats(
+                    act_e[:, :E], convention_table(obs_e[:, :E], order))
+        diagnostics["seconds"] = time.time() - t0
+        for key, v in flat_scalars(diagnostics).items():
+            writer.add_scalar(f"diagnostics/{key}", v, args.policy_steps)
+        print(f"diagnostics: {json.dumps(diagnostics)}", file=sys.stderr)
 
     # ------------------------------------------------------------------ Results
     final = eval_history[-1]["return"]
@@ -849,7 +1065,8 @@ def main(args: Args) -> dict:
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
                   " bandit: a1 * a2",
         "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-        "stages": timing, "stage1_cache": cache, "args": asdict(args),
+        "stages": timing, "stage1_cache": cache, "actor_init": init_record, "diagnostics": diagnostics,
+        "args": asdict(args),
     }
     if args.env_id == "bandit":
         with torch.no_grad():

@@ -143,8 +143,10 @@ class Args:
     """print the dataset cards (markdown) of the datasets made with these settings instead"""
 
 
-def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: int, default_path, ensure_dataset):
-    """The command line of a family's generator: make (or print the cards of) the selected datasets."""
+def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: int, default_path, ensure_dataset,
+        task_qualities=None):
+    """The command line of a family's generator: make (or print the cards of) the selected datasets.
+    task_qualities(task): the qualities `--quality all` means for that task (default: all of `qualities`)."""
     import tyro
 
     args = tyro.cli(Args, default=Args(task=default_task, n_transitions=default_n), description=doc)
@@ -153,7 +155,7 @@ def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: 
             if value != "all" and value not in allowed:
                 raise DatasetError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)} or all")
         selected = [(t, q) for t in (tasks if args.task == "all" else (args.task,))
-                    for q in (qualities if args.quality == "all" else (args.quality,))]
+                    for q in ((task_qualities(t) if task_qualities else qualities) if args.quality == "all" else (args.quality,))]
         if args.out and len(selected) > 1:
             raise DatasetError("--out names one file; give one --task and one --quality with it")
         paths = [args.out or default_path(t, q, args.n_transitions, args.seed) for t, q in selected]

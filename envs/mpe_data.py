@@ -11,6 +11,15 @@ Qualities (OMAR's recipe, see README "Datasets"):
                  quality (e.g. which agent takes which landmark), i.e. multimodal joint behaviour
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OMAR's data.
 
+Controlled multimodal data (simple_spread only), where the joint modes are known by construction: a
+scripted controller steers agent i to landmark CONVENTIONS[k][i] (PD control on the landmark's relative
+position, see `convention_actions`); the K conventions are cyclic shifts of who takes which landmark, so
+they have the same return distribution (landmarks are placed i.i.d.) and every agent's marginal has K modes.
+  unimodal        every episode follows convention 0 (the twin of the two below: same controller)
+  multimodal-2    each episode follows one of conventions 0, 1, drawn uniformly
+  multimodal-3    each episode follows one of conventions 0, 1, 2
+  miscoordinated  each agent draws its own convention among the 3 (what mixing marginals does)
+
 Usage:
   python -m envs.mpe_data --task simple_spread --quality expert        # make one (cached)
   python -m envs.mpe_data --task all --quality all --card              # cards of all made so far
@@ -30,6 +39,10 @@ from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
+CONVENTIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # convention k: agent i heads for landmark CONVENTIONS[k][i]
+# quality -> (number of conventions drawn from, whether the agents share one draw per episode)
+CONTROLLED = {"unimodal": (1, True), "multimodal-2": (2, True), "multimodal-3": (3, True), "miscoordinated": (3, False)}
+CONTROLLER = {"kp": 3.0, "kd": 1.0, "version": 1}  # gains of the scripted controller (in the file names' tag)
 MIXTURE_ROLES = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # agent i is driven by the expert's network roles[i]
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
@@ -38,14 +51,52 @@ BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mpe")
 DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
+def task_qualities(task: str) -> tuple[str, ...]:
+    """The dataset qualities of a task: the controlled conventions exist for simple_spread only."""
+    return QUALITIES + tuple(CONTROLLED) if task == "simple_spread" else QUALITIES
+
+
 def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
-    tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt")])  # every quality comes from seed 0's run
+    if quality in CONTROLLED:
+        tag = f"ctrl{CONTROLLER['version']}"
+    else:
+        tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt")])  # every quality comes from seed 0's run
     return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-b{tag}-n{n_transitions}-s{seed}.npz")
 
 
 def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
     return load_behaviour_file(os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
                                f"python -m envs.train_behaviour --task {task} --seed {seed}")
+
+
+def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
+    """The scripted spread controller: agent i steers towards landmark landmark_of[e, i].
+
+    obs (n, E, 18) in mpe2's spread layout [own vel 2, own pos 2, landmark positions relative to the agent 3x2,
+    other agents 2x2, comm 2x2]; landmark_of (E, n) ints. Returns clip(kp * (landmark - pos) - kd * vel, -1, 1).
+    """
+    n, E, _ = obs.shape
+    vel = obs[..., 0:2]
+    rel = obs[..., 4:10].reshape(n, E, 3, 2)
+    target = rel[np.arange(n)[:, None], np.arange(E)[None, :], landmark_of.T]  # (n, E, 2)
+    return np.clip(CONTROLLER["kp"] * target - CONTROLLER["kd"] * vel, -1.0, 1.0).astype(np.float32)
+
+
+def episode_conventions(quality: str, env_seeds) -> np.ndarray:
+    """(E, n) convention index of every agent in every episode, drawn from the episode's env seed."""
+    K, joint = CONTROLLED[quality]
+    draws = np.array([np.random.default_rng([int(s), 7]).integers(K, size=3) for s in env_seeds])
+    return np.repeat(draws[:, :1], 3, 1) if joint else draws
+
+
+class ConventionController:
+    """`convention_actions` for a batch of episodes, as a callable like the behaviour actors (torch in, out)."""
+
+    def __init__(self, conventions: np.ndarray):  # (E, n) convention of each agent
+        self.landmark_of = np.array(CONVENTIONS)[conventions, np.arange(conventions.shape[1])[None, :]]
+
+    def __call__(self, obs):
+        return torch.as_tensor(convention_actions(np.asarray(obs), self.landmark_of))
 
 
 def rollout(envs, actor, seeds, noise: float, rng) -> dict:
@@ -88,6 +139,8 @@ def rollout(envs, actor, seeds, noise: float, rng) -> dict:
 
 def _plan(task: str, quality: str, n_episodes: int) -> list[tuple[str, dict, int]]:
     """(name, actor state dict, episodes) for each behaviour policy that contributes."""
+    if quality in CONTROLLED:
+        return [(f"scripted/{quality}", {}, n_episodes)]
     if quality == "mixture":
         expert = load_behaviour(task, 0)[0]["expert"]
         pols = [(f"seed0/expert@roles{''.join(map(str, r))}", {k: v[list(r)] for k, v in expert.items()})
@@ -103,13 +156,15 @@ def _plan(task: str, quality: str, n_episodes: int) -> list[tuple[str, dict, int
 
 
 def _chunk(job):
-    task, sd, seeds, chunk_seed = job
+    task, sd, seeds, chunk_seed, quality = job
     torch.set_num_threads(1)
-    actor = actor_from_state_dict(sd)
+    actor = None if quality in CONTROLLED else actor_from_state_dict(sd)
     rng = np.random.default_rng(chunk_seed)
     parts = []
     for lo in range(0, len(seeds), 50):  # 50 envs stepped together
         envs = [MPEEnv(task) for _ in seeds[lo : lo + 50]]
+        if quality in CONTROLLED:
+            actor = ConventionController(episode_conventions(quality, seeds[lo : lo + 50]))
         parts.append(rollout(envs, actor, seeds[lo : lo + 50], COLLECT_NOISE, rng))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -119,8 +174,8 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
     """Roll out the behaviour policies of (task, quality); returns (arrays, metadata)."""
     if task not in TASKS:
         raise DatasetError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
-    if quality not in QUALITIES:
-        raise DatasetError(f"unknown dataset quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if quality not in task_qualities(task):
+        raise DatasetError(f"unknown dataset quality {quality!r} for {task}; choose one of {', '.join(task_qualities(task))}")
     if n_transitions < EPISODE_LEN or n_transitions % EPISODE_LEN:
         raise DatasetError(f"n_transitions must be a positive multiple of the episode length {EPISODE_LEN}, got {n_transitions}")
     n_episodes = n_transitions // EPISODE_LEN
@@ -130,7 +185,7 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
         seeds = np.arange(ep, ep + k) + seed * 100_000_000  # env seed of every episode
         for c, part in enumerate(np.array_split(seeds, max(1, N_CHUNKS // len(plan)))):
             if len(part):
-                jobs.append((task, sd, part, [seed, p, c]))
+                jobs.append((task, sd, part, [seed, p, c], quality))
         ep += k
     parts = run_chunks(_chunk, jobs, workers, f"{task} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -139,7 +194,10 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
         "env_family": "mpe", "task": task, "env_version": ENV_VERSION, "quality": quality,
         "agent_names": MPEEnv(task).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
         "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "snapshots": {n: snapshot(task, n) for n, _, _ in plan}},
+                      "snapshots": {n: snapshot(task, n) for n, _, _ in plan}} if quality not in CONTROLLED else
+                     {"trainer": "scripted (envs/mpe_data.py convention_actions)", "policies": [[n, k] for n, _, k in plan],
+                      "controller": CONTROLLER, "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],
+                      "shared_draw": CONTROLLED[quality][1]},
         "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
         "packages": package_versions(("mpe2",)),
     }
@@ -167,4 +225,5 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
 
 
 if __name__ == "__main__":
-    cli(__doc__ + f"\ntasks: {', '.join(TASKS)}", TASKS, QUALITIES, "simple_spread", DEFAULT_TRANSITIONS, default_path, ensure_dataset)
+    cli(__doc__ + f"\ntasks: {', '.join(TASKS)}", TASKS, QUALITIES + tuple(CONTROLLED), "simple_spread", DEFAULT_TRANSITIONS,
+        default_path, ensure_dataset, task_qualities)

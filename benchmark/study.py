@@ -1,0 +1,132 @@
+"""Run a study: a named list of oma_sd_mpe.py settings on given datasets and seeds, one results row per run
+(return, eval history, diagnostics, times) appended to benchmark/results/<study>.jsonl; then a markdown table.
+
+    python benchmark/study.py --study mode_selection --seeds 0 --shard 0/2 &   # two processes share the grid
+    python benchmark/study.py --study mode_selection --seeds 0 --shard 1/2
+    python benchmark/study.py --study mode_selection --report
+
+A run whose command is already in the results file is skipped (checked again before each run), so an
+interrupted study continues where it stopped; stage-1 models are cached and shared between settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BIG = "--diffusion-hidden 128 --diffusion-steps 30000"
+# study -> (datasets, decompositions, {setting name: flags})
+STUDIES = {
+    "mode_selection": (
+        ("multimodal-2", "unimodal", "multimodal-3"), ("sequential", "independent"), {
+            "authors' extraction": "--actor-init random --weighting sigma2",
+            "+ alpha_over_sigma, z-baseline": "--actor-init random --weighting alpha_over_sigma --z-baseline",
+            "+ big behaviour models": f"--actor-init random --weighting sigma2 {BIG}",
+            "+ big, alpha_over_sigma, z-baseline": f"--actor-init random --weighting alpha_over_sigma --z-baseline {BIG}",
+            "+ sample init": "--actor-init samples --weighting sigma2",
+            "+ big, sample init": f"--actor-init samples --weighting sigma2 {BIG}",
+            "+ big, sample init, alpha_over_sigma, z-baseline":
+                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG}",
+        }),
+}
+
+
+@dataclass
+class Cfg:
+    study: str = "mode_selection"
+    """a study of STUDIES"""
+    seeds: tuple[int, ...] = (0,)
+    """training seeds (settings are chosen on seed 0; seeds 1-3 are reported)"""
+    datasets: tuple[str, ...] = ()
+    """subset of the study's datasets (default: all)"""
+    settings: tuple[str, ...] = ()
+    """subset of the study's settings, by name (default: all)"""
+    decompositions: tuple[str, ...] = ()
+    """subset of the study's decompositions (default: all)"""
+    shard: str = "0/1"
+    """i/k: run every k-th run starting at the i-th, so k processes share a grid"""
+    report: bool = False
+    """only print the table of what the results file holds"""
+
+
+def rows_of(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def runs(cfg):
+    datasets, decs, settings = STUDIES[cfg.study]
+    out = []
+    for ds in cfg.datasets or datasets:
+        for name, flags in settings.items():
+            if cfg.settings and name not in cfg.settings:
+                continue
+            for seed in cfg.seeds:
+                for dec in cfg.decompositions or decs:
+                    cmd = f"python oma_sd_mpe.py --dataset {ds} --decomposition {dec} --seed {seed} {flags}"
+                    out.append((name, ds, dec, seed, cmd))
+    return out
+
+
+def main(cfg):
+    path = os.path.join(REPO, "benchmark", "results", f"{cfg.study}.jsonl")
+    if cfg.report:
+        report(rows_of(path))
+        return
+    import oma_sd_mpe as om
+
+    os.chdir(REPO)
+    i, k = map(int, cfg.shard.split("/"))
+    for j, (name, ds, dec, seed, cmd) in enumerate(runs(cfg)):
+        if j % k != i or cmd in {r["command"] for r in rows_of(path)}:
+            continue
+        print(">>", cmd, flush=True)
+        res = om.main(tyro.cli(om.Args, args=shlex.split(cmd)[2:]))
+        row = {"command": cmd, "setting": name, "dataset": ds, "decomposition": dec, "seed": seed,
+               **{k: res[k] for k in ("beta", "final_return", "final_normalized_score", "eval_history", "total_seconds",
+                                      "stages", "actor_init", "diagnostics")}}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def report(rows):
+    """setting x dataset: sequential / independent final return (mean ± std over seeds, ddof=1 when > 1 seed),
+    and the first-step convention agreement of the final policy."""
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["setting"], r["dataset"], r["decomposition"])].append(r)
+    datasets = sorted({r["dataset"] for r in rows})
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    print("| setting | " + " | ".join(f"{d} seq | {d} ind" for d in datasets) + " |")
+    print("|---|" + "---|---|" * len(datasets))
+    for s in settings:
+        out = []
+        for d in datasets:
+            for dec in ("sequential", "independent"):
+                rs = cells.get((s, d, dec), [])
+                if not rs:
+                    out.append("–")
+                    continue
+                ret = np.array([r["final_return"] for r in rs])
+                agree = [((r.get("diagnostics") or {}).get("policy") or {}).get("conventions_first_step", {})
+                         .get("joint_in_one") for r in rs]
+                agree = [a for a in agree if a is not None]
+                txt = f"{ret.mean():.1f}" + (f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else "")
+                out.append(txt + (f" ({100 * np.mean(agree):.0f} %)" if agree else ""))
+        print(f"| {s} | " + " | ".join(out) + " |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Cfg))
