@@ -1,0 +1,174 @@
+"""The controlled multimodal spread data (envs/mpe_data.py) and the diagnostics and sampler of oma_sd_mpe.py that
+use them: the conventions are what their names say, and every measure gives known values on constructed input."""
+
+import numpy as np
+import pytest
+import torch
+
+import oma_sd_mpe as om
+from envs import mpe_data
+from envs.mpe import MPEEnv, paper_metric
+
+
+def spread_obs(landmarks, positions, vel=None):
+    """(n, 1, 18) observations in mpe2's layout for agents at `positions` and landmarks at `landmarks`."""
+    vel = np.zeros((3, 2)) if vel is None else vel
+    obs = []
+    for i in range(3):
+        rel = (np.asarray(landmarks) - positions[i]).ravel()
+        others = np.concatenate([positions[j] - positions[i] for j in range(3) if j != i])
+        obs.append(np.concatenate([vel[i], positions[i], rel, others, np.zeros(4)]))
+    return np.asarray(obs, np.float32)[:, None]
+
+
+def test_controller_steers_each_agent_to_its_landmark():
+    landmarks = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    obs = spread_obs(landmarks, np.zeros((3, 2)))
+    for c in mpe_data.CONVENTIONS:
+        act = mpe_data.convention_actions(obs, np.array([c]))
+        for i in range(3):
+            direction = landmarks[c[i]] / np.linalg.norm(landmarks[c[i]])
+            assert act[i, 0] == pytest.approx(direction, abs=1e-6)  # kp * 1 saturates at the unit direction
+    # close to the target the action is proportional, and damped by the velocity
+    near = spread_obs(landmarks * 0.1, np.zeros((3, 2)), vel=np.ones((3, 2)) * 0.1)
+    act = mpe_data.convention_actions(near, np.array([[0, 1, 2]]))
+    assert act[0, 0] == pytest.approx([3.0 * 0.1 - 0.1, -0.1], abs=1e-6)
+
+
+@pytest.mark.parametrize("quality,K,joint", [("unimodal", 1, True), ("multimodal-2", 2, True),
+                                             ("multimodal-3", 3, True), ("miscoordinated", 3, False)])
+def test_episode_conventions(quality, K, joint):
+    conv = mpe_data.episode_conventions(quality, np.arange(600))
+    assert conv.shape == (600, 3) and set(np.unique(conv)) == set(range(K))
+    agree = (conv == conv[:, :1]).all(1)
+    if joint:
+        assert agree.all()
+        shares = np.bincount(conv[:, 0], minlength=K) / 600
+        assert np.all(np.abs(shares - 1 / K) < 0.07)  # drawn uniformly
+    else:
+        assert agree.mean() == pytest.approx(1 / 9, abs=0.05)  # each agent draws on its own
+    assert np.array_equal(conv, mpe_data.episode_conventions(quality, np.arange(600)))
+
+
+def test_controlled_data_follow_their_conventions():
+    arrays, meta = mpe_data.generate("simple_spread", "multimodal-2", 500, workers=1, verbose=False)
+    assert meta["quality"] == "multimodal-2" and meta["behaviour"]["conventions"] == [[0, 1, 2], [1, 2, 0]]
+    obs = np.stack([arrays[f"obs_{i}"] for i in range(3)])
+    act = np.stack([arrays[f"actions_{i}"] for i in range(3)])
+    table = om.convention_table(obs, [0, 1, 2])
+    d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, N)
+    first = np.arange(0, 500, 25)  # first steps, where the conventions' actions are far apart
+    s = om.convention_stats(act[:, first], table[:, :, first])
+    assert s["joint_in_one"] >= 0.9  # all agents of an episode follow one convention (up to the action noise)
+    assert s["per_convention"][2] == 0.0 and min(s["per_convention"][:2]) > 0.2  # only conventions 0 and 1
+    with pytest.raises(mpe_data.DatasetError, match="unknown dataset quality 'multimodal-2' for simple_tag"):
+        mpe_data.generate("simple_tag", "multimodal-2", 250, workers=1, verbose=False)
+
+
+def test_conventions_have_the_same_quality():
+    """Noise-free episodes on the same seeds: each convention's mean return is within 5 % of the others'."""
+    means = []
+    for c in range(3):
+        rets = []
+        for seed in range(60):
+            env = MPEEnv("simple_spread")
+            obs, _ = env.reset(seed=seed)
+            rew = []
+            for _ in range(25):
+                o = np.stack([obs[a] for a in env.possible_agents])[:, None]
+                act = mpe_data.convention_actions(o, np.array([mpe_data.CONVENTIONS[c]]))
+                obs, r, _, _, _ = env.step({a: act[i, 0] for i, a in enumerate(env.possible_agents)})
+                rew.append([r[a] for a in env.possible_agents])
+            rets.append(paper_metric("simple_spread", np.array(rew)))
+        means.append(np.mean(rets))
+    assert max(means) > 450 and (max(means) - min(means)) / max(means) < 0.05, means
+
+
+def test_convention_table_follows_the_agent_order():
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, (3, 7, 18)).astype(np.float32)
+    order = [2, 0, 1]
+    table = om.convention_table(obs[order], order)  # positions hold agents 2, 0, 1
+    assert np.allclose(table, om.convention_table(obs, [0, 1, 2])[:, order])
+
+
+def test_convention_stats_on_constructed_actions():
+    table = np.zeros((3, 3, 4, 2))
+    table[1] += 1.0  # convention 1's actions are (1, 1), convention 2's (-1, -1)
+    table[2] -= 1.0
+    act = np.zeros((3, 4, 2))
+    act[:, 1] = 1.0  # step 1: everybody follows convention 1
+    act[0, 2], act[1, 2], act[2, 2] = 1.0, -1.0, 0.0  # step 2: three different conventions
+    act[:, 3] = 0.5  # step 3: between conventions 0 and 1, near none (distance 0.71)
+    s = om.convention_stats(act, table)
+    assert s["per_convention"] == [0.25, 0.25, 0.0]
+    assert s["joint_in_one"] == 0.5
+    assert s["near_any"] == [0.75, 0.75, 0.75]
+
+
+class GaussianScore(torch.nn.Module):
+    """The exact eps of a Gaussian behaviour N(mean(cond), s^2): eps = sigma_t (x_t - alpha_t m) / (alpha_t^2 s^2 +
+    sigma_t^2); position 0's mean is 0.5, position k's mean is the first prefix action (it copies agent 0)."""
+
+    s = 0.05
+
+    def forward(self, x_t, t, cond):
+        alpha_t, sigma_t = om.vp_sde(t)
+        m = torch.full_like(x_t, 0.5)
+        m[1:] = cond[1:, :, 3:4]  # cond = [base (3 values), a_1, a_2]
+        return sigma_t * (x_t - alpha_t * m) / (alpha_t**2 * self.s**2 + sigma_t**2)
+
+
+def test_sampler_draws_from_the_chain_rule():
+    n, B = 3, 2000
+    mask = om.prefix_mask(n, "sequential")
+    z = torch.randn(n, B, 1, generator=torch.Generator().manual_seed(0))
+    a = om.sample_actions(GaussianScore(), torch.zeros(n, B, 3), mask, z, 40)
+    assert a[0].mean().item() == pytest.approx(0.5, abs=0.01)
+    assert a[0].std().item() == pytest.approx(GaussianScore.s, rel=0.15)  # DDIM on a log-SNR grid keeps the spread
+    # later positions copy agent 0's *sample* (ancestral sampling), up to their own spread
+    assert (a[1] - a[0]).abs().mean().item() < 0.06 and (a[2] - a[0]).abs().mean().item() < 0.06
+    # the same noise vector for every state gives the same sample: deterministic sampler
+    same = om.sample_actions(GaussianScore(), torch.zeros(n, 4, 3), mask, z[:, :1].expand(n, 4, 1), 40)
+    assert torch.allclose(same, same[:, :1].expand(n, 4, 1))
+    # given prefix actions, the samples follow those instead
+    given = torch.full((n, B, 1), -0.7)
+    b = om.sample_actions(GaussianScore(), torch.zeros(n, B, 3), mask, z, 40, a_prev=given)
+    assert b[1].mean().item() == pytest.approx(-0.7, abs=0.01) and b[0].mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_fit_actors_regresses_onto_targets():
+    torch.manual_seed(0)
+    actors = om.Actors(3, 4, 2, 32)
+    obs = torch.randn(3, 256, 4)
+    target = torch.tanh(obs[..., :2])  # a function each actor can represent
+    before = ((actors(obs) - target) ** 2).sum(-1).mean(-1)
+    loss = om.fit_actors(actors, obs, target, 800, 64, 3e-3, torch.Generator().manual_seed(1))
+    after = ((actors(obs) - target) ** 2).sum(-1).mean(-1)
+    assert loss.shape == (3,) and torch.all(after < 0.05 * before)
+
+
+def test_support_distance_on_constructed_data():
+    pool_s = torch.tensor([[0.0], [1.0], [10.0]])
+    pool_a = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    d = om.support_distance(torch.tensor([[0.1], [10.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]]), pool_s, pool_a, k=2)
+    # state 0.1: neighbours 0 and 1, nearest action (1, 0) at distance 1; state 10: neighbours 10 and 1, exact
+    assert d.tolist() == pytest.approx([1.0, 0.0])
+
+
+class ConstQ(torch.nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, s, a):
+        return torch.full((2, len(s)), self.v)
+
+
+def test_critic_quality_monte_carlo_returns():
+    # two episodes of 3 steps, reward 1 each step, gamma 0.5: returns-to-go 1.75, 1.5, 1 in each
+    arrays = {"terminals": np.zeros(6, bool), "truncations": np.array([0, 0, 1, 0, 0, 1], bool)}
+    data = {"reward": torch.ones(6), "act": torch.zeros(6, 1, 1), "critic_state": torch.zeros(6, 1)}
+    out = om.critic_quality(ConstQ(1.5), data, arrays, 0.5)
+    assert out["mc_return_mean"] == pytest.approx((1.75 + 1.5 + 1) / 3)
+    assert out["q_mean"] == pytest.approx(1.5) and out["abs_error"] == pytest.approx((0.25 + 0 + 0.5) / 3)
