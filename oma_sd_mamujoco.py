@@ -177,7 +177,7 @@ class Args:
 
 # Starting values in the authors' beta convention (small = strong constraint), NOT tuned here. Sources: the
 # authors' MaMuJoCo scripts sweep {0.001, 0.003, 0.005, 0.03, 0.05} without recording the choice; their older
-# 2-agent HalfCheetah comments give medium-replay ~0.02 and random ~0.05-0.25; the reference's recommended starting
+# 2-agent HalfCheetah comments give medium-replay ~0.02 and random ~0.05-0.25; from these, the starting
 # ranges are expert 0.001-0.005, medium 0.005-0.03, medium-replay 0.02-0.05. medium-expert and mixture have no
 # source: set between expert and medium (mixture as on MPE, 0.005).
 BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.02, "medium": 0.01, "expert": 0.003, "medium-expert": 0.005,

@@ -3,7 +3,7 @@ and the learned score field against the analytic one of the data mixture.
 
     python benchmark/bandit.py --beta 0.05
 writes benchmark/results/bandit_<weighting>_beta<beta>.json and benchmark/figures/bandit_score_field.png;
-`python benchmark/bandit.py --report` prints the README table from all such files.
+`python benchmark/bandit.py --report` prints the table of docs/results.md from all such files.
 Stage 1 (behaviour models, critic) is trained once per decomposition (--stage1-seed 0) and shared by the
 10 policy seeds, which is what varies the actors' initialisation.
 """

@@ -1,4 +1,4 @@
-"""OMSD sequential vs independent on the generated datasets: runs a grid, then writes the README table and a
+"""OMSD sequential vs independent on the generated datasets: runs a grid, then writes the results table and a
 learning-curve figure from the runs' results.json files.
 
     python benchmark/table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3

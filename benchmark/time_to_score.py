@@ -5,7 +5,7 @@ normalized score vs wall-clock seconds (dataset generation and stage 1 included)
     python benchmark/time_to_score.py --script oma_sd_mamujoco.py       # HalfCheetah 2x3 expert
     python benchmark/time_to_score.py --report-only
     python benchmark/time_to_score.py --script oma_sd_mamujoco.py --report-only \
-        --table-rows benchmark/results/mamujoco_hc_expert_sequential.jsonl   # plot table.py's default-command runs
+        --table-rows benchmark/results/mamujoco_hc2x3.jsonl   # plot table.py's default-command runs
 
 Each run is a fresh process in its own empty working directory with an empty dataset directory (so dataset
 generation and stage 1 are timed, nothing is reused), one after the other. Every finished run appends a line
@@ -43,9 +43,11 @@ class Cfg:
     report_only: bool = False
     """only summarise and plot what is in the results file"""
     table_rows: str = ""
-    """plot the default-setting (sequential) rows of a benchmark/table.py results file instead, e.g.
-    benchmark/results/mamujoco_hc_expert_sequential.jsonl (those runs found their dataset already made, so its
+    """plot the default-setting rows (sequential, on the --table-quality data) of a benchmark/table.py results file
+    instead, e.g. benchmark/results/mamujoco_hc2x3.jsonl (those runs found their dataset already made, so its
     generation is not in their times)"""
+    table_quality: str = "expert"
+    """dataset quality of the --table-rows rows to plot (the scripts' default dataset is expert)"""
 
 
 def results_file(cfg: Cfg) -> str:
@@ -93,7 +95,8 @@ def report(cfg: Cfg):
     with open(cfg.table_rows or results_file(cfg)) as f:
         rows = [json.loads(line) for line in f]
     if cfg.table_rows:
-        rows = [dict(r, setting="default") for r in rows if r["decomposition"] == "sequential"]
+        rows = [dict(r, setting="default") for r in rows
+                if r["decomposition"] == "sequential" and r["quality"] == cfg.table_quality]
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, color in (("default", "C0"), ("10x", "C1")):
         rs = [r for r in rows if r["setting"] == setting]

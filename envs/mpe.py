@@ -233,7 +233,7 @@ def scripted_prey_action(prey, world) -> np.ndarray:
 
 
 PREY_EFFORT = 0.5  # fraction of full thrust the prey uses
-# Size of the prey's observation, the input of OMAR's prey network (benchmarks reference §1.2): tag 14 =
+# Size of the prey's observation, the input of OMAR's prey network: tag 14 =
 # vel 2, pos 2, 2 obstacles 4, 3 predators 6; world 22 = vel 2, pos 2, 5 landmarks 10, 3 predators 6,
 # 2 in-forest flags. MPEEnv checks its own prey observation against it.
 PREY_OBS_DIMS = {"simple_tag": 14, "simple_world": 22}

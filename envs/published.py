@@ -3,7 +3,7 @@
     arrays, meta = load_published("data/simple_spread/expert", task="simple_spread",
                                   expect=env_spec("simple_spread"))
 
-Formats (the layouts are described in detail in the benchmarks reference, §1, §4, §5.3, §6.1):
+Formats (layouts and what each loader checks: docs/datasets.md, "Published datasets"):
   omar    OMAR's npy files (MPE spread/tag/world, 2-agent HalfCheetah); also what MADiff/DoF read for MPE
   omiga   OMIGA's MaMuJoCo hdf5 files
   ogmarl  og-marl / flashbax Vaults (read with tensorstore alone, no JAX/TF/flashbax)
@@ -512,7 +512,7 @@ def _load_madiff(path, dataset_seed, task, expect_task):
 # OMAR's datasets were collected against a fixed, pretrained DDPG prey, stored in
 # <root>/<task>/pretrained_adv_model.pt: a legacy (pre-1.6, non-zip) torch pickle of
 # {"init_dict": ..., "agent_params": [one dict per agent: "policy", "critic", "target_policy", ...]},
-# the prey last (benchmarks reference §1.5). Unpickling it can run arbitrary code, so it is done once,
+# the prey last. Unpickling it can run arbitrary code, so it is done once,
 # on request (`trust_pickle`), by `convert_omar_prey`, which keeps only the prey policy's tensors; runs
 # then read the converted file with `load_prey` (torch's weights-only loader, no code executed).
 PREY_FORMAT = "omsd-omar-prey"

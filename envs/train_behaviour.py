@@ -52,7 +52,7 @@ FAMILY_DEFAULTS = {
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
 # `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: README "Datasets".
-# MaMuJoCo's total_steps are the seed-0 runs' budgets, set by session time, not by convergence.
+# MaMuJoCo's total_steps are the seed-0 runs' budgets, not set by convergence (several were still rising).
 TASK_DEFAULTS = {
     # Four times the updates: at one per 32 transitions the spread actors fell below their random
     # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290. The penalty
