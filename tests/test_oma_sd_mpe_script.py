@@ -124,3 +124,24 @@ def test_nan_loss_stops_with_stage_and_step(workdir):
     # a run that fails mid-way keeps its own (new) run directory with the logs so far
     line = _bad(workdir, *TINY, "--critic-lr", "1e30", "--critic-steps", "50", creates_run=True)
     assert "stage 1b (IQL critic)" in line and "at step" in line
+
+
+def test_sample_init_and_diagnostics_on_controlled_data(workdir):
+    """--actor-init samples fits the actors to joint behaviour samples before stage 2; the diagnostics of a run on
+    controlled data report the behaviour fit, the critic and the policy's conventions."""
+    r = run(workdir, *TINY, "--dataset", "multimodal-3", "--actor-init", "samples", "--init-steps", "20",
+            "--init-candidates", "2", "--sample-steps", "4")
+    assert "actors initialised from behaviour samples" in r.stderr
+    res = results_of(workdir, r.stdout)
+    assert res["actor_init"]["candidate"] in (0, 1) and len(res["actor_init"]["regression_loss"]) == 3
+    d = res["diagnostics"]
+    assert len(d["behaviour"]["heldout_denoising_loss"]) == 3 and len(d["behaviour"]["samples_near_a_convention"]) == 3
+    assert set(d["critic"]) == {"q_mean", "mc_return_mean", "abs_error", "pearson_r"}
+    assert d["policy"]["support_distance"] >= 0 and 0 <= d["policy"]["ood_share"] <= 1
+    first = d["policy"]["conventions_first_step"]
+    assert 0 <= first["joint_in_one"] <= 1 and len(first["per_convention"]) == 3
+    # an ordinary quality has no conventions; --no-diagnostics skips them all
+    res = results_of(workdir, run(workdir, *TINY, "--dataset", "medium").stdout)
+    assert "conventions_first_step" not in res["diagnostics"]["policy"] and "samples_near_a_convention" not in \
+        res["diagnostics"]["behaviour"]
+    assert results_of(workdir, run(workdir, *TINY, "--no-diagnostics").stdout)["diagnostics"] is None
