@@ -563,15 +563,15 @@ def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
     (`joint_in_one`) and per convention (which one was chosen; they can overlap where conventions coincide)."""
     d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
     joint = (d < NEAR).all(1)  # (K, B)
-    return {"near_any": (d.min(0) < NEAR).mean(1).round(4).tolist(), "joint_in_one": float(joint.any(0).mean()),
-            "per_convention": joint.mean(1).round(4).tolist()}
+    return {"near_any": (d.min(0) < NEAR).mean(1).tolist(), "joint_in_one": float(joint.any(0).mean()),
+            "per_convention": joint.mean(1).tolist()}
 
 
 @torch.no_grad()
-def behaviour_fit(score_net, data, held, cond_base, mask, args, order, controlled: bool) -> dict:
+def behaviour_fit(score_net, data, held, cond_base, mask, args, order, early=None) -> dict:
     """Held-out denoising loss of every position's model, and where DDIM samples given the dataset's prefix land:
-    their distance to the dataset action, and on controlled data whether they lie near a convention and follow the
-    one the data's prefix chose."""
+    their distance to the dataset action; on controlled data, at the rows `early`, whether they lie near a
+    convention's action and whether it is the convention the data's action is nearest to."""
     g = torch.Generator(held.device).manual_seed(12345)
     idx = held[:2048]
     a0 = data["act"][idx].transpose(0, 1)
@@ -579,14 +579,17 @@ def behaviour_fit(score_net, data, held, cond_base, mask, args, order, controlle
     loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
     samples = sample_actions(score_net, cond_base(idx), mask, torch.randn(a0.shape, generator=g, device=a0.device),
                              args.sample_steps, a_prev=a0)
-    out = {"heldout_denoising_loss": loss.round(decimals=4).tolist(),
-           "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).round(decimals=4).tolist()}
-    if controlled:
-        table = convention_table(data["obs"][idx].transpose(0, 1).cpu().numpy(), order)
-        d_s = np.linalg.norm(samples.cpu().numpy()[None] - table, axis=-1)
+    out = {"heldout_denoising_loss": loss.tolist(),
+           "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist()}
+    if early is not None:  # the first steps of the held-out episodes, where the conventions' actions are far apart
+        a0 = data["act"][early].transpose(0, 1)
+        samples = sample_actions(score_net, cond_base(early), mask, torch.randn(a0.shape, generator=g, device=a0.device),
+                                 args.sample_steps, a_prev=a0).cpu().numpy()
+        table = convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
+        d_s = np.linalg.norm(samples[None] - table, axis=-1)
         d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
-        out["samples_near_a_convention"] = (d_s.min(0) < NEAR).mean(1).round(4).tolist()
-        out["samples_follow_data_convention"] = (d_s.argmin(0) == d_a.argmin(0)).mean(1).round(4).tolist()
+        out["samples_near_a_convention"] = (d_s.min(0) < NEAR).mean(1).tolist()
+        out["samples_follow_data_convention"] = (d_s.argmin(0) == d_a.argmin(0)).mean(1).tolist()
     return out
 
 
@@ -649,6 +652,15 @@ class Progress:
 
     def rate(self, step: int) -> float:
         return (step - self.start) / max(self.seconds, 1e-9)
+
+
+def rounded(x, digits: int = 4):
+    """x with every float rounded (for results.json)."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return round(x, digits) if isinstance(x, float) else x
 
 
 def flat_scalars(d: dict, prefix: str = "") -> dict:
@@ -960,7 +972,7 @@ def main(args: Args) -> dict:
             if best is None or q > best[0]:
                 best = (q, c, target)
         init_loss = fit_actors(actors, obs_all, best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g_init)
-        init_record = {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.round(decimals=4).tolist(),
+        init_record = {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(),
                        "seconds": time.time() - t0}
         print(f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
               f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)", file=sys.stderr)
@@ -1035,8 +1047,10 @@ def main(args: Args) -> dict:
     if args.diagnostics:
         t0 = time.time()
         controlled = bool(meta.get("behaviour", {}).get("conventions")) and args.env_id == "simple_spread"
+        step_in_episode = np.arange(N) - np.concatenate([[0], episode_ends(arrays) + 1])[episode]
+        early = torch.as_tensor(np.flatnonzero(is_held & (step_in_episode < 5))).to(device) if controlled else None
         diagnostics = {"behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order,
-                                                  controlled),
+                                                  early),
                        "critic": critic_quality(q_target, data, arrays, args.gamma)}
         if args.env_id != "bandit":
             record = []
@@ -1058,6 +1072,7 @@ def main(args: Args) -> dict:
                 diagnostics["policy"]["conventions_first_step"] = convention_stats(
                     act_e[:, :E], convention_table(obs_e[:, :E], order))
         diagnostics["seconds"] = time.time() - t0
+        diagnostics = rounded(diagnostics)
         for key, v in flat_scalars(diagnostics).items():
             writer.add_scalar(f"diagnostics/{key}", v, args.policy_steps)
         print(f"diagnostics: {json.dumps(diagnostics)}", file=sys.stderr)
