@@ -28,6 +28,7 @@ import re
 import secrets
 import sys
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -147,6 +148,44 @@ def tmp_pattern(path: str) -> str:
     return re.escape(f".tmp-{os.path.basename(path)}-") + r"\d+-[0-9a-f]{8}\.part"
 
 
+TMP_ANY = r"\.tmp-(?P<target>.+)-\d+-[0-9a-f]{8}\.part"  # a temporary of any dataset in the directory
+TMP_OLD = r"\.tmp-[a-z0-9_]{8}\.npz"  # tempfile.mkstemp's names, used by earlier versions of this writer
+OLD_AFTER = 3600  # seconds without a change after which such a file has no writer any more
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporaries interrupted writes left in the directory of `path`, whose lock the caller holds:
+    those of `path` itself, those of other datasets whose lock is free (so no live writer's), and the unnamed
+    ones of earlier versions unchanged for an hour. Returns the names removed."""
+    d = os.path.dirname(os.path.abspath(path))
+    removed = remove_stale(d, tmp_pattern(path))
+    try:
+        names = os.listdir(d)
+    except OSError:
+        names = []
+    for name in names:
+        m = re.fullmatch(TMP_ANY, name)
+        if m and m["target"] != os.path.basename(path):
+            other = LockFile(lock_path(os.path.join(d, m["target"])))
+            try:
+                if other.acquire(blocking=False):
+                    try:
+                        removed += remove_stale(d, tmp_pattern(os.path.join(d, m["target"])))
+                    finally:
+                        other.release()
+            except OSError:
+                pass
+        elif re.fullmatch(TMP_OLD, name):
+            try:
+                if time.time() - os.stat(os.path.join(d, name)).st_mtime > OLD_AFTER:
+                    removed += remove_stale(d, re.escape(name))
+            except OSError:
+                pass
+    for name in removed:
+        print(f"removed {os.path.join(d, name)}, a temporary file an interrupted dataset write left behind", file=sys.stderr)
+    return removed
+
+
 def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = False) -> dict:
     """Validate, checksum and write atomically (temporary file + rename). Returns the metadata written.
     Writers of one path take turns (a lock file beside it); temporaries an interrupted writer left are removed."""
@@ -175,8 +214,7 @@ def write_locked(path: str, arrays: dict, metadata: dict, overwrite: bool = Fals
                 state_dim=int(arrays["state"].shape[1]), sha256=checksum(arrays))
     check_writable(path)
     d = os.path.dirname(os.path.abspath(path))
-    for name in remove_stale(d, tmp_pattern(path)):
-        print(f"removed {name}, a temporary file an interrupted write of {path} left behind", file=sys.stderr)
+    remove_stale_temporaries(path)
     # created like any new file (0o666 minus the umask), not mkstemp's 0o600: a shared data directory stays readable
     tmp = os.path.join(d, f".tmp-{os.path.basename(path)}-{os.getpid()}-{secrets.token_hex(4)}.part")
     try:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, check_writable, load_dataset, tmp_pattern, write_locked
-from envs.files import LockFile, lock_path, remove_stale
+from envs.dataset import (TMP_ANY, TMP_OLD, DatasetError, check_writable, load_dataset, remove_stale_temporaries,
+                           write_locked)
+from envs.files import LockFile, lock_path
 
 N_CHUNKS = 16  # work split of a dataset: fixed, so that the file does not depend on the number of workers
 
@@ -102,14 +103,14 @@ def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dic
     existing file with other values is refused, never used in their place."""
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory, not a dataset file; remove it or choose another path")
-    if not os.path.exists(path) or any(re.fullmatch(tmp_pattern(path), f) for f in _names(os.path.dirname(path))):
+    if not os.path.exists(path) or any(re.fullmatch(TMP_ANY, f) or re.fullmatch(TMP_OLD, f)
+                                       for f in _names(os.path.dirname(path))):
         check_writable(path)  # before minutes of rollouts
         lock = LockFile(lock_path(path))
         lock.acquire(on_wait=lambda pid: print(f"waiting for process {pid or '(unknown)'}, which is making {path}",
                                                file=sys.stderr, flush=True))
         try:
-            for name in remove_stale(os.path.dirname(os.path.abspath(path)), tmp_pattern(path)):
-                print(f"removed {name}, a temporary file an interrupted write of {path} left behind", file=sys.stderr)
+            remove_stale_temporaries(path)
             if not os.path.exists(path):
                 arrays, meta = make()
                 write_locked(path, arrays, meta)

@@ -344,9 +344,14 @@ def test_kill_during_a_dataset_write_leaves_a_temporary_the_next_write_removes(t
     assert r.returncode == -signal.SIGKILL
     (tmp,) = [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     assert set(os.listdir(tmp_path)) == {tmp, "d.npz.lock"}  # what a kill -9 leaves
+    other = tmp_path / ".tmp-e.npz-1-0123abcd.part"  # another dataset's, whose writer is gone (its lock is free)
+    old, fresh = tmp_path / ".tmp-abcd_123.npz", tmp_path / ".tmp-efgh_456.npz"  # mkstemp's, by earlier versions
+    for f in (other, old, fresh):
+        f.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
     a = toy_arrays()
     arrays, _, _ = generation.ensure(p, lambda: (a, {}), None)
-    assert os.listdir(tmp_path) == ["d.npz"] and ds.checksum(arrays) == ds.checksum(a)
+    assert sorted(os.listdir(tmp_path)) == [fresh.name, "d.npz"] and ds.checksum(arrays) == ds.checksum(a)
 
 
 HOLDER = """
@@ -372,6 +377,8 @@ def test_a_live_writer_is_waited_for_and_its_temporary_left_alone(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        ds.save_dataset(str(tmp_path / "e.npz"), toy_arrays(), {})  # a write in the same directory meanwhile
+        assert os.path.exists(tmp)
         made, result = [], {}
         t = threading.Thread(target=lambda: result.update(r=generation.ensure(p, lambda: made.append(1), None)))
         t.start()
