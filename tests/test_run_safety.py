@@ -203,6 +203,16 @@ def test_save_atomic_reports_torch_write_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(files.shutil, "disk_usage", lambda d: type("Usage", (), {"free": 0})())  # a full disk
     with pytest.raises(runs.RunError, match=r"cannot write .*x\.pt \(No space left on device\)"):
         runs.save_atomic({"a": 1}, str(tmp_path / "x.pt"))
+    real = json.dump
+
+    def dump(obj, f, **k):
+        f.write("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(runs.RunError, match=r"cannot write .*results\.json \(No space left on device\)"):
+        runs.write_json_atomic({"a": 1}, str(tmp_path / "results.json"))
+    monkeypatch.setattr(json, "dump", real)
     assert os.listdir(tmp_path) == []
 
 
@@ -295,6 +305,8 @@ def test_messages_name_the_real_problem(here, spread, monkeypatch):
     assert "x.npz is a directory, not a dataset file" in one_error(*as_main(MPE, *MPE_TINY, "--dataset-path", "x.npz")[::2])
     with pytest.raises(ds.DatasetError, match="is a zip archive but not a torch file"):
         prey_file_kind(str(path))
+    with pytest.raises(ds.DatasetError, match="x.npz is a directory; give OMAR's pretrained_adv_model.pt"):
+        prey_file_kind("x.npz")
     real = np.load
     monkeypatch.setattr(np, "load", lambda p, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)))
     with pytest.raises(ds.DatasetError, match=r"cannot read .* \(Permission denied\); check its permissions"):
@@ -491,12 +503,14 @@ TB_TINY = dict(task="simple_spread", total_steps=16, learning_starts=8, eval_eve
 @pytest.mark.parametrize("kw,msg", [
     (dict(seed=-1), "--seed must be an integer in 0..4294967295"), (dict(gamma=2.0), "--gamma must be finite and in (0, 1]"),
     (dict(num_envs=0), "--num-envs must be a positive integer"), (dict(lr=float("nan")), "--lr must be finite and > 0"),
-    (dict(out="."), "is a directory"),
+    (dict(out="."), "is a directory"), (dict(out="f/b.pt"), "cannot write the checkpoint f/b.pt"),
 ])
-def test_behaviour_trainer_bad_settings(tmp_path, kw, msg):
+def test_behaviour_trainer_bad_settings(tmp_path, monkeypatch, kw, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("a file where a directory is needed")
     with pytest.raises(runs.RunError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         train_behaviour(BehaviourArgs(**{**TB_TINY, "out": str(tmp_path / "b.pt"), **kw}))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["f"]
 
 
 def test_behaviour_trainer_refuses_other_files_locks_and_write_errors(tmp_path, monkeypatch):
