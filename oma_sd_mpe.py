@@ -30,8 +30,12 @@ from torch.utils.tensorboard import SummaryWriter
 from envs import bandit
 from envs.dataset import DatasetError, checksum, episode_ends, load_dataset
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
-from envs.mpe_data import CONVENTIONS, DEFAULT_TRANSITIONS, convention_actions, ensure_dataset, env_spec, task_qualities
+from envs.mpe_data import (CONVENTIONS, DEFAULT_TRANSITIONS, check_metadata, convention_actions, ensure_dataset,
+                            env_spec, task_qualities)
 from envs.published import FORMATS, PREY_OBS_DIMS, convert_omar_prey, load_prey, load_published, prey_file_kind
+from envs.runs import (Interrupted, Progress, RunError, cache_path, check_common_args, check_dirs, check_finite,
+                        checkpoint, on_stop_signal, open_run, partial_path, remove, report_finished, resume_stage,
+                        save_atomic, write_json_atomic)
 
 ENV_IDS = TASKS + ("bandit",)
 HOLDOUT_EVERY = 50  # every 50th episode is held out of stage 1a, to measure the behaviour models' fit
@@ -198,10 +202,6 @@ BETA_DEFAULTS = {
 }
 
 
-class RunError(Exception):
-    """Bad input or a failed run; printed as one line, exit code 2."""
-
-
 def resolve_args(args: Args) -> Args:
     """Fill per-env defaults and reject bad settings before anything is written."""
     if args.env_id not in ENV_IDS:
@@ -235,6 +235,8 @@ def resolve_args(args: Args) -> Args:
         raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
     if args.prey_path and args.env_id not in PREY_OBS_DIMS:
         raise RunError(f"--prey-path is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
+    n_agents = (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"]) if args.agent_order else None
+    check_common_args(args, n_agents)
     return args
 
 
@@ -274,6 +276,7 @@ def load_data(args: Args) -> tuple[dict, dict, str]:
     if args.dataset_path and (args.dataset_format == "project" or
                               (args.dataset_format == "auto" and args.dataset_path.endswith(".npz"))):
         arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
+        check_metadata(args.dataset_path, meta)  # env version, and the file name's task / quality / size / seed
         return arrays, meta, args.dataset_path
     if args.dataset_path:
         fmt = None if args.dataset_format == "auto" else args.dataset_format
@@ -625,35 +628,6 @@ def critic_quality(q_target, data, arrays, gamma: float, n: int = 10_000) -> dic
             "pearson_r": corr}
 
 
-# ---------------------------------------------------------------------------------------------
-# Bookkeeping
-# ---------------------------------------------------------------------------------------------
-class Progress:
-    """Status of a stage: step, steps/s, ETA. Rewritten in place on a terminal (twice a second), otherwise
-    one line every 10 s, so that logs stay readable."""
-
-    def __init__(self, stage: str, total: int, start: int = 0):
-        self.stage, self.total, self.start, self.t0, self.last = stage, total, start, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, extra: str = ""):
-        now = time.time()
-        if now - self.last > (0.5 if self.tty else 10.0) or step == self.total:
-            sps = (step - self.start) / max(now - self.t0, 1e-9)
-            eta = (self.total - step) / max(sps, 1e-9)
-            line = f"[{self.stage}] {step:>8d}/{self.total}  {sps:7.1f} steps/s  eta {eta:5.0f}s  {extra}"
-            end = "\n" if step == self.total or not self.tty else ""
-            print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-            self.last = now
-
-    @property
-    def seconds(self):
-        return time.time() - self.t0
-
-    def rate(self, step: int) -> float:
-        return (step - self.start) / max(self.seconds, 1e-9)
-
-
 def rounded(x, digits: int = 4):
     """x with every float rounded (for results.json)."""
     if isinstance(x, dict):
@@ -676,101 +650,10 @@ def flat_scalars(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_finite(loss, stage: str, step: int):
-    if not torch.isfinite(loss).all():
-        raise RunError(f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
-                       f"at step {step}; lower the learning rate or check the data")
-
-
-def cache_path(args: Args, kind: str, fields: dict) -> str:
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(args.cache_dir, f"{args.env_id}-{kind}-{key}.pt")
-
-
-def load_cached(path: str, fields: dict):
-    """A checkpoint this script wrote for exactly `fields`, or None if there is none."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: tensors and plain values only
-        saved = json.loads(ckpt["fields"])
-    except Exception as e:
-        raise RunError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it") from None
-    fields = json.loads(json.dumps(fields))  # as stored: tuples become lists
-    if saved != fields:
-        k = next(k for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
-                 if saved.get(k) != fields.get(k))
-        raise RunError(f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
-                       f"{fields.get(k)!r} here); delete it or use another --cache-dir")
-    return ckpt
-
-
-def save_atomic(obj, path: str):
-    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# Resume: the stage in progress is checkpointed every --checkpoint-every steps to `<cache>.partial.pt` (models,
-# optimisers, schedulers, RNG state, step). Ctrl-C / SIGTERM only set a flag; the loop saves at the end of the
-# step and stops, so a checkpoint always holds a whole number of steps and resuming reproduces the numbers.
-STOP = {"signal": None}
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the stage was checkpointed; rerunning the command continues it."""
-
-
-def on_stop_signal(signum, frame):
-    STOP["signal"] = signum
-    print("\nstopping after the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
-
-
-def partial_path(path: str) -> str:
-    return path[: -len(".pt")] + ".partial.pt"
-
-
-def resume_stage(args: Args, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
-    """Load the checkpoint of an interrupted stage into `objs` (models, optimisers, schedulers) and the RNG `g`.
-    Returns (steps done, seconds spent, extra state); (0, 0.0, {}) when there is nothing to resume."""
-    ckpt = load_cached(partial_path(path), fields) if args.resume else None
-    if ckpt is None:
-        return 0, 0.0, {}
-    for k, o in objs.items():
-        o.load_state_dict(ckpt[k])
-    g.set_state(ckpt["rng"])
-    print(f"[{stage}] resuming from step {ckpt['step']} ({partial_path(path)})", file=sys.stderr)
-    return ckpt["step"], ckpt["seconds"], json.loads(ckpt["extra"])
-
-
-def checkpoint(args: Args, path: str, fields: dict, stage: str, objs: dict, g, step: int, total: int,
-               seconds: float, extra: dict | None = None):
-    """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM."""
-    stop = STOP["signal"] is not None
-    if stop or (step % args.checkpoint_every == 0 and step < total):
-        save_atomic({**{k: o.state_dict() for k, o in objs.items()}, "rng": g.get_state(), "step": step,
-                     "seconds": seconds, "extra": json.dumps(extra or {}), "fields": json.dumps(fields)},
-                    partial_path(path))
-    if stop:
-        raise Interrupted(f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command "
-                          f"again to continue")
-
-
-def remove(path: str):
-    if os.path.exists(path):
-        os.remove(path)
-
-
 def main(args: Args) -> dict:
-    t_start = time.time()  # wall-clock of the whole run (a resumed run counts from its restart)
+    t_start = time.time()  # wall-clock of the whole run: open_run moves it back by earlier processes' time
     args = resolve_args(args)
+    check_dirs(args)
     prey, prey_record = load_prey_arg(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -794,31 +677,10 @@ def main(args: Args) -> dict:
     run_fields["dataset_sha256"] = meta["sha256"]
     if prey is not None:  # the prey itself, not the path it came from (runs with the scripted prey keep their key)
         run_fields["prey_sha256"] = prey_record["source_sha256"]
-    run_ckpt = cache_path(args, "run", run_fields)
-    previous = load_cached(run_ckpt, run_fields) if args.resume else None
-    if previous is not None and os.path.isdir(previous["run_dir"]) \
-            and not os.path.exists(os.path.join(previous["run_dir"], "results.json")):
-        run_dir = previous["run_dir"]
-        print(f"continuing the interrupted run {run_dir}", file=sys.stderr)
-    else:
-        dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
-        run_name = f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
-        try:
-            os.makedirs("runs", exist_ok=True)
-            for k in range(1000):  # never reuse (and overwrite) an existing run directory
-                run_dir = os.path.join("runs", run_name + (f"_{k}" if k else ""))
-                try:
-                    os.mkdir(run_dir)
-                    break
-                except FileExistsError:
-                    continue
-        except OSError as e:
-            raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
-                           f"run from a writable directory") from None
-        try:
-            save_atomic({"run_dir": run_dir, "fields": json.dumps(run_fields)}, run_ckpt)
-        except OSError as e:
-            raise RunError(f"cannot write to --cache-dir {args.cache_dir}: {e.strerror}; give a writable one") from None
+    run = open_run(args, run_fields, t_start)
+    if run.finished is not None:  # killed after its results.json was written: nothing left to do
+        return report_finished(run)
+    run_dir, run_ckpt, t_start = run.dir, run.marker, run.t_start
     if args.track:
         import wandb
 
@@ -860,7 +722,7 @@ def main(args: Args) -> dict:
             return data["state"][idx].unsqueeze(0).expand(n, -1, -1)
         return data["obs"][idx].transpose(0, 1)
 
-    cached = load_cached(path, fields)
+    cached = run.claim(path, fields, "stage 1a")  # waits while another process trains the same models
     if cached is not None:
         score_net.load_state_dict(cached["model"])
         timing["diffusion"] = {"cached": path}
@@ -887,8 +749,10 @@ def main(args: Args) -> dict:
             bar.update(step, f"loss {loss.mean().item():.3f}")
             checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
         timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+        run.trained("diffusion", timing["diffusion"])
         save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
         remove(partial_path(path))
+        run.release(path)
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
@@ -900,7 +764,7 @@ def main(args: Args) -> dict:
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
     q_target.load_state_dict(q_net.state_dict())
-    cached = load_cached(path, fields)
+    cached = run.claim(path, fields, "stage 1b")
     if cached is not None:
         q_net.load_state_dict(cached["q"])
         q_target.load_state_dict(cached["q_target"])
@@ -940,9 +804,11 @@ def main(args: Args) -> dict:
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
             checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
         timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
+        run.trained("critic", timing["critic"])
         save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
                      "fields": json.dumps(fields)}, path)
         remove(partial_path(path))
+        run.release(path)
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -1091,7 +957,7 @@ def main(args: Args) -> dict:
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
                   " bandit: a1 * a2",
         "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-        "stages": timing, "stage1_cache": cache, "actor_init": init_record, "diagnostics": diagnostics,
+        "stages": run.stages_of(timing), "stage1_cache": cache, "actor_init": init_record, "diagnostics": diagnostics,
         "args": asdict(args),
     }
     if args.env_id == "bandit":
@@ -1099,12 +965,9 @@ def main(args: Args) -> dict:
             results["final_actions"] = actors(torch.ones(n, 1, bandit.OBS_DIM))[:, 0, 0].tolist()
     if args.save_model:
         save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
-    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    write_json_atomic(results, os.path.join(run_dir, "results.json"))
     writer.close()
-    remove(partial_path(run_ckpt))
-    remove(run_ckpt)
+    run.close()  # removes the run's checkpoint and marker
     score = f", normalized score {results['final_normalized_score']:.1f} (paper constants {norm})" if norm else ""
     print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
     return results

@@ -24,10 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
+import sys
 import tempfile
+import time
 import zipfile
 
 import numpy as np
+
+from envs.files import LockFile, describe_write_error, lock_path, remove_stale
 
 FORMAT = "omsd-marl-dataset"
 FORMAT_VERSION = 1
@@ -75,26 +81,37 @@ def return_stats(returns: np.ndarray, metric_name: str) -> dict:
 
 
 def validate(arrays: dict, where: str) -> int:
-    """Check keys, shapes, dtypes and finiteness; returns the number of agents."""
+    """Check keys, shapes, dtypes, finiteness and the action range; returns the number of agents."""
     n = n_agents_of(arrays)
     if n == 0:
         raise DatasetError(f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see README, Datasets)")
-    N = len(arrays["obs_0"])
     required = [f"{k}_{i}" for i in range(n) for k in ("obs", "actions", "rewards", "next_obs")]
     required += ["terminals", "truncations", "state", "next_state"]
     missing = [k for k in required if k not in arrays]
     if missing:
         raise DatasetError(f"{where}: missing array(s) {', '.join(missing)}; regenerate the file or fix the writer (see README, Datasets)")
+    N = len(arrays["obs_0"]) if np.ndim(arrays["obs_0"]) else 0
     for k in required:
         a = arrays[k]
-        if len(a) != N:
-            raise DatasetError(f"{where}: array {k} has {len(a)} rows but obs_0 has {N}; all arrays must have one row per transition")
         want_ndim = 1 if k.startswith(("rewards", "terminals", "truncations")) else 2
         if a.ndim != want_ndim:
             raise DatasetError(f"{where}: array {k} has shape {a.shape}, expected {want_ndim} dimension(s)")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        if len(a) != N:
+            raise DatasetError(f"{where}: array {k} has {len(a)} rows but obs_0 has {N}; all arrays must have one row per transition")
+        flags = k in ("terminals", "truncations")
+        if flags and a.dtype != np.bool_:
+            raise DatasetError(f"{where}: array {k} has dtype {a.dtype}, expected bool (the format's episode flags); "
+                               f"convert it with .astype(bool) where it was written")
+        if not flags and a.dtype.kind != "f":
+            raise DatasetError(f"{where}: array {k} has dtype {a.dtype}, expected floating point (float32); "
+                               f"convert it where it was written (integer, complex or text data are not accepted)")
+        if not flags and not np.all(np.isfinite(a)):
             bad = int(np.flatnonzero(~np.isfinite(a).reshape(N, -1).all(1))[0])
             raise DatasetError(f"{where}: array {k} has a non-finite value (NaN or inf) at row {bad}; clean the data before training")
+        if k.startswith("actions") and N and np.abs(a).max() > 1.0:
+            bad = int(np.flatnonzero((np.abs(a) > 1.0).any(1))[0])
+            raise DatasetError(f"{where}: array {k} has a value outside [-1, 1] ({a[bad][np.abs(a[bad]) > 1.0][0]:g} at row "
+                               f"{bad}); the format's actions are scaled to [-1, 1], rescale them where they were written")
     for i in range(n):
         if arrays[f"next_obs_{i}"].shape != arrays[f"obs_{i}"].shape:
             raise DatasetError(f"{where}: next_obs_{i} {arrays[f'next_obs_{i}'].shape} differs from obs_{i} {arrays[f'obs_{i}'].shape}")
@@ -126,8 +143,65 @@ def check_writable(path: str):
                            f"directory") from None
 
 
+def tmp_pattern(path: str) -> str:
+    """The names of the temporary files `save_dataset` writes for `path` (regex, see envs.files.remove_stale)."""
+    return re.escape(f".tmp-{os.path.basename(path)}-") + r"\d+-[0-9a-f]{8}\.part"
+
+
+TMP_ANY = r"\.tmp-(?P<target>.+)-\d+-[0-9a-f]{8}\.part"  # a temporary of any dataset in the directory
+TMP_OLD = r"\.tmp-[a-z0-9_]{8}\.npz"  # tempfile.mkstemp's names, used by earlier versions of this writer
+OLD_AFTER = 3600  # seconds without a change after which such a file has no writer any more
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporaries interrupted writes left in the directory of `path`, whose lock the caller holds:
+    those of `path` itself, those of other datasets whose lock is free (so no live writer's), and the unnamed
+    ones of earlier versions unchanged for an hour. Returns the names removed."""
+    d = os.path.dirname(os.path.abspath(path))
+    removed = remove_stale(d, tmp_pattern(path))
+    try:
+        names = os.listdir(d)
+    except OSError:
+        names = []
+    for name in names:
+        m = re.fullmatch(TMP_ANY, name)
+        if m and m["target"] != os.path.basename(path):
+            other = LockFile(lock_path(os.path.join(d, m["target"])))
+            try:
+                if other.acquire(blocking=False):
+                    try:
+                        removed += remove_stale(d, tmp_pattern(os.path.join(d, m["target"])))
+                    finally:
+                        other.release()
+            except OSError:
+                pass
+        elif re.fullmatch(TMP_OLD, name):
+            try:
+                if time.time() - os.stat(os.path.join(d, name)).st_mtime > OLD_AFTER:
+                    removed += remove_stale(d, re.escape(name))
+            except OSError:
+                pass
+    for name in removed:
+        print(f"removed {os.path.join(d, name)}, a temporary file an interrupted dataset write left behind", file=sys.stderr)
+    return removed
+
+
 def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = False) -> dict:
-    """Validate, checksum and write atomically (temporary file + rename). Returns the metadata written."""
+    """Validate, checksum and write atomically (temporary file + rename). Returns the metadata written.
+    Writers of one path take turns (a lock file beside it); temporaries an interrupted writer left are removed."""
+    lock = LockFile(lock_path(path))
+    check_writable(path)
+    lock.acquire()
+    try:
+        return write_locked(path, arrays, metadata, overwrite)
+    finally:
+        lock.release()
+
+
+def write_locked(path: str, arrays: dict, metadata: dict, overwrite: bool = False) -> dict:
+    """save_dataset for a caller that holds the lock of `path` (`LockFile(lock_path(path))`)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a directory; remove it or choose another file name for the dataset")
     if os.path.exists(path) and not overwrite:
         raise DatasetError(f"{path} already exists; delete it or choose another path (datasets are never overwritten silently)")
     arrays = {k: np.asarray(v) for k, v in arrays.items() if k != "metadata"}
@@ -139,26 +213,37 @@ def save_dataset(path: str, arrays: dict, metadata: dict, overwrite: bool = Fals
                 act_dims=[int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
                 state_dim=int(arrays["state"].shape[1]), sha256=checksum(arrays))
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
+    d = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(path)
+    # created like any new file (0o666 minus the umask), not mkstemp's 0o600: a shared data directory stays readable
+    tmp = os.path.join(d, f".tmp-{os.path.basename(path)}-{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             write_npz(f, {"metadata": np.array(json.dumps(meta, sort_keys=True)), **arrays})
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        size = sum(a.nbytes for a in arrays.values()) / 2**20
+        raise DatasetError(f"cannot write {path} ({describe_write_error(e, d)}); the dataset needs about {size:.0f} MiB: "
+                           f"free disk space or set OMSD_DATA_DIR (or --out) to another directory") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     return meta
 
 
 def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
     """Load and verify a dataset file. `expect` may hold task, n_agents, obs_dims, act_dims, state_dim
     (what the env needs); any mismatch is a DatasetError naming both values."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a directory, not a dataset file; give the path of the .npz file")
     if not os.path.isfile(path):
         raise DatasetError(f"dataset file {path} does not exist; check --dataset-path, or drop it to generate the project's dataset")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except PermissionError as e:
+        raise DatasetError(f"cannot read {path} ({e.strerror}); check its permissions (it must be readable by you)") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise DatasetError(f"{path} is truncated or corrupted ({type(e).__name__}: {e}); delete it and generate or copy it again") from None
     if "metadata" not in arrays:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, check_writable, load_dataset, save_dataset
+from envs.dataset import (TMP_ANY, TMP_OLD, DatasetError, check_writable, load_dataset, remove_stale_temporaries,
+                           write_locked)
+from envs.files import LockFile, lock_path
 
 N_CHUNKS = 16  # work split of a dataset: fixed, so that the file does not depend on the number of workers
 
@@ -93,20 +96,59 @@ def run_chunks(fn, jobs: list, workers: int, label: str, total: int, verbose: bo
     return parts
 
 
-def ensure(path: str, make, expect: dict) -> tuple[dict, dict, str]:
+def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dict, dict, str]:
     """Load the dataset at `path`, making it first with make() -> (arrays, metadata) if it does not exist.
-    Two processes making the same file at once both succeed (the writes are atomic)."""
-    if not os.path.exists(path):
+    Processes making the same file take turns (a lock file beside it): the second waits for the first and
+    loads its file. `want`: metadata values the file must have (task, quality, env version, size, seed); an
+    existing file with other values is refused, never used in their place."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a directory, not a dataset file; remove it or choose another path")
+    if not os.path.exists(path) or any(re.fullmatch(TMP_ANY, f) or re.fullmatch(TMP_OLD, f)
+                                       for f in _names(os.path.dirname(path))):
         check_writable(path)  # before minutes of rollouts
-        arrays, meta = make()
+        lock = LockFile(lock_path(path))
+        lock.acquire(on_wait=lambda pid: print(f"waiting for process {pid or '(unknown)'}, which is making {path}",
+                                               file=sys.stderr, flush=True))
         try:
-            save_dataset(path, arrays, meta)
-        except DatasetError:
-            if not os.path.exists(path):  # anything but "another run made it meanwhile" is a real error
-                raise
-        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
+            remove_stale_temporaries(path)
+            if not os.path.exists(path):
+                arrays, meta = make()
+                write_locked(path, arrays, meta)
+                print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
+        finally:
+            lock.release()
     arrays, meta = load_dataset(path, expect=expect)
+    for k, v in (want or {}).items():
+        if meta.get(k) != v:
+            raise DatasetError(f"{path} exists but holds another dataset ({k} {meta.get(k)!r}, not {v!r}); delete it "
+                               f"to make the requested one, or choose another path")
     return arrays, meta, path
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory or ".")
+    except OSError:
+        return []
+
+
+def check_metadata(path: str, meta: dict, tasks: tuple, qualities: tuple, env_version: str):
+    """For a project-format file given by path: DatasetError if its metadata names another env version than
+    this code's, or disagrees with its file name when that has the generators' form
+    `<task>-<quality>-<env version>[-b<tag>]-n<transitions>-s<seed>.npz` (tag: a checkpoint hash or `ctrl<version>`)."""
+    if "env_version" in meta and meta["env_version"] != env_version:
+        raise DatasetError(f"{path} was made on env version {meta['env_version']!r}, but this code's env is "
+                           f"{env_version!r}; use data made on this version (drop --dataset-path to generate it)")
+    alt = lambda xs: "|".join(re.escape(x) for x in sorted(xs, key=len, reverse=True))
+    m = re.fullmatch(rf"(?P<task>{alt(tasks)})-(?P<quality>{alt(qualities)})-{re.escape(env_version)}(?:-b(?:[0-9a-f]{{8}}|ctrl\d+))?"
+                     rf"-n(?P<n_transitions>\d+)-s(?P<generation_seed>\d+)\.npz", os.path.basename(path))
+    if m is None:
+        return
+    for k, v in m.groupdict().items():
+        v = int(v) if k in ("n_transitions", "generation_seed") else v
+        if k in meta and meta[k] != v:
+            raise DatasetError(f"{path}: the file name says {k} {v!r} but its metadata says {meta[k]!r}; the file was "
+                               f"renamed or replaced, delete it or give it a name that matches its content")
 
 
 def card_rows(paths: list[str]) -> list[str]:
@@ -138,7 +180,8 @@ class Args:
     workers: int = 2
     """processes used for rollouts (the output does not depend on it)"""
     out: str = ""
-    """output path (default datasets/<family>/<task>-<quality>-<env version>-n<N>-s<seed>.npz); only for one dataset"""
+    """output path (default $OMSD_DATA_DIR or datasets/, then <family>/<task>-<quality>-<env version>[-b<behaviour
+    checkpoints tag>]-n<N>-s<seed>.npz); only for one dataset"""
     card: bool = False
     """print the dataset cards (markdown) of the datasets made with these settings instead"""
 
@@ -158,12 +201,21 @@ def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: 
                     for q in ((task_qualities(t) if task_qualities else qualities) if args.quality == "all" else (args.quality,))]
         if args.out and len(selected) > 1:
             raise DatasetError("--out names one file; give one --task and one --quality with it")
+        if not 0 <= args.seed < 2**32:
+            raise DatasetError(f"--seed must be an integer in 0..{2**32 - 1}, got {args.seed}")
+        if args.n_transitions <= 0:
+            raise DatasetError(f"--n-transitions must be a positive integer, got {args.n_transitions}")
+        if args.workers <= 0:
+            raise DatasetError(f"--workers must be a positive integer, got {args.workers}")
         paths = [args.out or default_path(t, q, args.n_transitions, args.seed) for t, q in selected]
         if args.card:
             print("\n".join(card_rows([p for p in paths if os.path.exists(p)])))
             return
         for (t, q), path in zip(selected, paths):
+            existed = os.path.exists(path)
             ensure_dataset(t, q, args.n_transitions, args.seed, path, args.workers)
+            if existed:
+                print(f"{path} already holds this dataset; nothing to do", file=sys.stderr)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ Qualities (OMAR / D4RL recipe; see README "Datasets"):
   medium-expert  medium and expert, half each (as OMIGA's datasets)
   mixture        the experts of independently trained runs (seeds 0, 1, 2), a third each; how much their
                  gaits differ: README "Multi-agent MuJoCo datasets"
+
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions. Episodes last up to 1000 steps; Hopper
 and Ant end early when unhealthy (a terminal). Datasets hold an exact number of transitions: the last episode
 of each chunk of work is cut there and marked as a truncation.
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, behaviour_tag, cli, ensure, load_behaviour_file, package_versions,
-                             run_chunks, snapshot_info)
+from envs.generation import (N_CHUNKS, behaviour_tag, check_metadata as _check_metadata, cli, ensure,
+                             load_behaviour_file, package_versions, run_chunks, snapshot_info)
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
 from envs.policies import StackedActor, actor_from_state_dict
 
@@ -205,7 +206,14 @@ def ensure_dataset(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANS
                    path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(env_id, quality, n_transitions, seed)
-    return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id))
+    want = {"task": env_id, "quality": quality, "env_version": ENV_VERSION, "n_transitions": n_transitions,
+            "generation_seed": seed}
+    return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id), want)
+
+
+def check_metadata(path: str, meta: dict):
+    """DatasetError if a dataset file's metadata names another env version or disagrees with its file name."""
+    _check_metadata(path, meta, ENV_IDS, QUALITIES, ENV_VERSION)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Qualities (OMAR's recipe, see README "Datasets"):
   mixture        the expert with its agents' roles permuted (the 3 cyclic permutations of which network
                  drives which agent), equal shares: three coordination conventions of about the same
                  quality (e.g. which agent takes which landmark), i.e. multimodal joint behaviour
+
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions, as in OMAR's data.
 
 Controlled multimodal data (simple_spread only), where the joint modes are known by construction: a
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, behaviour_tag, cli, ensure, load_behaviour_file, package_versions,
-                             run_chunks, snapshot_info)
+from envs.generation import (N_CHUNKS, behaviour_tag, check_metadata as _check_metadata, cli, ensure,
+                             load_behaviour_file, package_versions, run_chunks, snapshot_info)
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
@@ -221,7 +222,14 @@ def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
                    path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
-    return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task))
+    want = {"task": task, "quality": quality, "env_version": ENV_VERSION, "n_transitions": n_transitions,
+            "generation_seed": seed}
+    return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task), want)
+
+
+def check_metadata(path: str, meta: dict):
+    """DatasetError if a dataset file's metadata names another env version or disagrees with its file name."""
+    _check_metadata(path, meta, TASKS, QUALITIES + tuple(CONTROLLED), ENV_VERSION)
 
 
 if __name__ == "__main__":

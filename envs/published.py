@@ -533,13 +533,29 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _is_torch_zip(path: str) -> bool:
+    """torch.save's zip files hold <archive>/data.pkl (a .npz holds .npy members)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True  # unreadable as a zip: let the torch loader report it
+
+
 def prey_file_kind(path: str) -> str:
     """'converted' (written by convert_omar_prey: safe to load) or 'pickle' (any other torch file, e.g. OMAR's
     original .pt: loading it runs code). Never unpickles anything; DatasetError if `path` is not a torch file."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a directory; give OMAR's pretrained_adv_model.pt or a converted prey file")
     if not os.path.isfile(path):
         raise DatasetError(f"{path} does not exist; give OMAR's pretrained_adv_model.pt or a converted prey file")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == b"PK\x03\x04" and not _is_torch_zip(path):
+        raise DatasetError(f"{path} is a zip archive but not a torch file (a dataset .npz?); --prey-path takes OMAR's "
+                           f"pretrained_adv_model.pt or a converted prey file")
     if head == b"PK\x03\x04":  # torch's zip format: a converted file loads with the weights-only loader
         try:
             import torch

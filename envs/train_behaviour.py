@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -39,8 +42,10 @@ from torch import nn
 
 from envs import mamujoco, mamujoco_data, mpe, mpe_data
 from envs.dataset import episode_returns
+from envs.files import LockFile, lock_path, remove_stale, unwritable_dir
 from envs.generation import select_snapshots
 from envs.policies import StackedActor, StackedLinear
+from envs.runs import SEED_RANGE, RunError, save_atomic
 
 BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour")
 # Per family; MPE's are OMAR's generator settings, MaMuJoCo's a cheaper TD3 (half an update per transition).
@@ -161,23 +166,75 @@ def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, secon
     env_version = mpe.ENV_VERSION if family == "mpe" else mamujoco.ENV_VERSION
     info = {"task": args.task, "env_version": env_version, "seed": args.seed, "args": asdict(args), "curve": curve,
             "seconds": seconds, "steps": steps, "eval_return": returns}
-    out = args.out or os.path.join(BEHAVIOUR_DIR, family, f"{args.task}_seed{args.seed}.pt")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save({"policies": policies, "info_json": json.dumps(info)}, out + ".tmp")
-    os.replace(out + ".tmp", out)
+    save_atomic({"policies": policies, "info_json": json.dumps(info)}, out_path(args, family),
+                then="then train again (the file keeps the snapshots of the last evaluation that was saved)")
     return info
+
+
+def out_path(args: Args, family: str) -> str:
+    return args.out or os.path.join(BEHAVIOUR_DIR, family, f"{args.task}_seed{args.seed}.pt")
+
+
+def check_args(args: Args, family: str):
+    """Reject settings that would fail later or write where they must not (RunError, before any training)."""
+    if args.others_in_actor_update not in ("dataset", "policy"):
+        raise RunError(f"--others-in-actor-update must be 'dataset' or 'policy', got {args.others_in_actor_update!r}")
+    if not 0 <= args.seed < SEED_RANGE:
+        raise RunError(f"--seed must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {args.seed}")
+    for k in ("total_steps", "num_envs", "update_every", "batch_size", "policy_delay", "actor_hidden", "critic_hidden",
+              "eval_every", "eval_episodes", "max_replay_snapshots"):
+        if getattr(args, k) <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
+    if args.learning_starts < 0:
+        raise RunError(f"--learning-starts must be >= 0, got {args.learning_starts}")
+    ranges = {"lr": (lambda v: v > 0, "> 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+              "tau": (lambda v: 0 < v <= 1, "in (0, 1]"), "medium_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+              **{k: (lambda v: v >= 0, ">= 0") for k in ("expl_noise", "policy_noise", "noise_clip", "preact_penalty")}}
+    for k, (ok, what) in ranges.items():
+        v = getattr(args, k)
+        if not (math.isfinite(v) and ok(v)):
+            raise RunError(f"--{k.replace('_', '-')} must be finite and {what}, got {v}")
+    out = out_path(args, family)
+    if os.path.isdir(out):
+        raise RunError(f"--out {out} is a directory; give the checkpoint's file name")
+    why = unwritable_dir(os.path.dirname(os.path.abspath(out)))
+    if why:
+        raise RunError(f"cannot write the checkpoint {out} ({why}); give a writable --out")
+    if os.path.exists(out):  # only a checkpoint of this task and seed is replaced (retraining it)
+        try:
+            info = json.loads(torch.load(out, map_location="cpu", weights_only=True)["info_json"])
+            same = (info.get("task"), info.get("seed")) == (args.task, args.seed)
+        except Exception:
+            info, same = None, False
+        if not same:
+            what = f"the checkpoint of {info.get('task')} seed {info.get('seed')}" if info else "not a behaviour checkpoint"
+            raise RunError(f"--out {out} exists and is {what}, not of {args.task} seed {args.seed}; delete it or "
+                           f"choose another --out")
 
 
 def main(args: Args):
     if args.task not in mpe.TASKS + mamujoco.ENV_IDS:
-        raise SystemExit(f"error: unknown --task {args.task!r}; choose one of {', '.join(mpe.TASKS + mamujoco.ENV_IDS)}")
+        raise RunError(f"unknown --task {args.task!r}; choose one of {', '.join(mpe.TASKS + mamujoco.ENV_IDS)}")
     family = "mpe" if args.task in mpe.TASKS else "mamujoco"
     base = dict(others_in_actor_update="dataset", preact_penalty=0.0)
     for k, v in {**base, **FAMILY_DEFAULTS[family], **TASK_DEFAULTS.get(args.task, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.others_in_actor_update not in ("dataset", "policy"):
-        raise SystemExit(f"error: --others-in-actor-update must be 'dataset' or 'policy', got {args.others_in_actor_update!r}")
+    check_args(args, family)
+    out = out_path(args, family)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    lock = LockFile(lock_path(out))  # one trainer per checkpoint file
+    if not lock.acquire(blocking=False):
+        raise RunError(f"{out} is being trained by process {lock.holder() or '(unknown)'}; wait for it to finish or "
+                       f"choose another --out")
+    try:
+        remove_stale(os.path.dirname(os.path.abspath(out)), re.escape(os.path.basename(out)) + r"\.tmp\d*")
+        _train(args, family)
+    finally:
+        lock.release()
+
+
+def _train(args: Args, family: str):
     torch.set_num_threads(1)  # two trainers can share the 2 cores
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -289,4 +346,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

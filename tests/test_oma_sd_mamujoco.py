@@ -113,6 +113,10 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
     assert "reusing cached behaviour models" in r.stderr and "reusing cached critic" in r.stderr
     resumed = results_of(workdir, r.stdout)
     assert resumed["eval_history"] == reference["eval_history"]
+    secs = resumed["eval_seconds"]  # the run's clock goes on across the two processes
+    assert all(a < b for a, b in zip(secs, secs[1:])) and resumed["total_seconds"] > secs[-1]
+    for stage in ("diffusion", "critic"):  # trained by the interrupted process of this run: not "cached"
+        assert "seconds" in resumed["stages"][stage] and "cached" not in resumed["stages"][stage]
 
 
 def _bad(workdir, *args):

@@ -258,7 +258,8 @@ def test_dataset_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
 
     real = np.lib.format.write_array
     monkeypatch.setattr(np.lib.format, "write_array", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ds.DatasetError, match=r"cannot write .*d\.npz \(No space left on device\); the dataset needs "
+                                              r"about 0 MiB: free disk space or set OMSD_DATA_DIR"):
         ds.save_dataset(path, {**arrays, "rewards_0": np.ones(25, np.float32)}, {"task": "t"}, overwrite=True)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["d.npz"]  # the temporary file is gone
@@ -274,7 +275,7 @@ def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(om.RunError, match=r"cannot write .*c\.pt \(No space left on device\)"):
         om.save_atomic({"x": torch.ones(3)}, path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["c.pt"]

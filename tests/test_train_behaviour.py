@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from envs.policies import StackedActor
+from envs.runs import RunError
 from envs.train_behaviour import FAMILY_DEFAULTS, TASK_DEFAULTS, Args, StackedTwinCritic, actor_loss, main as train
 
 TINY = dict(total_steps=480, learning_starts=160, eval_every=160, eval_episodes=2, batch_size=32, num_envs=4,
@@ -68,6 +69,6 @@ def test_policy_mode_gradient_is_the_joint_policy_gradient():
 
 
 def test_bad_option_value(tmp_path):
-    with pytest.raises(SystemExit, match="--others-in-actor-update must be 'dataset' or 'policy', got 'mine'"):
+    with pytest.raises(RunError, match="--others-in-actor-update must be 'dataset' or 'policy', got 'mine'"):
         train(Args(task="simple_spread", others_in_actor_update="mine", out=str(tmp_path / "x.pt")))
     assert not (tmp_path / "x.pt").exists()

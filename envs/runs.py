@@ -1,0 +1,384 @@
+"""What both training scripts (`oma_sd_mpe.py`, `oma_sd_mamujoco.py`) share outside the algorithm: checks of
+the settings they have in common, progress lines, the stage-1 cache and the checkpoints of the stage in
+progress (resume), the run directory with its marker and locks, atomic writes that fail with one line, and
+timings that span every process of a resumed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+
+import torch
+
+from envs.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
+
+SEED_RANGE = 2**32  # numpy's seeds are 0 .. 2**32 - 1
+
+
+class RunError(Exception):
+    """Bad input or a failed run; printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings both scripts have
+# ---------------------------------------------------------------------------------------------
+def check_common_args(args, n_agents: int | None = None):
+    """Reject values of the settings both scripts share that would fail later (or silently mislead).
+    n_agents: the env's number of agents, to check --agent-order before any data are made."""
+    for k in ("seed", "stage1_seed", "dataset_seed"):
+        v = getattr(args, k)
+        if not 0 <= v < SEED_RANGE:
+            raise RunError(f"--{k.replace('_', '-')} must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), "
+                           f"got {v}")
+    if args.threads < 0:
+        raise RunError(f"--threads must be 0 (all cores) or a positive number of threads, got {args.threads}")
+    name = args.exp_name
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name.encode()) > 100:
+        raise RunError(f"--exp-name must be a plain name of 1 to 100 bytes without '/' (it becomes part of the run "
+                       f"directory's name), got {name!r}")
+    for k in ("beta", "t_min", "t_max", "diffusion_lr", "critic_lr", "actor_lr", "expectile", "gamma", "polyak"):
+        if not math.isfinite(getattr(args, k)):
+            raise RunError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
+    for k in ("diffusion_lr", "critic_lr", "actor_lr"):
+        if not getattr(args, k) > 0:
+            raise RunError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    if not 0 < args.expectile < 1:
+        raise RunError(f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), "
+                       f"got {args.expectile}")
+    if not 0 < args.gamma <= 1:
+        raise RunError(f"--gamma must be in (0, 1] (the discount), got {args.gamma}")
+    if not 0 < args.polyak <= 1:
+        raise RunError(f"--polyak must be in (0, 1] (the target network's update rate), got {args.polyak}")
+    order = list(args.agent_order)
+    if order and n_agents is not None and sorted(order) != list(range(n_agents)):
+        raise RunError(f"--agent-order must be a permutation of 0..{n_agents - 1} ({args.env_id} has {n_agents} "
+                       f"agents), got {order}")
+
+
+def check_dirs(args):
+    """The run directory and --cache-dir can be written (checked without creating anything, before data are made)."""
+    why = unwritable_dir("runs")
+    if why:
+        raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({why}); "
+                       f"run from a writable directory")
+    why = unwritable_dir(args.cache_dir)
+    if why:
+        raise RunError(f"cannot write to --cache-dir {args.cache_dir} ({why}); give a writable directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, checkpoints, the stage-1 cache
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Status of a stage: step, steps/s, ETA. Rewritten in place on a terminal (twice a second), otherwise
+    one line every 10 s, so that logs stay readable."""
+
+    def __init__(self, stage: str, total: int, start: int = 0):
+        self.stage, self.total, self.start, self.t0, self.last = stage, total, start, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, extra: str = ""):
+        now = time.time()
+        if now - self.last > (0.5 if self.tty else 10.0) or step == self.total:
+            sps = (step - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - step) / max(sps, 1e-9)
+            line = f"[{self.stage}] {step:>8d}/{self.total}  {sps:7.1f} steps/s  eta {eta:5.0f}s  {extra}"
+            end = "\n" if step == self.total or not self.tty else ""
+            print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+            self.last = now
+
+    @property
+    def seconds(self):
+        return time.time() - self.t0
+
+    def rate(self, step: int) -> float:
+        return (step - self.start) / max(self.seconds, 1e-9)
+
+
+def check_finite(loss, stage: str, step: int):
+    if not torch.isfinite(loss).all():
+        raise RunError(f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
+                       f"at step {step}; lower the learning rate or check the data")
+
+
+def cache_path(args, kind: str, fields: dict) -> str:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(args.cache_dir, f"{args.env_id}-{kind}-{key}.pt")
+
+
+def load_cached(path: str, fields: dict):
+    """A checkpoint this script wrote for exactly `fields`, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    if os.path.isdir(path):
+        raise RunError(f"{path} is a directory where a checkpoint belongs; remove it or use another --cache-dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file: tensors and plain values only
+        saved = json.loads(ckpt["fields"])
+    except PermissionError as e:
+        raise RunError(f"cannot read {path} ({e.strerror}); fix its permissions or use another --cache-dir") from None
+    except Exception as e:
+        raise RunError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it") from None
+    fields = json.loads(json.dumps(fields))  # as stored: tuples become lists
+    if saved != fields:
+        k = next(k for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
+                 if saved.get(k) != fields.get(k))
+        raise RunError(f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
+                       f"{fields.get(k)!r} here); delete it or use another --cache-dir")
+    return ckpt
+
+
+def _tmp_pattern(path: str) -> str:
+    """The names of the temporaries `save_atomic` writes for `path` (to remove those a kill left behind)."""
+    return re.escape(os.path.basename(path)) + r"\.tmp\d*"
+
+
+RERUN = "then run the same command again (it continues from the last checkpoint)"
+
+
+def save_atomic(obj, path: str, then: str = RERUN):
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`. A failed
+    write (full disk, no permission) removes the temporary and raises RunError (`then`: what to do after fixing)."""
+    d = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(d, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        raise RunError(f"cannot write {path} ({describe_write_error(e, d)}); free disk space or make the directory "
+                       f"writable, {then}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(obj, path: str):
+    """json.dump to a temporary name, then rename; a failed write raises RunError (see save_atomic)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({describe_write_error(e, os.path.dirname(path) or '.')}); free disk "
+                       f"space or make the directory writable, {RERUN}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# Resume: the stage in progress is checkpointed every --checkpoint-every steps to `<cache>.partial.pt` (models,
+# optimisers, schedulers, RNG state, step). Ctrl-C / SIGTERM only set a flag; the loop saves at the end of the
+# step and stops, so a checkpoint always holds a whole number of steps and resuming reproduces the numbers.
+STOP = {"signal": None}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the stage was checkpointed; rerunning the command continues it."""
+
+
+def on_stop_signal(signum, frame):
+    STOP["signal"] = signum
+    print("\nstopping after the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def partial_path(path: str) -> str:
+    return path[: -len(".pt")] + ".partial.pt"
+
+
+def resume_stage(args, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
+    """Load the checkpoint of an interrupted stage into `objs` (models, optimisers, schedulers) and the RNG `g`.
+    Returns (steps done, seconds spent, extra state); (0, 0.0, {}) when there is nothing to resume."""
+    ckpt = load_cached(partial_path(path), fields) if args.resume else None
+    if ckpt is None:
+        return 0, 0.0, {}
+    for k, o in objs.items():
+        o.load_state_dict(ckpt[k])
+    g.set_state(ckpt["rng"])
+    print(f"[{stage}] resuming from step {ckpt['step']} ({partial_path(path)})", file=sys.stderr)
+    return ckpt["step"], ckpt["seconds"], json.loads(ckpt["extra"])
+
+
+def checkpoint(args, path: str, fields: dict, stage: str, objs: dict, g, step: int, total: int,
+               seconds: float, extra: dict | None = None):
+    """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM. The open run's
+    marker is saved first, with the run's time so far (see Run)."""
+    stop = STOP["signal"] is not None
+    if stop or (step % args.checkpoint_every == 0 and step < total):
+        if _ACTIVE["run"] is not None:
+            _ACTIVE["run"].save_marker()
+        save_atomic({**{k: o.state_dict() for k, o in objs.items()}, "rng": g.get_state(), "step": step,
+                     "seconds": seconds, "extra": json.dumps(extra or {}), "fields": json.dumps(fields)},
+                    partial_path(path))
+    if stop:
+        raise Interrupted(f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command "
+                          f"again to continue")
+
+
+def remove(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its directory, its marker in --cache-dir, its locks, its clock
+# ---------------------------------------------------------------------------------------------
+_ACTIVE = {"run": None}  # the run this process opened last (main() opens one per call)
+
+
+def run_name(args) -> str:
+    dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
+    return f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
+
+
+class Run:
+    """One run of a command (its settings and data). Its marker `<cache-dir>/<env>-run-<key>.pt` names the run
+    directory and records the time the run's processes spent (each up to its last checkpoint) and the stage-1
+    models the run trained itself; it is locked (`<marker>.lock`) while a process works on the run, so one
+    command started twice works in one directory once. Stage-1 cache files are locked while one is trained
+    (`claim`): a second run needing the same models waits for them and reuses them."""
+
+    def __init__(self, marker: str, fields: dict, lock: LockFile, t_start: float):
+        self.marker, self.fields, self.lock = marker, fields, lock
+        self.t_start = t_start  # time.time() minus the seconds earlier processes of this run spent
+        self.dir, self.stages, self.finished, self.stage_locks = None, {}, None, {}
+
+    def save_marker(self):
+        save_atomic({"run_dir": self.dir, "fields": json.dumps(self.fields), "seconds": time.time() - self.t_start,
+                     "stages": json.dumps(self.stages)}, self.marker)
+
+    def claim(self, path: str, fields: dict, stage: str):
+        """The stage-1 model cached at `path` (load_cached), or None, and then this process holds its lock and
+        trains it; while another process trains it, wait for that one and reuse its result."""
+        lock = LockFile(lock_path(path))
+
+        def poll():
+            if STOP["signal"] is not None:
+                raise Interrupted(f"{stage} stopped while waiting for another process; run the same command again")
+
+        try:
+            lock.acquire(on_wait=lambda pid: print(f"[{stage}] waiting for process {pid or '(unknown)'}, which is "
+                                                   f"training the same model into {path}", file=sys.stderr, flush=True),
+                         on_poll=poll)
+        except OSError as e:
+            raise RunError(f"cannot write to --cache-dir {os.path.dirname(path)} ({e.strerror}); give a writable "
+                           f"directory") from None
+        self.stage_locks[path] = lock
+        for p in (path, partial_path(path)):
+            remove_stale(os.path.dirname(p), _tmp_pattern(p))
+        cached = load_cached(path, fields)
+        if cached is not None:
+            self.release(path)
+        return cached
+
+    def trained(self, stage: str, timing: dict):
+        """Record (in the marker, before the model is saved) that this run trained `stage`."""
+        self.stages[stage] = timing
+        self.save_marker()
+
+    def release(self, path: str):
+        lock = self.stage_locks.pop(path, None)
+        if lock is not None:
+            lock.release()
+
+    def stages_of(self, timing: dict) -> dict:
+        """The stage timings of results.json: a stage an earlier process of this run trained is not 'cached'."""
+        return {k: self.stages.get(k, v) if "cached" in v else v for k, v in timing.items()}
+
+    def abandon(self):
+        """Release the locks, keeping the marker (the run can be resumed)."""
+        for path in list(self.stage_locks):
+            self.release(path)
+        self.lock.release()
+        if _ACTIVE["run"] is self:
+            _ACTIVE["run"] = None
+
+    def close(self):
+        """The run is over (results.json written): remove its checkpoint and marker, release its locks."""
+        remove(partial_path(self.marker))
+        remove(self.marker)
+        self.abandon()
+
+
+def open_run(args, fields: dict, t_start: float) -> Run:
+    """Lock the run of these settings and find its directory: the interrupted run's (continued), a finished
+    run's whose checkpoints a kill left behind (`Run.finished` holds its results.json), or a new one."""
+    if _ACTIVE["run"] is not None:  # a previous main() in this process that ended with an exception
+        _ACTIVE["run"].abandon()
+    marker = cache_path(args, "run", fields)
+    lock = LockFile(lock_path(marker))
+    try:
+        os.makedirs(os.path.dirname(marker) or ".", exist_ok=True)
+        free = lock.acquire(blocking=False)
+    except OSError as e:
+        raise RunError(f"cannot write to --cache-dir {args.cache_dir} ({e.strerror}); give a writable directory") from None
+    if not free:
+        raise RunError(f"this run (the same command on the same data) is already in progress in process "
+                       f"{lock.holder() or '(unknown)'}; wait for it to finish, or change --seed or --exp-name to "
+                       f"start another run")
+    run = Run(marker, fields, lock, t_start)
+    _ACTIVE["run"] = run
+    try:
+        for p in (marker, partial_path(marker)):
+            remove_stale(os.path.dirname(p), _tmp_pattern(p))
+        previous = load_cached(marker, fields) if args.resume else None
+        if previous is not None and os.path.isdir(previous["run_dir"]):
+            run.dir = previous["run_dir"]
+            results = os.path.join(run.dir, "results.json")
+            if os.path.exists(results):
+                try:
+                    with open(results) as f:
+                        run.finished = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise RunError(f"{results} cannot be read ({e}); move the run directory away to run again") from None
+                print(f"the run {run.dir} had already finished (its results.json is complete); removed the "
+                      f"checkpoints it left behind", file=sys.stderr)
+                run.close()
+                return run
+            run.t_start = t_start - float(previous.get("seconds", 0.0))
+            run.stages = json.loads(previous.get("stages", "{}"))
+            for name in ("actors.pt", "results.json"):
+                remove_stale(run.dir, _tmp_pattern(name))
+            print(f"continuing the interrupted run {run.dir}", file=sys.stderr)
+            return run
+        name = run_name(args)
+        try:
+            os.makedirs("runs", exist_ok=True)
+            for k in range(1000):  # never reuse (and overwrite) an existing run directory
+                run.dir = os.path.join("runs", name + (f"_{k}" if k else ""))
+                try:
+                    os.mkdir(run.dir)
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
+                           f"run from a writable directory") from None
+        try:
+            run.save_marker()
+        except RunError:
+            os.rmdir(run.dir)  # still empty: nothing of the run is left behind
+            raise
+        return run
+    except BaseException:
+        run.abandon()
+        raise
+
+
+def report_finished(run: Run) -> dict:
+    """The results of a run `open_run` found finished, reported as the run itself would have."""
+    res = run.finished
+    if res.get("status", "ok") != "ok" or res.get("final_return") is None:
+        raise RunError(f"this run already ended with status {res.get('status')!r}; see {run.dir}/results.json")
+    print(f"final return {res['final_return']:.2f} (finished earlier) -> {run.dir}/results.json")
+    return res
