@@ -37,6 +37,11 @@ STUDIES = {
             "+ big, sample init": f"--actor-init samples --weighting sigma2 {BIG}",
             "+ big, sample init, alpha_over_sigma, z-baseline":
                 f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG}",
+            "the same, behaviour models trained 15,000 steps":
+                "--actor-init samples --weighting alpha_over_sigma --z-baseline --diffusion-hidden 128 "
+                "--diffusion-steps 15000",
+            "the same, 30,000 steps, 8 noise candidates picked by Q":
+                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG} --init-candidates 8",
         }),
 }
 
