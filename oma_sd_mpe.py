@@ -162,6 +162,8 @@ class Args:
     each conditioned on the samples of the agents before it, so that the actors start inside one joint mode"""
     init_steps: int = 2000
     """regression steps of --actor-init samples"""
+    init_states: int = 20_000
+    """--actor-init samples: dataset states (drawn at random) whose behaviour samples the actors are fitted to"""
     init_candidates: int = 1
     """--actor-init samples: number of shared noise vectors tried; the one whose joint samples have the highest mean Q
     over the data is used (the critic picks among joint modes, the same one in every state)"""
@@ -228,7 +230,7 @@ def resolve_args(args: Args) -> Args:
         raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
     for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
               "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
-              "actor_hidden", "diffusion_blocks", "checkpoint_every", "init_steps", "init_candidates", "sample_steps"):
+              "actor_hidden", "diffusion_blocks", "checkpoint_every", "init_steps", "init_candidates", "init_states", "sample_steps"):
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if not 0 < args.t_min < args.t_max < 1:
@@ -524,7 +526,7 @@ def fit_actors(actors, obs, target, steps: int, batch: int, lr: float, g):
 @torch.no_grad()
 def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: list | None = None) -> float:
     """Mean return of --eval-episodes episodes; `record` (a list) receives (obs (n, E, obs), act (n, E, act)) of
-    every step, in position order."""
+    every step, in position order, and the last entry also the observations after the last step."""
     actors.eval()
     if args.env_id == "bandit":
         a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
@@ -539,6 +541,9 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
         act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
         if record is not None:
             record.append((o.astype(np.float32), act))
+    if record is not None:  # the observations after the last step too: (obs, act, final obs)
+        o = np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
+        record[-1] = (*record[-1], o.astype(np.float32))
         for e, env in enumerate(envs):
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
             rewards[e, t] = [r[a] for a in names]
@@ -568,6 +573,18 @@ def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
     joint = (d < NEAR).all(1)  # (K, B)
     return {"near_any": (d.min(0) < NEAR).mean(1).tolist(), "joint_in_one": float(joint.any(0).mean()),
             "per_convention": joint.mean(1).tolist()}
+
+
+def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int) -> dict:
+    """Which landmark each agent ends the episode nearest to, from the last observations (n, E, obs) in position
+    order: the share of episodes ending in each convention, in one of the data's n_conventions, and with the three
+    agents at three different landmarks (any assignment without a shared landmark)."""
+    agents = np.empty_like(obs_last)
+    agents[order] = obs_last
+    nearest = np.linalg.norm(agents[..., 4:10].reshape(*agents.shape[:2], 3, 2), axis=-1).argmin(-1)  # (n, E)
+    per = [float((nearest == np.array(c)[:, None]).all(0).mean()) for c in CONVENTIONS]
+    distinct = float(np.mean([len(set(nearest[:, e])) == nearest.shape[0] for e in range(nearest.shape[1])]))
+    return {"per_convention": per, "in_data_convention": float(sum(per[:n_conventions])), "distinct": distinct}
 
 
 @torch.no_grad()
@@ -825,19 +842,17 @@ def main(args: Args) -> dict:
         # first imitate one joint sample per state. The noise z is shared by all states, so the mode a sample lands
         # in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of agents < k.
         t0, g_init = time.time(), gen(4)
-        obs_all, base_all = data["obs"].transpose(0, 1), cond_base(torch.arange(N, device=device))
+        rows = torch.randperm(N, generator=g_init)[: args.init_states].to(device)
         best = None
         for c in range(args.init_candidates):
-            z = torch.randn(n, 1, act_dim, generator=g_init, device=device).expand(n, N, act_dim)
-            target = torch.cat([sample_actions(score_net, base_all[:, lo : lo + 20_000], mask, z[:, lo : lo + 20_000],
-                                               args.sample_steps) for lo in range(0, N, 20_000)], 1)
+            z = torch.randn(n, 1, act_dim, generator=g_init, device=device).expand(n, len(rows), act_dim)
+            target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
             with torch.no_grad():
-                q = torch.cat([q_target(data["critic_state"][lo : lo + 20_000],
-                                        target[:, lo : lo + 20_000].transpose(0, 1).reshape(-1, n * act_dim)).mean(0)
-                               for lo in range(0, N, 20_000)]).mean().item()
+                q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
             if best is None or q > best[0]:
                 best = (q, c, target)
-        init_loss = fit_actors(actors, obs_all, best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g_init)
+        init_loss = fit_actors(actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps,
+                               args.policy_batch_size, args.actor_lr, g_init)
         init_record = {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(),
                        "seconds": time.time() - t0}
         print(f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
@@ -921,8 +936,8 @@ def main(args: Args) -> dict:
         if args.env_id != "bandit":
             record = []
             evaluate(actors, args, order, obs_max, prey, record)  # the same episodes as the final evaluation
-            obs_e = np.concatenate([o for o, _ in record], 1)  # (n, T*E, obs), steps of all episodes
-            act_e = np.concatenate([a for _, a in record], 1)
+            obs_e = np.concatenate([r[0] for r in record], 1)  # (n, T*E, obs), steps of all episodes
+            act_e = np.concatenate([r[1] for r in record], 1)
             pool = train_idx.to(device)
             ref = held_idx[torch.linspace(0, len(held_idx) - 1, min(500, len(held_idx))).long()].to(device)
             d_pol = support_distance(torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
@@ -934,9 +949,10 @@ def main(args: Args) -> dict:
                                      "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean())}
             if controlled:
                 E = args.eval_episodes
-                diagnostics["policy"]["conventions_all_steps"] = convention_stats(act_e, convention_table(obs_e, order))
                 diagnostics["policy"]["conventions_first_step"] = convention_stats(
                     act_e[:, :E], convention_table(obs_e[:, :E], order))
+                diagnostics["policy"]["final_assignment"] = assignment_stats(
+                    record[-1][2], order, len(meta["behaviour"]["conventions"]))
         diagnostics["seconds"] = time.time() - t0
         diagnostics = rounded(diagnostics)
         for key, v in flat_scalars(diagnostics).items():

@@ -172,3 +172,15 @@ def test_critic_quality_monte_carlo_returns():
     out = om.critic_quality(ConstQ(1.5), data, arrays, 0.5)
     assert out["mc_return_mean"] == pytest.approx((1.75 + 1.5 + 1) / 3)
     assert out["q_mean"] == pytest.approx(1.5) and out["abs_error"] == pytest.approx((0.25 + 0 + 0.5) / 3)
+
+
+def test_assignment_stats_reads_the_landmark_each_agent_ends_at():
+    landmarks = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    episodes = [landmarks[[0, 1, 2]], landmarks[[1, 2, 0]], landmarks[[0, 0, 2]], landmarks[[2, 1, 0]]]
+    obs = np.concatenate([spread_obs(landmarks, pos * 0.9) for pos in episodes], 1)  # (3, 4, 18)
+    s = om.assignment_stats(obs, [0, 1, 2], 2)
+    assert s["per_convention"] == [0.25, 0.25, 0.0]  # episode 0: convention 0, episode 1: convention 1
+    assert s["in_data_convention"] == 0.5
+    assert s["distinct"] == 0.75  # episode 2 has two agents at landmark 0; episode 3 is a permutation, no convention
+    order = [1, 2, 0]  # positions hold agents 1, 2, 0
+    assert om.assignment_stats(obs[order], order, 2) == s

@@ -140,6 +140,9 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
     assert d["policy"]["support_distance"] >= 0 and 0 <= d["policy"]["ood_share"] <= 1
     first = d["policy"]["conventions_first_step"]
     assert 0 <= first["joint_in_one"] <= 1 and len(first["per_convention"]) == 3
+    end = d["policy"]["final_assignment"]
+    assert end["in_data_convention"] == pytest.approx(sum(end["per_convention"])) and end["distinct"] >= \
+        end["in_data_convention"] - 1e-9  # a convention's assignment has the agents at three different landmarks
     # an ordinary quality has no conventions; --no-diagnostics skips them all
     res = results_of(workdir, run(workdir, *TINY, "--dataset", "medium").stdout)
     assert "conventions_first_step" not in res["diagnostics"]["policy"] and "samples_near_a_convention" not in \
