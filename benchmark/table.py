@@ -1,16 +1,16 @@
 """OMSD sequential vs independent on the generated datasets: runs a table's grid (task x quality x
 decomposition x seed) as submitit jobs, then writes the table, rliable statistics and figures from the rows.
 
-    python benchmark/table.py --family mpe --out results/mpe                    # the whole MPE table, 2 at a time
-    python benchmark/table.py --family mpe --out results/mpe --launcher slurm --slurm-partition cpu
-    python benchmark/table.py --report-only                                      # from benchmark/results/mpe*.jsonl
-    python benchmark/table.py --family mamujoco --report-only --out results/mamujoco
+    python benchmark/table.py --family mpe --out runs/tables/mpe           # the whole MPE table, 2 runs at a time
+    python benchmark/table.py --family mpe --out runs/tables/mpe --launcher slurm --slurm-partition cpu
+    python benchmark/table.py --report-only                             # from benchmark/results/mpe*.jsonl
+    python benchmark/table.py --family mamujoco --report-only --out runs/tables/mamujoco
 
 Every finished run appends one row to <out>/<family>.jsonl (or <out>/<results>). Running the same command
 again skips the cells whose command is already in that directory's <family>*.jsonl (or --results) file, and
-nothing else: a fresh --out re-runs the whole table. A job that was killed or preempted continues where it stopped
-when it runs again, through the scripts' own checkpoints (same command -> same run). Each cell's command is
-printed in the table.
+nothing else: a fresh --out re-runs the whole table. A job that was killed or preempted continues where it
+stopped when it runs again, through the scripts' own checkpoints (same command -> same run). Each cell's command
+is printed in the table. docs/results.md, "Re-running a table", has the command of every table.
 """
 
 from __future__ import annotations
@@ -217,14 +217,19 @@ def run_grid(cfg: Cfg, out: str):
     results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
     the job ids go to <out>/submitit/jobs.jsonl, so that a later invocation can collect a job it left behind."""
     tasks, standard, _ = family_lists(cfg.family)
-    cells = []
     for task in cfg.tasks or tasks:
+        allowed = task_qualities(cfg.family, task)
         for quality in cfg.qualities or standard:
-            allowed = task_qualities(cfg.family, task)
             if quality not in allowed:
                 fail(f"unknown quality {quality!r} for {task}; choose from {', '.join(allowed)}")
-            for seed in cfg.seeds:
-                for dec in cfg.decompositions:
+    # Decomposition outermost: while fewer run at a time than one decomposition has cells, the runs in progress
+    # differ in seed or dataset and never train the same critic (stage 1b, which both decompositions share); the
+    # independent runs find theirs cached.
+    cells = []
+    for dec in cfg.decompositions:
+        for task in cfg.tasks or tasks:
+            for quality in cfg.qualities or standard:
+                for seed in cfg.seeds:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
                     cells.append(Cell(cfg.family, task, quality, dec, seed, cmd, cfg.workdir))
     done = {r["command"] for r in load_rows(out, cfg.family, cfg.results)}
@@ -406,8 +411,8 @@ def report(family, out, figures, reps):
     lines = [
         f"Final return, normalized score in brackets: mean ± std over seeds (sample std, ddof=1), from {out}",
         "",
-        "| task | dataset | β | OMSD sequential: return (normalized) | independent: return (normalized) | seeds "
-        "| command (seed 1) |",
+        "| task | dataset | β | OMSD sequential: return (normalized), mean ± std (ddof=1) "
+        "| independent: return (normalized), mean ± std (ddof=1) | seeds | command (seed 1) |",
         "|---|---|---|---|---|---|---|",
     ]
     for task, quality in sorted({(t, q) for t, q, _ in cells}, key=order):
