@@ -15,6 +15,7 @@ is printed in the table. docs/results.md, "Re-running a table", has the command 
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -212,6 +213,13 @@ def reattach(cfg: Cfg, folder: str, known: dict, cell: Cell):
     return None
 
 
+def job_error(e: Exception) -> str:
+    """The script's error: the last line of the job's traceback, which submitit's FailedJobError text holds
+    between two dashed lines (an UncompletedJobError, e.g. of a killed job, is one message)."""
+    parts = str(e).split("-" * 22)
+    return (parts[-2] if len(parts) >= 3 else str(e)).strip().splitlines()[-1]
+
+
 def run_grid(cfg: Cfg, out: str):
     """Run the grid's cells that are not yet in `out` as submitit jobs and append each finished job's row to the
     results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
@@ -222,6 +230,12 @@ def run_grid(cfg: Cfg, out: str):
         for quality in cfg.qualities or standard:
             if quality not in allowed:
                 fail(f"unknown quality {quality!r} for {task}; choose from {', '.join(allowed)}")
+    results_file = os.path.join(out, cfg.results or f"{cfg.family}.jsonl")
+    lock = open(results_file, "a")  # held until this command exits: a second grid would run the same cells again
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another benchmark/table.py is running into {results_file}; wait for it, or use another --out")
     # Decomposition outermost: while fewer run at a time than one decomposition has cells, the runs in progress
     # differ in seed or dataset and never train the same critic (stage 1b, which both decompositions share); the
     # independent runs find theirs cached.
@@ -241,7 +255,6 @@ def run_grid(cfg: Cfg, out: str):
     om = importlib.import_module(SCRIPTS[cfg.family])
     tyro.cli(om.Args, args=shlex.split(cells[0].command)[2:])  # bad --extra: the script's own message, before any job
 
-    results_file = os.path.join(out, cfg.results or f"{cfg.family}.jsonl")
     folder = os.path.join(out, "submitit")
     os.makedirs(folder, exist_ok=True)
     jobs_file = os.path.join(folder, "jobs.jsonl")
@@ -280,12 +293,9 @@ def run_grid(cfg: Cfg, out: str):
                 running.remove((job, cell))
                 try:
                     row = job.result()
-                except Exception as e:  # the job's traceback ends with the script's error
+                except Exception as e:
                     failed.append(cell.command)
-                    print(
-                        f"failed: {cell.command}: {str(e).strip().splitlines()[-1]} (log {job.paths.stderr})",
-                        flush=True,
-                    )
+                    print(f"failed: {cell.command}: {job_error(e)} (log {job.paths.stderr})", flush=True)
                     continue
                 append_row(results_file, row)
                 score = row["final_normalized_score"]

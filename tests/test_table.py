@@ -2,6 +2,7 @@
 invocation skips both cells; the rliable statistics on constructed rows give the values computed by hand; bad
 input gets one error line and exit 2."""
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -186,6 +187,9 @@ def test_bad_input_gets_one_error_line_and_exit_2(tmp_path, capsys, monkeypatch)
     assert "does not exist" in bad(capsys, report_only=True, out=str(tmp_path / "missing"))
     assert "unknown task" in bad(capsys, tasks=("simple_pong",), out=str(tmp_path))
     assert "unknown quality" in bad(capsys, qualities=("great",), out=str(tmp_path))
+    with open(tmp_path / "mpe.jsonl", "a") as held:  # another grid is writing this directory's rows
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another benchmark/table.py" in bad(capsys, out=str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     assert "srun" in bad(capsys, launcher="slurm", out=str(tmp_path))
 
