@@ -113,21 +113,8 @@ def task_qualities(family: str, task: str):
 
 def command(family, task, quality, dec, seed, extra):
     """The cell's command line; also its identity in the results files."""
-    return shlex.join(
-        [
-            "python",
-            f"{SCRIPTS[family]}.py",
-            "--env-id",
-            task,
-            "--dataset",
-            quality,
-            "--decomposition",
-            dec,
-            "--seed",
-            str(seed),
-            *shlex.split(extra),
-        ]
-    )
+    flags = ["--env-id", task, "--dataset", quality, "--decomposition", dec, "--seed", str(seed)]
+    return shlex.join(["python", f"{SCRIPTS[family]}.py", *flags, *shlex.split(extra)])
 
 
 def load_rows(out, family, also=""):
@@ -141,7 +128,7 @@ def load_rows(out, family, also=""):
 
 
 def append_row(path, row):
-    """One write of the whole line on an O_APPEND descriptor: two grids sharing a file never interleave rows."""
+    """The whole line in one write() on an O_APPEND descriptor, so lines of two writers never interleave."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (json.dumps(row) + "\n").encode())
@@ -580,6 +567,10 @@ def main(cfg: Cfg):
         fail(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
     if not cfg.decompositions or any(d not in DECOMPOSITIONS for d in cfg.decompositions):
         fail(f"--decompositions must be among {', '.join(DECOMPOSITIONS)}, got {' '.join(cfg.decompositions)}")
+    try:
+        shlex.split(cfg.extra)
+    except ValueError as e:
+        fail(f"--extra {cfg.extra!r}: {e}")
     if cfg.parallel < 1 or cfg.reps < 1:
         fail("--parallel and --reps must be at least 1")
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -600,7 +591,12 @@ def main(cfg: Cfg):
         unknown = [t for t in cfg.tasks if t not in tasks]
         if unknown:
             fail(f"unknown task {unknown[0]!r} for --family {cfg.family}; choose from {', '.join(tasks)}")
-        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(cfg.workdir):
+            fail(f"--workdir {cfg.workdir} is not a directory")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create --out {cfg.out}: {e.strerror}")
         cfg.workdir = os.path.abspath(cfg.workdir)
         run_grid(cfg, out)
     report(cfg.family, out, figures, cfg.reps)

@@ -187,6 +187,7 @@ def test_bad_input_gets_one_error_line_and_exit_2(tmp_path, capsys, monkeypatch)
     assert "does not exist" in bad(capsys, report_only=True, out=str(tmp_path / "missing"))
     assert "unknown task" in bad(capsys, tasks=("simple_pong",), out=str(tmp_path))
     assert "unknown quality" in bad(capsys, qualities=("great",), out=str(tmp_path))
+    assert "--extra" in bad(capsys, extra="--exp-name 'unclosed", out=str(tmp_path))
     with open(tmp_path / "mpe.jsonl", "a") as held:  # another grid is writing this directory's rows
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert "another benchmark/table.py" in bad(capsys, out=str(tmp_path))
