@@ -1,31 +1,45 @@
-"""OMSD sequential vs independent on the generated datasets: runs a grid, then writes the results table and a
-learning-curve figure from the runs' results.json files.
+"""OMSD sequential vs independent on the generated datasets: runs a table's grid (task x quality x
+decomposition x seed) as submitit jobs, then writes the table, rliable statistics and figures from the rows.
 
-    python benchmark/table.py --tasks simple_spread --qualities expert mixture --seeds 1 2 3
-    python benchmark/table.py --report-only          # table + figure from benchmark/results/mpe*.jsonl
-    python benchmark/table.py --family mamujoco --tasks HalfCheetah-2x3 --qualities expert medium
+    python benchmark/table.py --family mpe --out runs/tables/mpe           # the whole MPE table, 2 runs at a time
+    python benchmark/table.py --family mpe --out runs/tables/mpe --launcher slurm --slurm-partition cpu
+    python benchmark/table.py --report-only                             # from benchmark/results/mpe*.jsonl
+    python benchmark/table.py --family mamujoco --report-only --out runs/tables/mamujoco
 
-Every finished run appends one line to benchmark/results/<family>.jsonl (or --results), so an interrupted grid
-keeps what it did; a cell already in any <family>*.jsonl (or in --results) is skipped, checked again before
-each cell. Each cell's command is printed in the table.
+Every finished run appends one row to <out>/<family>.jsonl (or <out>/<results>). Running the same command
+again skips the cells whose command is already in that directory's <family>*.jsonl (or --results) file, and
+nothing else: a fresh --out re-runs the whole table. A job that was killed or preempted continues where it
+stopped when it runs again, through the scripts' own checkpoints (same command -> same run). Each cell's command
+is printed in the table. docs/results.md, "Re-running a table", has the command of every table.
 """
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import json
 import os
+import shlex
+import shutil
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import submitit
 import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
-
+LAUNCHERS = ("local", "slurm")
 RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
+FIGURES_DIR = os.path.join(REPO, "benchmark", "figures")
+DECOMPOSITIONS = ("sequential", "independent")
+# the datasets whose joint actions have several modes, where the paper expects sequential to beat independent
+MULTIMODAL = ("mixture", "multimodal-2", "multimodal-3")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default (2 min) would stop every run; a week means never
 
 
 @dataclass
@@ -35,128 +49,558 @@ class Cfg:
     tasks: tuple[str, ...] = ()
     """--env-id values to run (default: all of the family's)"""
     qualities: tuple[str, ...] = ()
-    """dataset qualities to run (default: all of the family's)"""
-    decompositions: tuple[str, ...] = ("sequential", "independent")
+    """dataset qualities to run (default: the family's standard ones)"""
+    decompositions: tuple[str, ...] = DECOMPOSITIONS
     seeds: tuple[int, ...] = (1, 2, 3)
     extra: str = ""
-    """extra flags passed to the script for every run, as one string, e.g. --extra='--weighting alpha_over_sigma'"""
-    report_only: bool = False
-    """only write the table and the figure from the results files"""
+    """extra flags passed to the script for every run, as one string (shell quoting works),
+    e.g. --extra='--weighting alpha_over_sigma'"""
+    out: str = ""
+    """results directory: the grid appends its rows here and skips the cells already here; figures go to
+    <out>/figures. Needed to run a grid; --report-only defaults to benchmark/results (figures to benchmark/figures)"""
     results: str = ""
-    """file (in benchmark/results/) this grid appends to (default <family>.jsonl); the report reads every
-    <family>*.jsonl there, so grids running in parallel can use their own files"""
+    """file in --out this grid appends to (default <family>.jsonl); the report reads every <family>*.jsonl there,
+    so an ablation with its own file (e.g. ablation_z_baseline_mpe.jsonl) stays out of the table"""
+    report_only: bool = False
+    """only write the tables and figures from the results directory's rows"""
+    launcher: str = "local"
+    """local: jobs are subprocesses of this command, --parallel at a time | slurm: one job array on a cluster"""
+    parallel: int = 2
+    """local launcher: runs at the same time (each uses the script's --threads, 1 by default)"""
+    slurm_partition: str = ""
+    """SLURM partition (default: the cluster's)"""
+    slurm_time: int = 240
+    """SLURM time limit per job in minutes; a job that runs out is requeued and continues from its checkpoints"""
+    slurm_cpus: int = 1
+    """CPUs per SLURM job (pass --extra='--threads N' to use more than one)"""
+    slurm_mem_gb: int = 8
+    """memory per SLURM job in GB"""
+    slurm_array_parallelism: int = 32
+    """SLURM jobs of the array running at the same time"""
+    workdir: str = REPO
+    """directory the runs start in: runs/ and the stage-1 cache runs/cache are created there (default the repo
+    root, so every table shares one stage-1 cache)"""
+    reps: int = 10000
+    """bootstrap replicates of the confidence intervals"""
+
+
+def fail(msg: str):
+    """Bad input: one line, exit 2, as the scripts do."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def family_lists(family: str):
+    """(tasks, standard qualities, every quality in table order) of a family, from the dataset modules."""
+    if family == "mpe":
+        from envs.mpe import TASKS
+        from envs.mpe_data import CONTROLLED, QUALITIES
+
+        return TASKS, QUALITIES, QUALITIES + tuple(CONTROLLED)
+    from envs.mamujoco import ENV_IDS
+    from envs.mamujoco_data import QUALITIES
+
+    return ENV_IDS, QUALITIES, QUALITIES
+
+
+def task_qualities(family: str, task: str):
+    if family == "mpe":
+        from envs.mpe_data import task_qualities
+
+        return task_qualities(task)
+    return family_lists(family)[1]
 
 
 def command(family, task, quality, dec, seed, extra):
-    return " ".join([f"python {SCRIPTS[family]}.py", "--env-id", task, "--dataset", quality, "--decomposition", dec,
-                     "--seed", str(seed), *extra.split()])
+    """The cell's command line; also its identity in the results files."""
+    flags = ["--env-id", task, "--dataset", quality, "--decomposition", dec, "--seed", str(seed)]
+    return shlex.join(["python", f"{SCRIPTS[family]}.py", *flags, *shlex.split(extra)])
 
 
-def load_rows(family, also=""):
-    """Rows of every <family>*.jsonl in benchmark/results/, plus those of the file `also` (an ablation's)."""
+def load_rows(out, family, also=""):
+    """Rows of every <family>*.jsonl in the directory `out`, plus those of the file `also` (an ablation's)."""
     rows = []
-    for name in sorted(os.listdir(RESULTS_DIR)) if os.path.isdir(RESULTS_DIR) else []:
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         if (name.startswith(family) or name == also) and name.endswith(".jsonl"):
-            with open(os.path.join(RESULTS_DIR, name)) as f:
-                rows += [json.loads(line) for line in f]
+            with open(os.path.join(out, name)) as f:
+                rows += [json.loads(line) for line in f if line.strip()]
     return rows
 
 
-def run_grid(cfg: Cfg, om):
-    os.chdir(REPO)
-    for task in cfg.tasks or (om.TASKS if cfg.family == "mpe" else om.ENV_IDS):
-        for quality in cfg.qualities or om.QUALITIES:
-            for seed in cfg.seeds:
-                for dec in cfg.decompositions:
+def append_row(path, row):
+    """The whole line in one write() on an O_APPEND descriptor, so lines of two writers never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class Cell(submitit.helpers.Checkpointable):
+    """One run of the grid, as a submitit job: runs the script's main(tyro.cli(Args, args=...)) in the job's own
+    process and returns the result row. Checkpointable, so when SLURM preempts the job or its time runs out,
+    submitit requeues this same call; the script, given the same command, continues from its own checkpoints
+    (the stage in progress is saved every --checkpoint-every steps)."""
+
+    def __init__(self, family, task, quality, dec, seed, cmd, workdir):
+        self.family, self.task, self.quality, self.dec, self.seed = family, task, quality, dec, seed
+        self.command, self.workdir = cmd, workdir
+
+    def __call__(self) -> dict:
+        os.chdir(self.workdir)
+        sys.path.insert(0, REPO)
+        om = importlib.import_module(SCRIPTS[self.family])
+        res = om.main(tyro.cli(om.Args, args=shlex.split(self.command)[2:]))
+        return {
+            "command": self.command,
+            "task": self.task,
+            "quality": self.quality,
+            "decomposition": self.dec,
+            "seed": self.seed,
+            "beta": res["beta"],
+            "final_return": res["final_return"],
+            "final_normalized_score": res["final_normalized_score"],
+            "eval_history": res["eval_history"],
+            "eval_seconds": res["eval_seconds"],
+            "total_seconds": res["total_seconds"],
+            "stages": res["stages"],
+        }
+
+
+def make_executor(cfg: Cfg, folder: str):
+    ex = submitit.AutoExecutor(folder=folder, cluster=cfg.launcher)
+    if cfg.launcher == "local":
+        ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    else:
+        ex.update_parameters(
+            name=f"omsd-{cfg.family}",
+            timeout_min=cfg.slurm_time,
+            cpus_per_task=cfg.slurm_cpus,
+            mem_gb=cfg.slurm_mem_gb,
+            slurm_array_parallelism=cfg.slurm_array_parallelism,
+            **({"slurm_partition": cfg.slurm_partition} if cfg.slurm_partition else {}),
+        )
+    return ex
+
+
+def reattach(cfg: Cfg, folder: str, known: dict, cell: Cell):
+    """The job an earlier invocation submitted for a cell, when it can still deliver the row: it finished while
+    no parent collected it, or it is still queued or running on SLURM. None: submit the cell again."""
+    if cell.command not in known:
+        return None
+    job_class = submitit.SlurmJob if cfg.launcher == "slurm" else submitit.LocalJob
+    job = job_class(folder=folder, job_id=known[cell.command])
+    if job.paths.result_pickle.exists():
+        try:  # a failed attempt, or (local job ids are process ids) another cell's result: run it again
+            return job if job.result()["command"] == cell.command else None
+        except Exception:
+            return None
+    if cfg.launcher == "slurm" and job.state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED"):
+        return job
+    return None
+
+
+def job_error(e: Exception) -> str:
+    """The script's error: the last line of the job's traceback, which submitit's FailedJobError text holds
+    between two dashed lines (an UncompletedJobError, e.g. of a killed job, is one message)."""
+    parts = str(e).split("-" * 22)
+    return (parts[-2] if len(parts) >= 3 else str(e)).strip().splitlines()[-1]
+
+
+def run_grid(cfg: Cfg, out: str):
+    """Run the grid's cells that are not yet in `out` as submitit jobs and append each finished job's row to the
+    results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
+    the job ids go to <out>/submitit/jobs.jsonl, so that a later invocation can collect a job it left behind."""
+    tasks, standard, _ = family_lists(cfg.family)
+    for task in cfg.tasks or tasks:
+        allowed = task_qualities(cfg.family, task)
+        for quality in cfg.qualities or standard:
+            if quality not in allowed:
+                fail(f"unknown quality {quality!r} for {task}; choose from {', '.join(allowed)}")
+    results_file = os.path.join(out, cfg.results or f"{cfg.family}.jsonl")
+    lock = open(results_file, "a")  # held until this command exits: a second grid would run the same cells again
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another benchmark/table.py is running into {results_file}; wait for it, or use another --out")
+    # Decomposition outermost: while fewer run at a time than one decomposition has cells, the runs in progress
+    # differ in seed or dataset and never train the same critic (stage 1b, which both decompositions share); the
+    # independent runs find theirs cached.
+    cells = []
+    for dec in cfg.decompositions:
+        for task in cfg.tasks or tasks:
+            for quality in cfg.qualities or standard:
+                for seed in cfg.seeds:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
-                    # read again before every cell: a grid running in parallel may have finished it meanwhile
-                    if cmd in {r["command"] for r in load_rows(cfg.family, cfg.results)}:
-                        continue
-                    print(">>", cmd, flush=True)
-                    args = tyro.cli(om.Args, args=cmd.split()[2:])
-                    try:
-                        res = om.main(args)
-                    except (om.RunError, om.DatasetError) as e:
-                        sys.exit(f"error: {e}")
-                    row = {"command": cmd, "task": task, "quality": quality, "decomposition": dec, "seed": seed,
-                           "beta": res["beta"], "final_return": res["final_return"],
-                           "final_normalized_score": res["final_normalized_score"], "eval_history": res["eval_history"],
-                           "eval_seconds": res["eval_seconds"], "total_seconds": res["total_seconds"],
-                           "stages": res["stages"]}
-                    os.makedirs(RESULTS_DIR, exist_ok=True)
-                    with open(os.path.join(RESULTS_DIR, cfg.results or f"{cfg.family}.jsonl"), "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    cells.append(Cell(cfg.family, task, quality, dec, seed, cmd, cfg.workdir))
+    done = {r["command"] for r in load_rows(out, cfg.family, cfg.results)}
+    n_grid = len(cells)
+    cells = [c for c in cells if c.command not in done]
+    print(f"{n_grid - len(cells)} of the grid's {n_grid} runs are already in {out}; {len(cells)} to run", flush=True)
+    if not cells:
+        return
+    om = importlib.import_module(SCRIPTS[cfg.family])
+    tyro.cli(om.Args, args=shlex.split(cells[0].command)[2:])  # bad --extra: the script's own message, before any job
+
+    folder = os.path.join(out, "submitit")
+    os.makedirs(folder, exist_ok=True)
+    jobs_file = os.path.join(folder, "jobs.jsonl")
+    known = {}
+    if os.path.exists(jobs_file):
+        with open(jobs_file) as f:
+            known = {j["command"]: j["job_id"] for j in map(json.loads, f)}
+    executor = make_executor(cfg, folder)
+    running, todo = [], []
+    for cell in cells:
+        job = reattach(cfg, folder, known, cell)
+        if job is not None:
+            print(f"<< {cell.command} (job {job.job_id} of an earlier invocation)", flush=True)
+            running.append((job, cell))
+        else:
+            todo.append(cell)
+
+    def submitted(jobs_cells):
+        for job, cell in jobs_cells:
+            append_row(jobs_file, {"command": cell.command, "job_id": job.job_id})
+            print(f">> {cell.command} (job {job.job_id}, log {job.paths.stderr})", flush=True)
+        running.extend(jobs_cells)
+
+    if cfg.launcher == "slurm" and todo:  # one array; SLURM keeps --slurm-array-parallelism of it running
+        with executor.batch():
+            jobs = [executor.submit(cell) for cell in todo]
+        submitted(list(zip(jobs, todo)))
+        todo = []
+    failed = []
+    try:
+        while todo or running:
+            while todo and len(running) < cfg.parallel:
+                cell = todo.pop(0)
+                submitted([(executor.submit(cell), cell)])
+            for job, cell in [jc for jc in running if jc[0].done()]:
+                running.remove((job, cell))
+                try:
+                    row = job.result()
+                except Exception as e:
+                    failed.append(cell.command)
+                    print(f"failed: {cell.command}: {job_error(e)} (log {job.paths.stderr})", flush=True)
+                    continue
+                append_row(results_file, row)
+                score = row["final_normalized_score"]
+                print(
+                    f"ok: {cell.command}: final return {row['final_return']:.2f}"
+                    + (f", normalized {score:.1f}" if score is not None else ""),
+                    flush=True,
+                )
+            if running:
+                time.sleep(1 if cfg.launcher == "local" else 30)
+    except KeyboardInterrupt:
+        if cfg.launcher == "local":
+            for job, _ in running:
+                job.cancel(check=False)
+        print(
+            f"\ninterrupted with {len(running) + len(todo)} cells unfinished; run the same command again to "
+            f"continue (killed runs resume from their checkpoints)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    if failed:
+        print(
+            f"{len(failed)} cells failed; their logs are named above. Running the same command again retries "
+            f"them (from their checkpoints)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
-def report(family, om):
-    rows = load_rows(family)
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def cells_of(rows):
+    """Rows grouped by (task, quality, decomposition)."""
     cells = defaultdict(list)
     for r in rows:
         cells[(r["task"], r["quality"], r["decomposition"])].append(r)
-    lines = ["| task | dataset | β | OMSD sequential: return (normalized) | independent: return (normalized) | seeds | command (seed 1) |",
-             "|---|---|---|---|---|---|---|"]
-    keys = sorted({(t, q) for t, q, _ in cells}, key=lambda k: (k[0], om.QUALITIES.index(k[1])))
-    for task, quality in keys:
-        out, n, beta, cmd = [], [], "", ""
-        for dec in ("sequential", "independent"):
+    return cells
+
+
+def score_matrices(rows, qualities=None):
+    """Normalised final scores as rliable wants them: {decomposition: (seeds x cells) array}, with the cells
+    (task, quality) that both decompositions have and the seeds that every one of those cells has, so both
+    matrices hold the same runs. Rows without a normalised score are left out. Returns (matrices, cells, seeds),
+    or (None, [], []) when no cell has both decompositions."""
+    score = defaultdict(dict)
+    for r in rows:
+        if r.get("final_normalized_score") is not None and r["decomposition"] in DECOMPOSITIONS:
+            score[(r["task"], r["quality"], r["decomposition"])].setdefault(r["seed"], r["final_normalized_score"])
+    keys = sorted({(t, q) for t, q, _ in score if qualities is None or q in qualities})
+    keys = [k for k in keys if all((*k, d) in score for d in DECOMPOSITIONS)]
+    seeds = sorted(set.intersection(*[set(score[(*k, d)]) for k in keys for d in DECOMPOSITIONS])) if keys else []
+    if not seeds:
+        return None, [], []
+    return {d: np.array([[score[(*k, d)][s] for k in keys] for s in seeds]) for d in DECOMPOSITIONS}, keys, seeds
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 for each task (column), averaged over tasks: rliable's
+    metrics.probability_of_improvement (the Mann-Whitney U statistic over n_x n_y), vectorised, because rliable's
+    calls scipy once per task and replicate and takes minutes for 10,000 bootstrap replicates."""
+    gt = (x[:, None, :] > y[None, :, :]).mean(axis=(0, 1))
+    eq = (x[:, None, :] == y[None, :, :]).mean(axis=(0, 1))
+    return np.mean(gt + 0.5 * eq)
+
+
+def aggregate(rows, reps=10000, qualities=None, seed=0):
+    """IQM and mean of the normalised scores per decomposition and the probability that sequential improves on
+    independent, each with a 95 % stratified bootstrap interval (rliable: seeds resampled within each cell).
+    Returns None when no cell has both decompositions."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    m, keys, seeds = score_matrices(rows, qualities)
+    if m is None:
+        return None
+    np.random.seed(seed)  # rliable's resampling draws from numpy's global generator
+    point, interval = rly.get_interval_estimates(
+        m, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]), reps=reps
+    )
+    np.random.seed(seed)
+    poi, poi_ci = rly.get_interval_estimates(
+        {"poi": [m["sequential"], m["independent"]]}, probability_of_improvement, reps=reps
+    )
+    return {
+        "cells": keys,
+        "seeds": seeds,
+        "matrices": m,
+        "point": point,
+        "interval": interval,
+        "poi": float(poi["poi"]),
+        "poi_ci": [float(v) for v in np.ravel(poi_ci["poi"])],
+    }
+
+
+def fmt_ci(x, ci, digits=1):
+    return f"{x:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def mean_std(x):
+    """mean ± sample std (ddof=1); one seed has no spread to show."""
+    return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
+
+
+def report(family, out, figures, reps):
+    """Print the per-cell table and the aggregate statistics of every <family>*.jsonl in `out`, and draw the
+    learning curves, interval estimates and performance profile into `figures`: everything from the rows, so a
+    results directory alone rebuilds its tables and figures."""
+    rows = load_rows(out, family)
+    if not rows:
+        fail(f"no rows in {out}/{family}*.jsonl; run the grid first, or give --out the directory that has them")
+    tasks, _, qualities = family_lists(family)
+    cells = cells_of(rows)
+
+    def order(k):
+        return (
+            tasks.index(k[0]) if k[0] in tasks else len(tasks),
+            k[0],
+            qualities.index(k[1]) if k[1] in qualities else len(qualities),
+            k[1],
+        )
+
+    lines = [
+        f"Final return, normalized score in brackets: mean ± std over seeds (sample std, ddof=1), from {out}",
+        "",
+        "| task | dataset | β | OMSD sequential: return (normalized), mean ± std (ddof=1) "
+        "| independent: return (normalized), mean ± std (ddof=1) | seeds | command (seed 1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, quality in sorted({(t, q) for t, q, _ in cells}, key=order):
+        col, n, beta, cmd = [], [], "", ""
+        for dec in DECOMPOSITIONS:
             rs = cells.get((task, quality, dec), [])
             if not rs:
-                out.append("–")
+                col.append("–")
                 continue
-            ret = np.array([r["final_return"] for r in rs])
-            nor = np.array([r["final_normalized_score"] for r in rs])
-            out.append(f"{ret.mean():.1f} ± {ret.std():.1f} ({nor.mean():.1f} ± {nor.std():.1f})")
+            ret = mean_std(np.array([r["final_return"] for r in rs]))
+            nor = [r["final_normalized_score"] for r in rs if r["final_normalized_score"] is not None]
+            col.append(f"{ret} ({mean_std(np.array(nor))})" if nor else ret)
             n.append(len(rs))
             beta = rs[0]["beta"]
             cmd = cmd or sorted(rs, key=lambda r: r["seed"])[0]["command"].replace(" --decomposition sequential", "")
-        lines.append(f"| {task} | {quality} | {beta} | {out[0]} | {out[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
+        lines.append(f"| {task} | {quality} | {beta} | {col[0]} | {col[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
+
+    agg = aggregate(rows, reps)
+    if agg is None:
+        lines += ["", "No cell has both decompositions: no aggregate statistics."]
+    else:
+        multi = aggregate(rows, reps, qualities=MULTIMODAL)
+        lines += [
+            "",
+            f"Normalized score over {len(agg['cells'])} cells x {len(agg['seeds'])} seeds (seeds "
+            f"{', '.join(map(str, agg['seeds']))}), 95 % stratified bootstrap intervals (rliable, {reps} "
+            f"replicates):",
+            "",
+            "| decomposition | IQM | mean |",
+            "|---|---|---|",
+        ]
+        for dec in DECOMPOSITIONS:
+            p, ci = agg["point"][dec], agg["interval"][dec]
+            lines.append(f"| {dec} | {fmt_ci(p[0], ci[:, 0])} | {fmt_ci(p[1], ci[:, 1])} |")
+        lines += [
+            "",
+            "| cells | P(sequential > independent) |",
+            "|---|---|",
+            f"| all ({len(agg['cells'])}) | {fmt_ci(agg['poi'], agg['poi_ci'], 2)} |",
+        ]
+        name = f"multimodal data: {', '.join(MULTIMODAL)}"
+        lines.append(
+            f"| {name} ({len(multi['cells'])}) | {fmt_ci(multi['poi'], multi['poi_ci'], 2)} |"
+            if multi
+            else f"| {name} | no such cells |"
+        )
     print("\n".join(lines))
-    curves(cells, family, om)
+    os.makedirs(figures, exist_ok=True)
+    curves(cells, family, figures, order)
+    if agg is not None:
+        rliable_figures(agg, family, figures, reps)
 
 
-def curves(cells, family, om):
+def rliable_figures(agg, family, figures, reps):
+    """The interval-estimate figure (IQM and mean with their intervals) and the performance profile (fraction
+    of runs above each normalised score, with bootstrap bands), drawn by rliable's plot_utils."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    colors = {"sequential": "C0", "independent": "C1"}
+    fig, _ = plot_utils.plot_interval_estimates(
+        agg["point"],
+        agg["interval"],
+        metric_names=["IQM", "Mean"],
+        algorithms=list(DECOMPOSITIONS),
+        colors=colors,
+        xlabel="normalized score",
+        subfigure_width=3.4,
+        row_height=0.9,
+        xlabel_y_coordinate=-0.32,
+    )
+    fig.suptitle(
+        f"{family}: {len(agg['cells'])} cells x {len(agg['seeds'])} seeds, 95 % intervals", fontsize=11, y=1.12
+    )
+    path = os.path.join(figures, f"{family}_interval_estimates.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print("wrote", path)
+
+    scores = np.concatenate([m.ravel() for m in agg["matrices"].values()])
+    taus = np.linspace(scores.min() - 1, scores.max() + 1, 101)
+    np.random.seed(0)
+    profiles, cis = rly.create_performance_profile(agg["matrices"], taus, reps=min(reps, 2000))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    plot_utils.plot_performance_profiles(
+        profiles,
+        taus,
+        performance_profile_cis=cis,
+        colors=colors,
+        ax=ax,
+        xlabel=r"normalized score $\tau$",
+        ylabel=r"fraction of runs > $\tau$",
+        labelsize="medium",
+        ticklabelsize="small",
+    )
+    ax.legend([plt.Line2D([], [], color=colors[d]) for d in DECOMPOSITIONS], DECOMPOSITIONS, fontsize=8)
+    ax.set_title(f"{family}: performance profile", fontsize=10)
+    path = os.path.join(figures, f"{family}_performance_profile.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print("wrote", path)
+
+
+def curves(cells, family, figures, order):
+    """Learning curves per cell: mean over seeds with a ± std band (ddof=1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in (om.TASKS if family == "mpe" else om.ENV_IDS) if any(k[0] == t for k in cells)]
-    qualities = [q for q in om.QUALITIES if any(k[1] == q for k in cells)]
-    fig, axes = plt.subplots(len(tasks), len(qualities), figsize=(3.2 * len(qualities), 2.6 * len(tasks)), squeeze=False)
+    keys = sorted({k[:2] for k in cells}, key=order)
+    tasks = list(dict.fromkeys(t for t, _ in keys))
+    qualities = sorted({q for _, q in keys}, key=lambda q: order((tasks[0], q)))
+    size = (3.2 * len(qualities), 2.6 * len(tasks))
+    fig, axes = plt.subplots(len(tasks), len(qualities), figsize=size, squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
-    for (r, task), (c, quality) in ((rt, cq) for rt in enumerate(tasks) for cq in enumerate(qualities)):
+    for task, quality in keys:
+        r, c = tasks.index(task), qualities.index(quality)
         ax = axes[r][c]
-        if not any(k[:2] == (task, quality) for k in cells):
-            continue
         ax.set_visible(True)
         for dec, color in (("sequential", "C0"), ("independent", "C1")):
             rs = cells.get((task, quality, dec), [])
-            if not rs:
+            steps = [h["step"] for h in rs[0]["eval_history"]] if rs else []
+            rs = [x for x in rs if [h["step"] for h in x["eval_history"]] == steps]  # one evaluation schedule
+            if not rs or rs[0]["eval_history"][0]["normalized_score"] is None:
                 continue
-            steps = [h["step"] for h in rs[0]["eval_history"]]
-            ys = np.array([[h["normalized_score"] for h in r["eval_history"]] for r in rs])
+            ys = np.array([[h["normalized_score"] for h in x["eval_history"]] for x in rs])
             ax.plot(steps, ys.mean(0), color=color, label=f"{dec} ({len(rs)} seeds)")
-            ax.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+            if len(rs) > 1:
+                sd = ys.std(0, ddof=1)
+                ax.fill_between(steps, ys.mean(0) - sd, ys.mean(0) + sd, color=color, alpha=0.2)
         ax.set_title(f"{task} {quality}", fontsize=9)
         ax.set_xlabel("policy steps", fontsize=8)
         ax.tick_params(labelsize=7)
         if c == 0:
             ax.set_ylabel("normalized score", fontsize=8)
-        if (r, c) == (0, 0):
+        if (task, quality) == keys[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = os.path.join(REPO, "benchmark", "figures", f"{family}_learning_curves.png")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fig.savefig(out, dpi=80)
-    print("wrote", out)
+    path = os.path.join(figures, f"{family}_learning_curves.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print("wrote", path)
+
+
+def main(cfg: Cfg):
+    if cfg.family not in SCRIPTS:
+        fail(f"--family must be one of {', '.join(SCRIPTS)}, got {cfg.family!r}")
+    if cfg.launcher not in LAUNCHERS:
+        fail(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
+    if not cfg.decompositions or any(d not in DECOMPOSITIONS for d in cfg.decompositions):
+        fail(f"--decompositions must be among {', '.join(DECOMPOSITIONS)}, got {' '.join(cfg.decompositions)}")
+    try:
+        shlex.split(cfg.extra)
+    except ValueError as e:
+        fail(f"--extra {cfg.extra!r}: {e}")
+    if cfg.parallel < 1 or cfg.reps < 1:
+        fail("--parallel and --reps must be at least 1")
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        fail(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
+    if not cfg.report_only and not cfg.out:
+        fail(
+            "give --out DIR, the directory the grid writes its rows to (a fresh one re-runs the whole table; "
+            "benchmark/results holds the committed rows)"
+        )
+    out = os.path.abspath(cfg.out or RESULTS_DIR)
+    if cfg.launcher == "slurm" and not cfg.report_only and shutil.which("srun") is None:
+        fail("--launcher slurm needs SLURM's srun on PATH; run on the cluster's login node, or use --launcher local")
+    if cfg.report_only and not os.path.isdir(out):
+        fail(f"--out {cfg.out} does not exist")
+    figures = FIGURES_DIR if out == RESULTS_DIR else os.path.join(out, "figures")
+    if not cfg.report_only:
+        tasks = family_lists(cfg.family)[0]
+        unknown = [t for t in cfg.tasks if t not in tasks]
+        if unknown:
+            fail(f"unknown task {unknown[0]!r} for --family {cfg.family}; choose from {', '.join(tasks)}")
+        if not os.path.isdir(cfg.workdir):
+            fail(f"--workdir {cfg.workdir} is not a directory")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create --out {cfg.out}: {e.strerror}")
+        cfg.workdir = os.path.abspath(cfg.workdir)
+        run_grid(cfg, out)
+    report(cfg.family, out, figures, cfg.reps)
 
 
 if __name__ == "__main__":
-    cfg = tyro.cli(Cfg)
-    if cfg.family not in SCRIPTS:
-        sys.exit(f"error: --family must be one of {', '.join(SCRIPTS)}, got {cfg.family!r}")
-    om = __import__(SCRIPTS[cfg.family])
-    if not cfg.report_only:
-        run_grid(cfg, om)
-    report(cfg.family, om)
+    main(tyro.cli(Cfg))

@@ -1,0 +1,208 @@
+"""benchmark/table.py: the submitit launcher runs a tiny 2-cell grid locally into a fresh directory and a second
+invocation skips both cells; the rliable statistics on constructed rows give the values computed by hand; bad
+input gets one error line and exit 2."""
+
+import fcntl
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import MPE_TINY, REPO
+
+spec = importlib.util.spec_from_file_location("table", os.path.join(REPO, "benchmark", "table.py"))
+table = sys.modules["table"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+
+
+def row(task, quality, dec, seed, score, ret=None):
+    ret = score if ret is None else ret
+    return {
+        "command": f"python oma_sd_mpe.py --env-id {task} --dataset {quality} --decomposition {dec} --seed {seed}",
+        "task": task,
+        "quality": quality,
+        "decomposition": dec,
+        "seed": seed,
+        "beta": 0.1,
+        "final_return": ret,
+        "final_normalized_score": score,
+        "eval_history": [
+            {"step": 0, "return": 0.0, "normalized_score": 0.0},
+            {"step": 10, "return": ret, "normalized_score": score},
+        ],
+    }
+
+
+def rows_of(scores):
+    """{(task, quality, decomposition): [score of seed 1, 2, ...]} -> rows."""
+    return [row(t, q, d, s + 1, v) for (t, q, d), vs in scores.items() for s, v in enumerate(vs)]
+
+
+def grid(tmp_path, *flags):
+    extra = shlex.join([*MPE_TINY, "--exp-name", "tiny grid"])  # a quoted value must reach the script intact
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmark", "table.py"),
+            "--tasks",
+            "simple_spread",
+            "--qualities",
+            "random",
+            "--seeds",
+            "1",
+            "--out",
+            "out",
+            "--workdir",
+            ".",
+            "--reps",
+            "50",
+            f"--extra={extra}",
+            *flags,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMSD_DATA_DIR": str(tmp_path / "data")},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "out" / "mpe.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return r.stdout, rows, sorted(os.listdir(tmp_path / "runs"))
+
+
+def test_local_grid_runs_into_a_fresh_directory_and_resumes_by_skipping_its_cells(tmp_path):
+    out, rows, runs = grid(tmp_path)
+    assert "0 of the grid's 2 runs are already in" in out
+    assert sorted(r["decomposition"] for r in rows) == ["independent", "sequential"]
+    assert all(r["command"].endswith("--threads 1 --exp-name 'tiny grid'") for r in rows)
+    made = [d for d in runs if d != "cache"]  # the run directories carry the quoted --exp-name
+    assert len(made) == 2 and all(d.startswith("simple_spread__random__tiny grid__") for d in made)
+    for name in ("learning_curves", "interval_estimates", "performance_profile"):
+        assert os.path.getsize(tmp_path / "out" / "figures" / f"mpe_{name}.png") > 0
+
+    again, rows_again, runs_again = grid(tmp_path)
+    assert "2 of the grid's 2 runs are already in" in again and ">>" not in again
+    assert rows_again == rows and runs_again == runs
+
+    os.remove(tmp_path / "out" / "mpe.jsonl")  # rows lost, jobs' results still in out/submitit: nothing runs again
+    third, rows_third, runs_third = grid(tmp_path)
+    assert third.count("<< ") == 2 and ">>" not in third
+    assert sorted(r["final_return"] for r in rows_third) == sorted(r["final_return"] for r in rows)
+    assert runs_third == runs
+
+
+def test_iqm_mean_and_probability_of_improvement_on_constructed_rows():
+    seq = {
+        ("simple_spread", "expert", "sequential"): [0, 10, 20, 1000],
+        ("simple_spread", "mixture", "sequential"): [30, 40, 50, 60],
+    }
+    ind = {
+        ("simple_spread", "expert", "independent"): [-1, -2, -3, -4],
+        ("simple_spread", "mixture", "independent"): [-5, -6, -7, -8],
+    }
+    agg = table.aggregate(rows_of({**seq, **ind}), reps=200)
+    assert agg["seeds"] == [1, 2, 3, 4] and len(agg["cells"]) == 2
+    iqm, mean = agg["point"]["sequential"]
+    assert iqm == pytest.approx(np.mean([20, 30, 40, 50])) and mean == pytest.approx(1210 / 8)
+    assert agg["point"]["independent"][0] == pytest.approx(np.mean([-3, -4, -5, -6]))
+    lo, hi = agg["interval"]["sequential"][:, 0]
+    assert lo <= iqm <= hi
+    assert agg["poi"] == 1.0 and agg["poi_ci"] == [1.0, 1.0]  # every sequential run beats every independent one
+    multi = table.aggregate(rows_of({**seq, **ind}), reps=200, qualities=table.MULTIMODAL)
+    assert multi["cells"] == [("simple_spread", "mixture")] and multi["poi"] == 1.0
+
+    same = {(t, q, "independent"): v for (t, q, _), v in seq.items()}
+    assert table.aggregate(rows_of({**seq, **same}), reps=200)["poi"] == 0.5
+
+    const = table.aggregate(
+        rows_of(
+            {("simple_tag", "medium", "sequential"): [5, 5, 5], ("simple_tag", "medium", "independent"): [1, 2, 3]}
+        ),
+        reps=200,
+    )
+    assert const["point"]["sequential"][0] == 5 and list(const["interval"]["sequential"][:, 0]) == [5, 5]
+
+
+def test_vectorised_probability_of_improvement_is_rliables():
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, (5, 6)).astype(float), rng.integers(0, 4, (3, 6)).astype(float)  # with ties
+    assert table.probability_of_improvement(x, y) == pytest.approx(metrics.probability_of_improvement(x, y))
+
+
+def test_score_matrices_keep_the_cells_and_seeds_both_decompositions_have():
+    rows = rows_of(
+        {
+            ("simple_spread", "expert", "sequential"): [1, 2, 3],
+            ("simple_spread", "expert", "independent"): [4, 5, 6],
+            ("simple_spread", "medium", "sequential"): [7, 8],
+            ("simple_spread", "medium", "independent"): [9, 10, 11],
+            ("simple_tag", "expert", "sequential"): [12, 13, 14],
+        }
+    )  # no independent runs: left out
+    rows.append(row("simple_spread", "expert", "sequential", 3, 99.0))  # a repeated seed: the first row counts
+    m, cells, seeds = table.score_matrices(rows)
+    assert cells == [("simple_spread", "expert"), ("simple_spread", "medium")] and seeds == [1, 2]
+    assert m["sequential"].tolist() == [[1, 7], [2, 8]] and m["independent"].tolist() == [[4, 9], [5, 10]]
+
+
+def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys):
+    rows = rows_of(
+        {("simple_spread", "expert", "sequential"): [1, 2, 3], ("simple_spread", "expert", "independent"): [1, 1, 4]}
+    )
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    text = capsys.readouterr().out
+    assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 |" in text
+    assert "P(sequential > independent)" in text
+    assert sorted(os.listdir(tmp_path / "figures")) == [
+        "mpe_interval_estimates.png",
+        "mpe_learning_curves.png",
+        "mpe_performance_profile.png",
+    ]
+
+
+def bad(capsys, **kw):
+    with pytest.raises(SystemExit) as e:
+        table.main(table.Cfg(**kw))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_bad_input_gets_one_error_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    assert "--family" in bad(capsys, family="atari", out=str(tmp_path))
+    assert "--launcher" in bad(capsys, launcher="pbs", out=str(tmp_path))
+    assert "is a file" in bad(capsys, out=str(tmp_path / "file"))
+    assert "--out" in bad(capsys)  # a grid needs its own results directory
+    assert "does not exist" in bad(capsys, report_only=True, out=str(tmp_path / "missing"))
+    assert "unknown task" in bad(capsys, tasks=("simple_pong",), out=str(tmp_path))
+    assert "unknown quality" in bad(capsys, qualities=("great",), out=str(tmp_path))
+    assert "--extra" in bad(capsys, extra="--exp-name 'unclosed", out=str(tmp_path))
+    with open(tmp_path / "mpe.jsonl", "a") as held:  # another grid is writing this directory's rows
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another benchmark/table.py" in bad(capsys, out=str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    assert "srun" in bad(capsys, launcher="slurm", out=str(tmp_path))
+
+
+def test_slurm_job_array_carries_the_options(tmp_path, monkeypatch):
+    srun = tmp_path / "srun"  # submitit's SLURM executor only checks that srun exists
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cfg = table.Cfg(launcher="slurm", slurm_partition="cpu", slurm_time=90, slurm_cpus=2, slurm_array_parallelism=16)
+    ex = table.make_executor(cfg, str(tmp_path / "submitit"))._executor
+    ex.parameters["map_count"] = 90  # what executor.batch() sets for a 90-run table
+    sbatch = ex._make_submission_file_text("CMD", "uid")
+    for line in ("--array=0-89%16", "--partition=cpu", "--time=90", "--cpus-per-task=2", "--signal=USR2@90"):
+        assert f"#SBATCH {line}\n" in sbatch
