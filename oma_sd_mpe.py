@@ -107,7 +107,7 @@ class Args:
     step, agent by agent (the paper's text)"""
     regq: bool = False
     """normalise grad_a Q by its root mean square (SRPO's optional trick)"""
-    z_baseline: bool = False
+    z_baseline: bool = True
     """use eps_hat - z instead of eps_hat in the actor loss (SRPO's optional variance reduction: z does not depend
     on the actor, so the expected gradient is unchanged, but most of eps_hat's sample-to-sample noise is z itself)"""
 
@@ -116,8 +116,8 @@ class Args:
     """gradient steps (all agents' models train together in one batched op)"""
     diffusion_batch_size: int = 256
     """minibatch size"""
-    diffusion_hidden: int = 64
-    """width of the residual trunk (authors: 512, with 4.3M parameters per agent)"""
+    diffusion_hidden: Optional[int] = None
+    """width of the residual trunk (default: per env, see ENV_DEFAULTS; authors: 512, with 4.3M parameters per agent)"""
     diffusion_blocks: int = 2
     """residual blocks"""
     diffusion_lr: float = 3e-4
@@ -156,8 +156,8 @@ class Args:
     """policy steps between evaluations"""
     eval_episodes: int = 10
     """evaluation episodes (decentralised execution, deterministic actions)"""
-    actor_init: str = "random"
-    """random (the authors' code) | samples: before stage 2, fit each actor by regression onto samples of its behaviour
+    actor_init: Optional[str] = None
+    """(default: per env, see ENV_DEFAULTS) random (the authors' code) | samples: before stage 2, fit each actor by regression onto samples of its behaviour
     model drawn with one noise vector shared by all states (deterministic DDIM sampler), agent by agent in the order,
     each conditioned on the samples of the agents before it, so that the actors start inside one joint mode"""
     init_steps: int = 2000
@@ -186,13 +186,15 @@ class Args:
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
 
-# Step counts chosen by measurement on 2 CPU cores (README, "Speed"); the paper's scale is
-# --diffusion-steps 2000000 --critic-steps 500000 --policy-steps 100000 with much bigger networks.
+# Chosen by measurement on 2 CPU cores (docs/results.md, "Multimodal data and mode selection"): behaviour models
+# wide and long enough to represent a multimodal conditional, actors started from joint behaviour samples, and the
+# mode-seeking weight alpha_t / sigma_t. The paper's scale is --diffusion-steps 2000000 --critic-steps 500000
+# --policy-steps 100000 with much bigger networks.
 ENV_DEFAULTS = {
-    "mpe": dict(diffusion_steps=10_000, critic_steps=10_000, policy_steps=5_000, actor_lr=3e-4, eval_every=500,
-                weighting="sigma2"),
-    "bandit": dict(diffusion_steps=4000, critic_steps=1000, policy_steps=3000, actor_lr=1e-2, eval_every=100,
-                   weighting="alpha_over_sigma", beta=0.05),
+    "mpe": dict(diffusion_steps=15_000, diffusion_hidden=128, critic_steps=10_000, policy_steps=5_000, actor_lr=3e-4,
+                eval_every=500, weighting="alpha_over_sigma", actor_init="samples"),
+    "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, policy_steps=3000, actor_lr=1e-2,
+                   eval_every=100, weighting="alpha_over_sigma", actor_init="random", beta=0.05),
 }
 # Starting values from the authors' run scripts (not tuned here), in the authors' beta convention.
 BETA_DEFAULTS = {

@@ -98,7 +98,7 @@ def main(cfg: Cfg):
     for dec in ("sequential", "independent"):
         rows[dec] = []
         for seed in cfg.seeds:
-            res = om.main(om.Args(env_id="bandit", decomposition=dec, seed=seed, stage1_seed=0, beta=cfg.beta,
+            res = om.main(om.Args(env_id="bandit", decomposition=dec, seed=seed, stage1_seed=0, beta=cfg.beta, z_baseline=False,
                                   weighting=cfg.weighting, diffusion_steps=cfg.diffusion_steps, critic_steps=cfg.critic_steps,
                                   policy_steps=cfg.policy_steps, diffusion_hidden=cfg.diffusion_hidden,
                                   diffusion_batch_size=cfg.diffusion_batch_size, actor_hidden=cfg.actor_hidden,

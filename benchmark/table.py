@@ -164,6 +164,7 @@ class Cell(submitit.helpers.Checkpointable):
             "eval_seconds": res["eval_seconds"],
             "total_seconds": res["total_seconds"],
             "stages": res["stages"],
+            "diagnostics": res.get("diagnostics"),
         }
 
 
