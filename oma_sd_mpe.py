@@ -543,12 +543,12 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
         act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
         if record is not None:
             record.append((o.astype(np.float32), act))
-    if record is not None:  # the observations after the last step too: (obs, act, final obs)
-        o = np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
-        record[-1] = (*record[-1], o.astype(np.float32))
         for e, env in enumerate(envs):
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
             rewards[e, t] = [r[a] for a in names]
+    if record is not None:  # the observations after the last step too: (obs, act, final obs)
+        o = np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
+        record[-1] = (*record[-1], o.astype(np.float32))
     actors.train()
     return float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
 

@@ -184,3 +184,28 @@ def test_assignment_stats_reads_the_landmark_each_agent_ends_at():
     assert s["distinct"] == 0.75  # episode 2 has two agents at landmark 0; episode 3 is a permutation, no convention
     order = [1, 2, 0]  # positions hold agents 1, 2, 0
     assert om.assignment_stats(obs[order], order, 2) == s
+
+
+def test_evaluate_records_the_episodes_it_scores():
+    """evaluate() steps every env for the whole episode with or without a record, and the record holds every step's
+    observations and actions plus the last observations."""
+    torch.manual_seed(0)
+    args = om.resolve_args(om.Args(eval_episodes=3))
+    actors = om.Actors(3, 18, 2, 16)
+    plain = om.evaluate(actors, args, [0, 1, 2], 18)
+    record = []
+    assert om.evaluate(actors, args, [0, 1, 2], 18, record=record) == plain
+    assert plain > 0  # spread's reward sum_l min(1/d, 10) is positive at every step
+    env = MPEEnv("simple_spread")
+    rets = []
+    for e in range(3):  # the same episodes stepped by hand
+        obs, _ = env.reset(seed=args.seed + 100 + e)
+        rew = []
+        for _ in range(25):
+            o = torch.as_tensor(np.stack([obs[a] for a in env.possible_agents])[:, None])
+            act = actors(o).detach().numpy()[:, 0]
+            obs, r, _, _, _ = env.step({a: act[i] for i, a in enumerate(env.possible_agents)})
+            rew.append([r[a] for a in env.possible_agents])
+        rets.append(paper_metric("simple_spread", np.array(rew)))
+    assert plain == pytest.approx(np.mean(rets), rel=1e-5)
+    assert len(record) == 25 and record[0][0].shape == (3, 3, 18) and record[-1][2].shape == (3, 3, 18)
