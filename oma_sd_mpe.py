@@ -38,7 +38,6 @@ from envs.runs import (Interrupted, Progress, RunError, cache_path, check_common
                         save_atomic, write_json_atomic)
 
 ENV_IDS = TASKS + ("bandit",)
-HOLDOUT_EVERY = 50  # every 50th episode is held out of stage 1a, to measure the behaviour models' fit
 
 
 @dataclass
@@ -122,6 +121,9 @@ class Args:
     """residual blocks"""
     diffusion_lr: float = 3e-4
     """AdamW learning rate, cosine-annealed to 1e-5"""
+    holdout_every: int = 50
+    """every k-th episode is left out of the behaviour models' training, to measure their fit on unseen episodes
+    (0: train on every episode, the authors' code; the fit is then measured in-sample)"""
 
     # Stage 1b: centralised IQL critic
     critic_steps: Optional[int] = None
@@ -683,10 +685,13 @@ def main(args: Args) -> dict:
         raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
     data = to_tensors(arrays, order, args)
     N, _, obs_max = data["obs"].shape
-    # Every HOLDOUT_EVERY-th episode is held out of the behaviour models' training, to measure their fit.
+    # Every 50th episode (the last one of a smaller dataset) is where the behaviour models' fit is measured; with
+    # --holdout-every k > 0, every k-th episode is left out of their training for that.
     episode = np.searchsorted(episode_ends(arrays), np.arange(N))
-    is_held = (episode % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if episode.max() >= HOLDOUT_EVERY - 1 else episode == episode.max()
-    train_idx, held_idx = torch.as_tensor(np.flatnonzero(~is_held)), torch.as_tensor(np.flatnonzero(is_held))
+    k = args.holdout_every or 50
+    is_held = (episode % k == k - 1) if episode.max() >= k - 1 else episode == episode.max()
+    train_idx = torch.as_tensor(np.flatnonzero(~is_held) if args.holdout_every else np.arange(N))
+    held_idx = torch.as_tensor(np.flatnonzero(is_held))
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
@@ -730,7 +735,7 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
     fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
-                  holdout_every=HOLDOUT_EVERY,
+                  holdout_every=args.holdout_every,
                   **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
                                                    "diffusion_blocks", "diffusion_lr")})
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
