@@ -209,3 +209,23 @@ def test_evaluate_records_the_episodes_it_scores():
         rets.append(paper_metric("simple_spread", np.array(rew)))
     assert plain == pytest.approx(np.mean(rets), rel=1e-5)
     assert len(record) == 25 and record[0][0].shape == (3, 3, 18) and record[-1][2].shape == (3, 3, 18)
+
+
+def test_behaviour_fit_of_an_exact_model():
+    """With the exact score of the data (a Gaussian copy of agent 0's action), samples given the dataset's prefix
+    land on the dataset actions of agents 1 and 2 up to the model's spread, and the held-out loss is the
+    diffusion loss on those rows."""
+    n, N = 3, 400
+    g = torch.Generator().manual_seed(0)
+    a0 = 0.5 + GaussianScore.s * torch.randn(N, 1, generator=g)
+    act = torch.stack([a0, a0 + 0.01 * torch.randn(N, 1, generator=g), a0 + 0.01 * torch.randn(N, 1, generator=g)], 1)
+    data = {"act": act, "obs": torch.zeros(N, n, 3)}
+    held = torch.arange(0, N, 2)
+    args = om.resolve_args(om.Args(sample_steps=20))
+    mask = om.prefix_mask(n, "sequential")
+    out = om.behaviour_fit(GaussianScore(), data, held, lambda idx: data["obs"][idx].transpose(0, 1), mask, args,
+                           [0, 1, 2])
+    d = out["sample_to_data_distance"]
+    assert d[1] < 0.06 and d[2] < 0.06  # the conditionals follow the prefix
+    assert d[0] == pytest.approx(GaussianScore.s * (4 / np.pi) ** 0.5, rel=0.3)  # |x - y| of two N(0.5, s^2) draws
+    assert len(out["heldout_denoising_loss"]) == 3 and "samples_near_a_convention" not in out
