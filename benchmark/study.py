@@ -108,7 +108,7 @@ def main(cfg):
 
 def report(rows):
     """setting x dataset: sequential / independent final return (mean ± std over seeds, ddof=1 when > 1 seed),
-    and the first-step convention agreement of the final policy."""
+    and, where measured, the share of evaluation episodes that end in one of the data's conventions."""
     cells = defaultdict(list)
     for r in rows:
         cells[(r["setting"], r["dataset"], r["decomposition"])].append(r)
@@ -125,8 +125,8 @@ def report(rows):
                     out.append("–")
                     continue
                 ret = np.array([r["final_return"] for r in rs])
-                agree = [((r.get("diagnostics") or {}).get("policy") or {}).get("conventions_first_step", {})
-                         .get("joint_in_one") for r in rs]
+                agree = [((r.get("diagnostics") or {}).get("policy") or {}).get("final_assignment", {})
+                         .get("in_data_convention") for r in rs]
                 agree = [a for a in agree if a is not None]
                 txt = f"{ret.mean():.1f}" + (f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else "")
                 out.append(txt + (f" ({100 * np.mean(agree):.0f} %)" if agree else ""))
