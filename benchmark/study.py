@@ -4,6 +4,7 @@
     python benchmark/study.py --study mode_selection --seeds 0 --shard 0/2 &   # two processes share the grid
     python benchmark/study.py --study mode_selection --seeds 0 --shard 1/2
     python benchmark/study.py --study mode_selection --report
+    python benchmark/study.py --diagnostics runs/tables/mode/mpe.jsonl   # diagnostics of a table's rows
 
 A run whose command is already in the results file is skipped (checked again before each run), so an
 interrupted study continues where it stopped; stage-1 models are cached and shared between settings.
@@ -62,6 +63,9 @@ class Cfg:
     """i/k: run every k-th run starting at the i-th, so k processes share a grid"""
     report: bool = False
     """only print the table of what the results file holds"""
+    diagnostics: str = ""
+    """only print the diagnostics per cell (mean over seeds) of a rows file, e.g. a table.py --out directory's
+    mpe.jsonl"""
 
 
 def rows_of(path):
@@ -87,6 +91,9 @@ def runs(cfg):
 
 def main(cfg):
     path = os.path.join(REPO, "benchmark", "results", f"{cfg.study}.jsonl")
+    if cfg.diagnostics:
+        diagnostics_table(rows_of(cfg.diagnostics))
+        return
     if cfg.report:
         report(rows_of(path))
         return
@@ -131,6 +138,29 @@ def report(rows):
                 txt = f"{ret.mean():.1f}" + (f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else "")
                 out.append(txt + (f" ({100 * np.mean(agree):.0f} %)" if agree else ""))
         print(f"| {s} | " + " | ".join(out) + " |")
+
+
+def diagnostics_table(rows):
+    """Per (dataset, decomposition), means over seeds: the share of evaluation episodes ending in a data convention,
+    the behaviour samples following the data's convention (agents 0/1/2), held-out denoising loss, the critic's
+    correlation with Monte-Carlo returns, and the policy's support distance against the data's own."""
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r.get("quality") or r.get("dataset"), r["decomposition"])].append(r["diagnostics"])
+    print("| dataset | decomposition | episodes ending in a data convention | behaviour samples follow the data's "
+          "convention (agents 0/1/2) | held-out denoising loss | critic: Pearson r (Q, MC return) | support "
+          "distance: policy / data |")
+    print("|---|---|---|---|---|---|---|")
+    mean = lambda xs: np.mean(np.array(xs, dtype=float), 0)
+    for (ds, dec), ds_rows in sorted(cells.items()):
+        pol, beh = [d["policy"] for d in ds_rows], [d["behaviour"] for d in ds_rows]
+        conv = [p["final_assignment"]["in_data_convention"] for p in pol if "final_assignment" in p]
+        follow = [b["samples_follow_data_convention"] for b in beh if "samples_follow_data_convention" in b]
+        print(f"| {ds} | {dec} | " + (f"{100 * mean(conv):.0f} %" if conv else "–") + " | "
+              + ("/".join(f"{100 * x:.0f} %" for x in mean(follow)) if follow else "–") + " | "
+              + "/".join(f"{x:.3f}" for x in mean([b["heldout_denoising_loss"] for b in beh])) + " | "
+              + f"{mean([d['critic']['pearson_r'] for d in ds_rows]):.2f} | "
+              + f"{mean([p['support_distance'] for p in pol]):.3f} / {mean([p['support_distance_data'] for p in pol]):.3f} |")
 
 
 if __name__ == "__main__":
