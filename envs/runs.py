@@ -5,6 +5,7 @@ timings that span every process of a resumed run."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,8 +16,11 @@ import sys
 import time
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
+from envs.dataset import DatasetError
 from envs.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
+from envs.published import FORMATS
 
 SEED_RANGE = 2**32  # numpy's seeds are 0 .. 2**32 - 1
 
@@ -28,6 +32,32 @@ class RunError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Settings both scripts have
 # ---------------------------------------------------------------------------------------------
+# the option values both scripts accept (each script adds its own)
+CHOICES = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
+           "condition": ("obs", "state"), "prefix": ("start", "updated"),
+           "weighting": ("sigma2", "one", "alpha_over_sigma")}
+POSITIVE = ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
+            "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
+            "actor_hidden", "diffusion_blocks", "checkpoint_every")
+
+
+def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents: int | None = None):
+    """Reject bad settings before anything is written: the options with a fixed set of values (CHOICES and the
+    script's `choices`), beta, the counts that must be positive (POSITIVE and the script's `positive`), the
+    diffusion time range of the actor loss, then `check_common_args`."""
+    for k, allowed in {**CHOICES, **(choices or {})}.items():
+        if getattr(args, k) not in allowed:
+            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
+    if not args.beta > 0:
+        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
+    for k in POSITIVE + tuple(positive):
+        if getattr(args, k) <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
+    if not 0 < args.t_min < args.t_max < 1:
+        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
+    check_common_args(args, n_agents)
+
+
 def check_common_args(args, n_agents: int | None = None):
     """Reject values of the settings both scripts share that would fail later (or silently mislead).
     n_agents: the env's number of agents, to check --agent-order before any data are made."""
@@ -286,6 +316,12 @@ class Run:
         self.stages[stage] = timing
         self.save_marker()
 
+    def save_stage(self, path: str, obj: dict):
+        """Save a trained stage-1 model to its cache file, remove the stage's checkpoint, release its lock."""
+        save_atomic(obj, path)
+        remove(partial_path(path))
+        self.release(path)
+
     def release(self, path: str):
         lock = self.stage_locks.pop(path, None)
         if lock is not None:
@@ -375,6 +411,28 @@ def open_run(args, fields: dict, t_start: float) -> Run:
         raise
 
 
+NOT_IN_KEY = ("resume", "checkpoint_every", "threads")  # how a run is executed, not what it computes
+
+
+def start_run(args, t_start: float, exclude: tuple = (), **fields) -> Run:
+    """`open_run` for the run these arguments (all but NOT_IN_KEY and `exclude`) and `fields` (e.g. the data's
+    checksum) define: an interrupted run of the same command on the same data is continued in its directory."""
+    keyed = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY + tuple(exclude)}
+    return open_run(args, {**keyed, **fields}, t_start)
+
+
+def open_writer(args, run_dir: str):
+    """The run's TensorBoard writer (mirrored to Weights & Biases with --track), with every argument as text."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
 def report_finished(run: Run) -> dict:
     """The results of a run `open_run` found finished, reported as the run itself would have."""
     res = run.finished
@@ -382,3 +440,18 @@ def report_finished(run: Run) -> dict:
         raise RunError(f"this run already ended with status {res.get('status')!r}; see {run.dir}/results.json")
     print(f"final return {res['final_return']:.2f} (finished earlier) -> {run.dir}/results.json")
     return res
+
+
+def run_command(main, args):
+    """A script's `__main__`: Ctrl-C / SIGTERM stop at the end of a step with a checkpoint; bad input and failed
+    runs print one line and exit with 2, an interrupted run exits with 130."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_stop_signal)
+    try:
+        main(args)
+    except (RunError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
+        sys.exit(130)
