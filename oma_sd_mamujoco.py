@@ -28,8 +28,22 @@ from torch import nn
 
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
 from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
-from envs.runs import (Progress, RunError, cache_path, check_args, check_dirs, check_finite, checkpoint, open_writer,
-                        report_finished, resume_stage, run_command, save_atomic, start_run, write_json_atomic)
+from envs.runs import (
+    Progress,
+    RunError,
+    cache_path,
+    check_args,
+    check_dirs,
+    check_finite,
+    checkpoint,
+    open_writer,
+    report_finished,
+    resume_stage,
+    run_command,
+    save_atomic,
+    start_run,
+    write_json_atomic,
+)
 from envs.sources import read_dataset
 
 
@@ -152,61 +166,28 @@ class Args:
     save_model: bool = True
     """save the final actors to runs/<run_name>/actors.pt"""
     resume: bool = True
-    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers
-    (--no-resume: start it over)"""
+    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
 
 # beta per --dataset, in the authors' convention (small = strong constraint): starting values from the authors'
 # scripts and comments, expert checked on HalfCheetah 2x3, the others untuned (docs/omsd.md, "Defaults").
-BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.02, "medium": 0.01, "expert": 0.003, "medium-expert": 0.005,
-                 "mixture": 0.005}
+BETA_DEFAULTS = {
+    "random": 0.1,
+    "medium-replay": 0.02,
+    "medium": 0.01,
+    "expert": 0.003,
+    "medium-expert": 0.005,
+    "mixture": 0.005,
+}
 # stage-2 length per --env-id (Hopper needs more: docs/results.md, "Hopper 3x1: policy steps and beta")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
-METRIC = "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, " \
-         "or until Hopper / Ant fall)"
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def load_data(args: Args) -> tuple[dict, dict, str]:
-    """(arrays in the project's format, metadata, source): data made from the committed behaviour policies (cached
-    under data/), or read from --dataset-path."""
-    return read_dataset(args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec,
-                        check_metadata)
-
-
-def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
-    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded (Hopper's agents see 8, 9
-    and 8 numbers), act (N, n, act). MaMuJoCo has one team reward, which every agent receives."""
-    n = len(order)
-    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
-    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
-    if len(act_dims) != 1:
-        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
-    obs_max = max(obs_dims)
-    for i in range(1, n):
-        if not np.array_equal(arrays[f"rewards_{i}"], arrays["rewards_0"]):
-            raise RunError(f"the dataset's rewards_{i} differ from rewards_0; MaMuJoCo has one team reward that every "
-                           f"agent receives, so this is not a MaMuJoCo dataset")
-
-    def stack(key):
-        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
-
-    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
-    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    return {
-        "obs": t(stack("obs")),  # (next observations enter only through the critic's next state)
-        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
-        "reward": t(arrays["rewards_0"]),
-        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
-        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
-        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
-        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
-    }
+METRIC = (
+    "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, "
+    "or until Hopper / Ant fall)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +227,8 @@ class ScoreNet(nn.Module):
         self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
         self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
+            for _ in range(blocks)
         )
         self.out = StackedLinear(n, hidden, act_dim)
 
@@ -283,7 +265,11 @@ class TwinQ(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+        self.l1, self.l2, self.l3 = (
+            StackedLinear(2, in_dim, hidden),
+            StackedLinear(2, hidden, hidden),
+            StackedLinear(2, hidden, 1),
+        )
 
     def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
         x = torch.cat([s, a], -1).expand(2, -1, -1)
@@ -364,6 +350,52 @@ def actor_surrogate(a, eps_hat, g, w, beta):
 
 
 # ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """(arrays in the project's format, metadata, source): data made from the committed behaviour policies (cached
+    under data/), or read from --dataset-path."""
+    return read_dataset(
+        args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec, check_metadata
+    )
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded (Hopper's agents see 8, 9
+    and 8 numbers), act (N, n, act). MaMuJoCo has one team reward, which every agent receives."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+    for i in range(1, n):
+        if not np.array_equal(arrays[f"rewards_{i}"], arrays["rewards_0"]):
+            raise RunError(
+                f"the dataset's rewards_{i} differ from rewards_0; MaMuJoCo has one team reward that every "
+                f"agent receives, so this is not a MaMuJoCo dataset"
+            )
+
+    def stack(key):
+        return np.stack(
+            [np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1
+        )
+
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")),  # (next observations enter only through the critic's next state)
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(arrays["rewards_0"]),
+        "done": t(done.astype(np.float32)),
+        "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation: decentralised execution, each agent acts on its own observation only
 # ---------------------------------------------------------------------------------------------
 MJ_INSTABILITY = ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC")
@@ -422,7 +454,9 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
         for j, e in enumerate(live):
             bad = [names[i] for k, i in enumerate(order) if not np.all(np.isfinite(act[k, j]))]
             if bad:
-                failed.append({"episode": e, "env_seed": seeds[e], "env_step": t, "what": f"non-finite action of {bad[0]}"})
+                failed.append(
+                    {"episode": e, "env_seed": seeds[e], "env_step": t, "what": f"non-finite action of {bad[0]}"}
+                )
                 continue
             obs[e], r, term, trunc, _ = envs[e].step({names[i]: act[k, j] for k, i in enumerate(order)})
             reward = float(r[names[0]])  # the team reward: every agent receives the same
@@ -440,9 +474,12 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
     actors.train()
     failed.sort(key=lambda f: f["episode"])
     bad = {f["episode"] for f in failed}
-    return {"return": None if failed else float(np.mean(returns)),
-            "episode_returns": [None if e in bad else returns[e] for e in range(E)],
-            "episode_lengths": lengths, "failed_episodes": failed}
+    return {
+        "return": None if failed else float(np.mean(returns)),
+        "episode_returns": [None if e in bad else returns[e] for e in range(E)],
+        "episode_lengths": lengths,
+        "failed_episodes": failed,
+    }
 
 
 def normalized_score(ret, ref: dict | None):
@@ -484,7 +521,9 @@ def resolve_args(args: Args) -> Args:
     if args.env_id not in ENV_IDS:
         raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
     if not args.dataset_path and args.dataset not in QUALITIES:
-        raise RunError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path")
+        raise RunError(
+            f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path"
+        )
     if args.stage1_seed is None:
         args.stage1_seed = args.seed
     env_defaults(args)
@@ -512,8 +551,10 @@ def main(args: Args) -> dict:
     # policies' evaluation returns (None: no expert behaviour policy yet)
     ref = meta.get("normalization") or reference_returns(args.env_id)
     if ref is not None and not ref["expert"] > ref["random"]:
-        raise RunError(f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
-                       f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies")
+        raise RunError(
+            f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
+            f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies"
+        )
 
     run = start_run(args, t_start, dataset_sha256=meta["sha256"])
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
@@ -542,9 +583,16 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
-                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
-                                                   "diffusion_blocks", "diffusion_lr")})
+    fields = dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 
@@ -578,16 +626,35 @@ def main(args: Args) -> dict:
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
                 writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
             bar.update(step, f"loss {loss.mean().item():.3f}")
-            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
-        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+            checkpoint(
+                args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds
+            )
+        timing["diffusion"] = {
+            "seconds": spent + bar.seconds,
+            "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
+        }
         run.trained("diffusion", timing["diffusion"])
         run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
-    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
-        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
-        "bootstrap_truncation")})
+    fields = dict(
+        stage1,
+        stage="critic",
+        **{
+            k: getattr(args, k)
+            for k in (
+                "critic_steps",
+                "critic_batch_size",
+                "critic_hidden",
+                "critic_lr",
+                "expectile",
+                "gamma",
+                "polyak",
+                "bootstrap_truncation",
+            )
+        },
+    )
     cache["critic"] = path = cache_path(args, "critic", fields)
     torch.manual_seed(args.stage1_seed * 1000 + 2)
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
@@ -631,11 +698,20 @@ def main(args: Args) -> dict:
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
                 writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
-            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+            checkpoint(
+                args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds
+            )
         timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
         run.trained("critic", timing["critic"])
-        run.save_stage(path, {"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
-                              "fields": json.dumps(fields)})
+        run.save_stage(
+            path,
+            {
+                "q": q_net.state_dict(),
+                "q_target": q_target.state_dict(),
+                "v": v_net.state_dict(),
+                "fields": json.dumps(fields),
+            },
+        )
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -644,7 +720,11 @@ def main(args: Args) -> dict:
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
     g = gen(3)
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
+    objs = {
+        "actors": actors,
+        **{f"opt{k}": o for k, o in enumerate(opts)},
+        **{f"sched{k}": o for k, o in enumerate(scheds)},
+    }
     start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
     bar = Progress("stage 2: actors", args.policy_steps, start)
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
@@ -658,19 +738,36 @@ def main(args: Args) -> dict:
             h["normalized_score"] = normalized_score(h["return"], ref)
         failed = [dict(f, policy_step=h["step"]) for h in eval_history for f in h.get("failed_episodes", [])]
         results = {
-            "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
-            "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order,
-            "beta": args.beta, "weighting": args.weighting, "seed": args.seed, "status": status,
-            "final_return": final, "final_normalized_score": eval_history[-1]["normalized_score"],
+            "env_id": args.env_id,
+            "dataset": args.dataset if not args.dataset_path else None,
+            "dataset_path": source,
+            "dataset_sha256": meta["sha256"],
+            "decomposition": args.decomposition,
+            "agent_order": order,
+            "beta": args.beta,
+            "weighting": args.weighting,
+            "seed": args.seed,
+            "status": status,
+            "final_return": final,
+            "final_normalized_score": eval_history[-1]["normalized_score"],
             "normalization": norm,
-            "normalization_note": None if norm else f"reference_returns({args.env_id!r}) is None: no behaviour "
-                                                    f"checkpoint with random and expert returns for this env yet",
-            "metric": METRIC, "failed_episodes": failed,
-            "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-            "stages": run.stages_of(timing), "stage1_cache": cache, "args": asdict(args),
+            "normalization_note": None
+            if norm
+            else f"reference_returns({args.env_id!r}) is None: no behaviour "
+            f"checkpoint with random and expert returns for this env yet",
+            "metric": METRIC,
+            "failed_episodes": failed,
+            "eval_history": eval_history,
+            "eval_seconds": eval_seconds,
+            "total_seconds": time.time() - t_start,
+            "stages": run.stages_of(timing),
+            "stage1_cache": cache,
+            "args": asdict(args),
         }
         if args.save_model:
-            save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
+            save_atomic(
+                {"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt")
+            )
         write_json_atomic(results, os.path.join(run_dir, "results.json"))
         writer.close()
         run.close()  # removes the run's checkpoint and marker
@@ -680,8 +777,12 @@ def main(args: Args) -> dict:
         """Evaluate, log, append to eval_history; a failed evaluation ends the run (see --eval-episodes)."""
         ev = evaluate(actors, args, order, obs_max)
         eval_seconds.append(time.time() - t_start)
-        entry = {"step": step, "return": ev["return"], "episode_returns": ev["episode_returns"],
-                 "episode_lengths": ev["episode_lengths"]}
+        entry = {
+            "step": step,
+            "return": ev["return"],
+            "episode_returns": ev["episode_returns"],
+            "episode_lengths": ev["episode_lengths"],
+        }
         if ev["failed_episodes"]:
             entry["failed_episodes"] = ev["failed_episodes"]
         eval_history.append(entry)
@@ -689,10 +790,12 @@ def main(args: Args) -> dict:
             timing["policy"] = {"seconds": spent + bar.seconds, "failed_at_step": step}
             finish(eval_history, "failed")
             f = ev["failed_episodes"][0]
-            raise RunError(f"evaluation at policy step {step}: {len(ev['failed_episodes'])} of {args.eval_episodes} "
-                           f"episodes diverged (first: episode {f['episode']}, env seed {f['env_seed']}, env step "
-                           f"{f['env_step']}: {f['what']}); no mean return is reported, see "
-                           f"{run_dir}/results.json")
+            raise RunError(
+                f"evaluation at policy step {step}: {len(ev['failed_episodes'])} of {args.eval_episodes} "
+                f"episodes diverged (first: episode {f['episode']}, env seed {f['env_seed']}, env step "
+                f"{f['env_step']}: {f['what']}); no mean return is reported, see "
+                f"{run_dir}/results.json"
+            )
         writer.add_scalar("eval/episodic_return", ev["return"], step)
         writer.add_scalar("eval/episode_length", float(np.mean(ev["episode_lengths"])), step)
         if ref is not None:
@@ -754,16 +857,28 @@ def main(args: Args) -> dict:
         if step % args.eval_every == 0 or step == args.policy_steps:
             run_eval(step, eval_history)
         bar.update(step, f"eval return {eval_history[-1]['return']:.1f}")
-        checkpoint(args, run.marker, run.fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history, "eval_seconds": eval_seconds})
+        checkpoint(
+            args,
+            run.marker,
+            run.fields,
+            "stage 2 (actors)",
+            objs,
+            g,
+            step,
+            args.policy_steps,
+            spent + bar.seconds,
+            {"eval_history": eval_history, "eval_seconds": eval_seconds},
+        )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Results
     results = finish(eval_history, "ok")
     final = results["final_return"]
     if norm:
-        score = (f", normalized score {results['final_normalized_score']:.1f} = {norm['formula']} with R_random "
-                 f"{ref['random']:.1f}, R_expert {ref['expert']:.1f} ({ref['source']})")
+        score = (
+            f", normalized score {results['final_normalized_score']:.1f} = {norm['formula']} with R_random "
+            f"{ref['random']:.1f}, R_expert {ref['expert']:.1f} ({ref['source']})"
+        )
     else:
         score = f", no normalized score ({results['normalization_note']})"
     print(f"final return {final:.2f}{score} -> {run_dir}/results.json")

@@ -27,10 +27,31 @@ from torch import nn
 from envs import bandit
 from envs.dataset import checksum, episode_ends
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
-from envs.mpe_data import (CONVENTIONS, DEFAULT_TRANSITIONS, check_metadata, convention_actions, ensure_dataset,
-                            env_spec, task_qualities)
-from envs.runs import (Progress, RunError, cache_path, check_args, check_dirs, check_finite, checkpoint, open_writer,
-                        report_finished, resume_stage, run_command, save_atomic, start_run, write_json_atomic)
+from envs.mpe_data import (
+    CONVENTIONS,
+    DEFAULT_TRANSITIONS,
+    check_metadata,
+    convention_actions,
+    ensure_dataset,
+    env_spec,
+    task_qualities,
+)
+from envs.runs import (
+    Progress,
+    RunError,
+    cache_path,
+    check_args,
+    check_dirs,
+    check_finite,
+    checkpoint,
+    open_writer,
+    report_finished,
+    resume_stage,
+    run_command,
+    save_atomic,
+    start_run,
+    write_json_atomic,
+)
 from envs.sources import check_prey_arg, load_prey_arg, read_dataset
 
 ENV_IDS = TASKS + ("bandit",)
@@ -74,8 +95,7 @@ class Args:
     """tag/world: evaluate against OMAR's pretrained prey instead of the scripted one: a file converted with
     `python -m envs.published --convert-prey ...`, or OMAR's original .pt with --trust-pickle"""
     trust_pickle: bool = False
-    """allow unpickling OMAR's original prey .pt (this runs any code the file contains); it is converted once
-    into <cache-dir>/omar_prey_<sha256[:16]>.pt and later runs can use that file"""
+    """allow unpickling OMAR's original prey .pt (runs any code it contains), converted once into --cache-dir"""
     dataset_transitions: int = DEFAULT_TRANSITIONS
     """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
 
@@ -152,9 +172,8 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes (decentralised execution, deterministic actions)"""
     actor_init: str | None = None
-    """random (the authors') | samples: first regress each actor onto DDIM samples of its behaviour model, drawn
-    agent by agent in the order with one noise vector for all states, so that they start in one joint mode
-    (depends on --env-id)"""
+    """random (the authors') | samples: first regress the actors onto joint behaviour samples drawn with one noise
+    vector for all states, so that they start in one joint mode (depends on --env-id)"""
     init_steps: int = 2000
     """regression steps of --actor-init samples"""
     init_states: int = 20_000
@@ -164,8 +183,7 @@ class Args:
     sample_steps: int = 20
     """steps of the deterministic DDIM sampler of the behaviour models"""
     diagnostics: bool = True
-    """after training, measure the behaviour models' fit, the critic's quality and the final policy's support
-    distance and mode agreement (TensorBoard and results.json)"""
+    """after training, measure the behaviour models' fit, the critic's quality and the policy's support distance"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -173,8 +191,7 @@ class Args:
     save_model: bool = True
     """save the final actors to runs/<run_name>/actors.pt"""
     resume: bool = True
-    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers
-    (--no-resume: start it over)"""
+    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
@@ -196,63 +213,6 @@ BETA_DEFAULTS = {
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def load_data(args: Args) -> tuple[dict, dict, str]:
-    """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
-    committed behaviour policies (cached under data/), or read from --dataset-path."""
-    if args.env_id == "bandit":
-        spec = {"n_agents": bandit.N_AGENTS, "obs_dims": [bandit.OBS_DIM] * 2, "act_dims": [bandit.ACT_DIM] * 2}
-        return read_dataset(args, bandit_data, lambda env_id: spec, published=False)
-    return read_dataset(args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec,
-                        check_metadata)
-
-
-def bandit_data() -> tuple[dict, dict, str]:
-    arrays, meta = bandit.make_dataset()
-    meta["sha256"] = checksum(arrays)
-    return arrays, meta, "generated in memory"
-
-
-def holdout_split(arrays: dict, holdout_every: int):
-    """(episode of every transition, held-out mask, training rows, held-out rows). Every k-th episode (k =
-    --holdout-every, or 50 with 0; the last one of a smaller dataset) is where the behaviour models' fit is
-    measured; with k > 0 it is also left out of their training."""
-    N = len(arrays["terminals"])
-    episode = np.searchsorted(episode_ends(arrays), np.arange(N))
-    k = holdout_every or 50
-    is_held = (episode % k == k - 1) if episode.max() >= k - 1 else episode == episode.max()
-    train_idx = torch.as_tensor(np.flatnonzero(~is_held) if holdout_every else np.arange(N))
-    return episode, is_held, train_idx, torch.as_tensor(np.flatnonzero(is_held))
-
-
-def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
-    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
-    n = len(order)
-    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
-    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
-    if len(act_dims) != 1:
-        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
-    obs_max = max(obs_dims)
-
-    def stack(key):
-        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
-
-    rewards = np.stack([arrays[f"rewards_{i}"] for i in range(n)], 1)  # team reward: original agent 0, not position 0
-    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
-    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    return {
-        "obs": t(stack("obs")), "next_obs": t(stack("next_obs")),
-        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
-        "reward": t(rewards[:, 0] if args.team_reward == "agent0" else rewards.mean(1)),
-        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
-        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
-        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
-        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +252,8 @@ class ScoreNet(nn.Module):
         self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
         self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
+            for _ in range(blocks)
         )
         self.out = StackedLinear(n, hidden, act_dim)
 
@@ -329,7 +290,11 @@ class TwinQ(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+        self.l1, self.l2, self.l3 = (
+            StackedLinear(2, in_dim, hidden),
+            StackedLinear(2, hidden, hidden),
+            StackedLinear(2, hidden, 1),
+        )
 
     def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
         x = torch.cat([s, a], -1).expand(2, -1, -1)
@@ -415,6 +380,7 @@ def actor_surrogate(a, eps_hat, g, w, beta):
 def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
     """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing: a
     uniform grid in t takes too large steps at small noise, and DDIM's samples then lose most of their spread)."""
+
     def lam(t):
         alpha_t, sigma_t = vp_sde(torch.tensor(t, dtype=torch.float64))
         return torch.log(alpha_t / sigma_t)
@@ -479,11 +445,77 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
             q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
         if best is None or q > best[0]:
             best = (q, c, target)
-    init_loss = fit_actors(actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps,
-                           args.policy_batch_size, args.actor_lr, g)
-    print(f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
-          f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)", file=sys.stderr)
+    init_loss = fit_actors(
+        actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g
+    )
+    print(
+        f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
+        f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
     return {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(), "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
+    committed behaviour policies (cached under data/), or read from --dataset-path."""
+    if args.env_id == "bandit":
+        spec = {"n_agents": bandit.N_AGENTS, "obs_dims": [bandit.OBS_DIM] * 2, "act_dims": [bandit.ACT_DIM] * 2}
+        return read_dataset(args, bandit_data, lambda env_id: spec, published=False)
+    return read_dataset(
+        args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec, check_metadata
+    )
+
+
+def bandit_data() -> tuple[dict, dict, str]:
+    arrays, meta = bandit.make_dataset()
+    meta["sha256"] = checksum(arrays)
+    return arrays, meta, "generated in memory"
+
+
+def holdout_split(arrays: dict, holdout_every: int):
+    """(episode of every transition, held-out mask, training rows, held-out rows). Every k-th episode (k =
+    --holdout-every, or 50 with 0; the last one of a smaller dataset) is where the behaviour models' fit is
+    measured; with k > 0 it is also left out of their training."""
+    N = len(arrays["terminals"])
+    episode = np.searchsorted(episode_ends(arrays), np.arange(N))
+    k = holdout_every or 50
+    is_held = (episode % k == k - 1) if episode.max() >= k - 1 else episode == episode.max()
+    train_idx = torch.as_tensor(np.flatnonzero(~is_held) if holdout_every else np.arange(N))
+    return episode, is_held, train_idx, torch.as_tensor(np.flatnonzero(is_held))
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+
+    def stack(key):
+        return np.stack(
+            [np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1
+        )
+
+    rewards = np.stack([arrays[f"rewards_{i}"] for i in range(n)], 1)  # team reward: original agent 0, not position 0
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")),
+        "next_obs": t(stack("next_obs")),
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(rewards[:, 0] if args.team_reward == "agent0" else rewards.mean(1)),
+        "done": t(done.astype(np.float32)),
+        "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +569,11 @@ def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
     (`joint_in_one`) and per convention (which one was chosen; they can overlap where conventions coincide)."""
     d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
     joint = (d < NEAR).all(1)  # (K, B)
-    return {"near_any": (d.min(0) < NEAR).mean(1).tolist(), "joint_in_one": float(joint.any(0).mean()),
-            "per_convention": joint.mean(1).tolist()}
+    return {
+        "near_any": (d.min(0) < NEAR).mean(1).tolist(),
+        "joint_in_one": float(joint.any(0).mean()),
+        "per_convention": joint.mean(1).tolist(),
+    }
 
 
 def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int) -> dict:
@@ -563,14 +598,32 @@ def behaviour_fit(score_net, data, held, cond_base, mask, args, order, early=Non
     a0 = data["act"][idx].transpose(0, 1)
     cond = condition(cond_base(idx), a0, mask)
     loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
-    samples = sample_actions(score_net, cond_base(idx), mask, torch.randn(a0.shape, generator=g, device=a0.device),
-                             args.sample_steps, a_prev=a0)
-    out = {"heldout_denoising_loss": loss.tolist(),
-           "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist()}
+    samples = sample_actions(
+        score_net,
+        cond_base(idx),
+        mask,
+        torch.randn(a0.shape, generator=g, device=a0.device),
+        args.sample_steps,
+        a_prev=a0,
+    )
+    out = {
+        "heldout_denoising_loss": loss.tolist(),
+        "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist(),
+    }
     if early is not None:  # the first steps of the held-out episodes, where the conventions' actions are far apart
         a0 = data["act"][early].transpose(0, 1)
-        samples = sample_actions(score_net, cond_base(early), mask, torch.randn(a0.shape, generator=g, device=a0.device),
-                                 args.sample_steps, a_prev=a0).cpu().numpy()
+        samples = (
+            sample_actions(
+                score_net,
+                cond_base(early),
+                mask,
+                torch.randn(a0.shape, generator=g, device=a0.device),
+                args.sample_steps,
+                a_prev=a0,
+            )
+            .cpu()
+            .numpy()
+        )
         table = convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
         d_s = np.linalg.norm(samples[None] - table, axis=-1)
         d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
@@ -607,8 +660,12 @@ def critic_quality(q_target, data, arrays, gamma: float, n: int = 10_000) -> dic
     q = q_target(data["critic_state"][idx], joint).mean(0).cpu().numpy()
     g = G[idx]
     corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else float("nan")
-    return {"q_mean": float(q.mean()), "mc_return_mean": float(g.mean()), "abs_error": float(np.abs(q - g).mean()),
-            "pearson_r": corr}
+    return {
+        "q_mean": float(q.mean()),
+        "mc_return_mean": float(g.mean()),
+        "abs_error": float(np.abs(q - g).mean()),
+        "pearson_r": corr,
+    }
 
 
 def rounded(x, digits: int = 4):
@@ -643,9 +700,10 @@ def diagnose(score_net, q_target, actors, data, arrays, meta, split, cond_base, 
     controlled = bool(meta.get("behaviour", {}).get("conventions")) and args.env_id == "simple_spread"
     step_in_episode = np.arange(N) - np.concatenate([[0], episode_ends(arrays) + 1])[episode]
     early = torch.as_tensor(np.flatnonzero(is_held & (step_in_episode < 5))).to(device) if controlled else None
-    diagnostics = {"behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order,
-                                              early),
-                   "critic": critic_quality(q_target, data, arrays, args.gamma)}
+    diagnostics = {
+        "behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order, early),
+        "critic": critic_quality(q_target, data, arrays, args.gamma),
+    }
     if args.env_id != "bandit":
         record = []
         evaluate(actors, args, order, obs_max, prey, record)  # the same episodes as the final evaluation
@@ -653,19 +711,31 @@ def diagnose(score_net, q_target, actors, data, arrays, meta, split, cond_base, 
         act_e = np.concatenate([r[1] for r in record], 1)
         pool = train_idx.to(device)
         ref = held_idx[torch.linspace(0, len(held_idx) - 1, min(500, len(held_idx))).long()].to(device)
-        d_pol = support_distance(torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
-                                 torch.as_tensor(act_e).transpose(0, 1).reshape(act_e.shape[1], -1).to(device),
-                                 data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
-        d_ref = support_distance(data["critic_state"][ref], data["act"][ref].reshape(len(ref), -1),
-                                 data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
-        diagnostics["policy"] = {"support_distance": float(d_pol.mean()), "support_distance_data": float(d_ref.mean()),
-                                 "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean())}
+        d_pol = support_distance(
+            torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
+            torch.as_tensor(act_e).transpose(0, 1).reshape(act_e.shape[1], -1).to(device),
+            data["critic_state"][pool],
+            data["act"][pool].reshape(len(pool), -1),
+        )
+        d_ref = support_distance(
+            data["critic_state"][ref],
+            data["act"][ref].reshape(len(ref), -1),
+            data["critic_state"][pool],
+            data["act"][pool].reshape(len(pool), -1),
+        )
+        diagnostics["policy"] = {
+            "support_distance": float(d_pol.mean()),
+            "support_distance_data": float(d_ref.mean()),
+            "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean()),
+        }
         if controlled:
             E = args.eval_episodes
             diagnostics["policy"]["conventions_first_step"] = convention_stats(
-                act_e[:, :E], convention_table(obs_e[:, :E], order))
+                act_e[:, :E], convention_table(obs_e[:, :E], order)
+            )
             diagnostics["policy"]["final_assignment"] = assignment_stats(
-                record[-1][2], order, len(meta["behaviour"]["conventions"]))
+                record[-1][2], order, len(meta["behaviour"]["conventions"])
+            )
     diagnostics["seconds"] = time.time() - t0
     return rounded(diagnostics)
 
@@ -702,15 +772,25 @@ def resolve_args(args: Args) -> Args:
     if args.env_id not in ENV_IDS:
         raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
     if args.env_id != "bandit" and not args.dataset_path and args.dataset not in task_qualities(args.env_id):
-        raise RunError(f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
-                       f"{', '.join(task_qualities(args.env_id))} or give --dataset-path")
+        raise RunError(
+            f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
+            f"{', '.join(task_qualities(args.env_id))} or give --dataset-path"
+        )
     env_defaults(args)
     if args.stage1_seed is None:
         args.stage1_seed = args.seed
     check_prey_arg(args)
-    n_agents = (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"]) if args.agent_order else None
-    check_args(args, {"team_reward": ("agent0", "mean"), "actor_init": ("random", "samples")},
-               ("init_steps", "init_candidates", "init_states", "sample_steps"), n_agents)
+    n_agents = (
+        (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"])
+        if args.agent_order
+        else None
+    )
+    check_args(
+        args,
+        {"team_reward": ("agent0", "mean"), "actor_init": ("random", "samples")},
+        ("init_steps", "init_candidates", "init_states", "sample_steps"),
+        n_agents,
+    )
     return args
 
 
@@ -762,10 +842,17 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
-                  holdout_every=args.holdout_every,
-                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
-                                                   "diffusion_blocks", "diffusion_lr")})
+    fields = dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        holdout_every=args.holdout_every,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 
@@ -799,16 +886,36 @@ def main(args: Args) -> dict:
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
                 writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
             bar.update(step, f"loss {loss.mean().item():.3f}")
-            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
-        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+            checkpoint(
+                args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds
+            )
+        timing["diffusion"] = {
+            "seconds": spent + bar.seconds,
+            "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
+        }
         run.trained("diffusion", timing["diffusion"])
         run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
-    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
-        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
-        "team_reward", "bootstrap_truncation")})
+    fields = dict(
+        stage1,
+        stage="critic",
+        **{
+            k: getattr(args, k)
+            for k in (
+                "critic_steps",
+                "critic_batch_size",
+                "critic_hidden",
+                "critic_lr",
+                "expectile",
+                "gamma",
+                "polyak",
+                "team_reward",
+                "bootstrap_truncation",
+            )
+        },
+    )
     cache["critic"] = path = cache_path(args, "critic", fields)
     torch.manual_seed(args.stage1_seed * 1000 + 2)
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
@@ -852,11 +959,20 @@ def main(args: Args) -> dict:
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
                 writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
-            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+            checkpoint(
+                args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds
+            )
         timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
         run.trained("critic", timing["critic"])
-        run.save_stage(path, {"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
-                              "fields": json.dumps(fields)})
+        run.save_stage(
+            path,
+            {
+                "q": q_net.state_dict(),
+                "q_target": q_target.state_dict(),
+                "v": v_net.state_dict(),
+                "fields": json.dumps(fields),
+            },
+        )
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -865,7 +981,11 @@ def main(args: Args) -> dict:
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
     g = gen(3)
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
+    objs = {
+        "actors": actors,
+        **{f"opt{k}": o for k, o in enumerate(opts)},
+        **{f"sched{k}": o for k, o in enumerate(scheds)},
+    }
     start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
     init_record = extra.get("init")
     if args.actor_init == "samples" and start == 0:
@@ -932,15 +1052,26 @@ def main(args: Args) -> dict:
             if args.env_id in PAPER_NORMALIZATION:
                 writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
-        checkpoint(args, run.marker, run.fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record})
+        checkpoint(
+            args,
+            run.marker,
+            run.fields,
+            "stage 2 (actors)",
+            objs,
+            g,
+            step,
+            args.policy_steps,
+            spent + bar.seconds,
+            {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record},
+        )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Diagnostics
     diagnostics = None
     if args.diagnostics:
-        diagnostics = diagnose(score_net, q_target, actors, data, arrays, meta, split, cond_base, mask, args, order,
-                               obs_max, prey)
+        diagnostics = diagnose(
+            score_net, q_target, actors, data, arrays, meta, split, cond_base, mask, args, order, obs_max, prey
+        )
         for key, v in flat_scalars(diagnostics).items():
             writer.add_scalar(f"diagnostics/{key}", v, args.policy_steps)
         print(f"diagnostics: {json.dumps(diagnostics)}", file=sys.stderr)
@@ -951,15 +1082,28 @@ def main(args: Args) -> dict:
     for h in eval_history:
         h["normalized_score"] = normalized_score(args.env_id, h["return"]) if norm else None
     results = {
-        "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
-        "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order, "beta": args.beta,
-        "weighting": args.weighting, "seed": args.seed, "prey": prey_record, "final_return": final,
+        "env_id": args.env_id,
+        "dataset": args.dataset if not args.dataset_path else None,
+        "dataset_path": source,
+        "dataset_sha256": meta["sha256"],
+        "decomposition": args.decomposition,
+        "agent_order": order,
+        "beta": args.beta,
+        "weighting": args.weighting,
+        "seed": args.seed,
+        "prey": prey_record,
+        "final_return": final,
         "final_normalized_score": eval_history[-1]["normalized_score"],
         "normalization": {"constants": norm, "source": "the OMSD paper's MPE constants"} if norm else None,
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
-                  " bandit: a1 * a2",
-        "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-        "stages": run.stages_of(timing), "stage1_cache": cache, "actor_init": init_record, "diagnostics": diagnostics,
+        " bandit: a1 * a2",
+        "eval_history": eval_history,
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.time() - t_start,
+        "stages": run.stages_of(timing),
+        "stage1_cache": cache,
+        "actor_init": init_record,
+        "diagnostics": diagnostics,
         "args": asdict(args),
     }
     if args.env_id == "bandit":

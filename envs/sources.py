@@ -26,8 +26,9 @@ def read_dataset(args, generate, spec_of, check_metadata=None, published: bool =
             check_metadata(path, meta)  # env version, and the file name's task / quality / size / seed
         return arrays, meta, path
     fmt = None if args.dataset_format == "auto" else args.dataset_format
-    arrays, meta = load_published(path, fmt, dataset_seed=args.dataset_seed, task=args.env_id,
-                                  expect=spec_of(args.env_id))
+    arrays, meta = load_published(
+        path, fmt, dataset_seed=args.dataset_seed, task=args.env_id, expect=spec_of(args.env_id)
+    )
     return arrays, meta, f"{path} ({meta['source_format']})"
 
 
@@ -49,8 +50,10 @@ def load_prey_arg(args):
         converted = os.path.join(args.cache_dir, f"omar_prey_{sha[:16]}.pt")
         if not args.trust_pickle:
             have = f" (a converted copy exists: --prey-path {converted})" if os.path.exists(converted) else ""
-            raise RunError(f"{path} is a torch pickle (OMAR's original prey); loading it can run arbitrary code: pass "
-                           f"--trust-pickle to convert it once if you trust its source{have}")
+            raise RunError(
+                f"{path} is a torch pickle (OMAR's original prey); loading it can run arbitrary code: pass "
+                f"--trust-pickle to convert it once if you trust its source{have}"
+            )
         if not os.path.exists(converted):
             convert_omar_prey(path, converted, True, task=args.env_id)
         path = converted
