@@ -1,6 +1,6 @@
 # OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968),
 # on Multi-agent MuJoCo (Gymnasium-Robotics mamujoco_v1, see envs/mamujoco.py). Single file, CleanRL style;
-# it deliberately repeats oma_sd_mpe.py instead of importing it (see README).
+# it deliberately repeats the algorithm of oma_sd_mpe.py instead of importing it (see docs/omsd.md).
 #
 #   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
 #   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
@@ -10,15 +10,14 @@
 # Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import mujoco
 import numpy as np
@@ -26,15 +25,26 @@ import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
-from envs.dataset import DatasetError, load_dataset
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
 from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
-from envs.published import FORMATS, load_published
-from envs.runs import (Interrupted, Progress, RunError, cache_path, check_common_args, check_dirs, check_finite,
-                        checkpoint, on_stop_signal, open_run, partial_path, remove, report_finished, resume_stage,
-                        save_atomic, write_json_atomic)
+from envs.runs import (
+    Progress,
+    RunError,
+    cache_path,
+    check_args,
+    check_dirs,
+    check_finite,
+    checkpoint,
+    open_writer,
+    report_finished,
+    resume_stage,
+    run_command,
+    save_atomic,
+    start_run,
+    write_json_atomic,
+)
+from envs.sources import read_dataset
 
 
 @dataclass
@@ -43,33 +53,31 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode"""
-    stage1_seed: Optional[int] = None
-    """seed of stages 1a/1b (default: --seed); give several runs the same one to share the cached behaviour
-    models and critic, e.g. in a sweep over policy seeds"""
+    stage1_seed: int | None = None
+    """seed of stages 1a/1b (default: --seed); runs with the same one share the cached behaviour models and critic"""
     torch_deterministic: bool = True
     """use deterministic torch algorithms (same seed, same machine -> same numbers)"""
     cuda: bool = False
     """use CUDA if available (everything here is sized for CPU)"""
     threads: int = 1
-    """torch CPU threads (0: all cores); measured on 2 cores with the MPE script, a second thread gives no gain
-    at these network sizes"""
+    """torch CPU threads (0: all cores)"""
     track: bool = False
     """log to Weights & Biases as well (needs `pip install wandb`; never required)"""
     wandb_project_name: str = "omsd"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
 
     # Data
     env_id: str = "HalfCheetah-2x3"
-    """HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 | HalfCheetah-6x1 (see envs/mamujoco.py)"""
+    """HalfCheetah-2x3 | Ant-2x4 | Ant-2x4-nocf | Hopper-3x1 | HalfCheetah-6x1 (envs/mamujoco.py; sets the defaults
+    marked 'per --env-id')"""
     dataset: str = "expert"
     """random | medium-replay | medium | expert | medium-expert | mixture (made on first use from the committed
-    behaviour policies; only `random` needs none)"""
+    behaviour policies; docs/datasets.md)"""
     dataset_path: str = ""
-    """a dataset for this env (overrides --dataset): a file in the project's format (.npz), or a published
-    dataset (OMIGA hdf5, og-marl vault, MADiff npy, OMAR HalfCheetah; see README: only data made on today's
-    mamujoco_v1 with matching observations can pass the env's shape check)"""
+    """a dataset for this env instead (overrides --dataset): the project's .npz, or a published one (OMIGA hdf5,
+    og-marl vault, MADiff npy, OMAR HalfCheetah) made on today's mamujoco_v1 with matching observations"""
     dataset_format: str = "auto"
     """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
     dataset_seed: int = 0
@@ -84,38 +92,33 @@ class Args:
     agent_order: tuple[int, ...] = ()
     """order of the sequential decomposition, a permutation of 0..n-1 (default: identity)"""
     condition: str = "obs"
-    """what the behaviour models condition on besides the prefix actions: obs (own observation, the authors' code,
-    "following OMAR") | state (the single-agent observation of the underlying Gymnasium task)"""
-    beta: Optional[float] = None
-    """weight of grad_a Q in the actor loss, the authors' convention: loss = w(t) <eps_hat, a> - beta <grad_a Q, a>,
-    so a SMALL beta is a STRONG behaviour constraint (default: per dataset quality, see BETA_DEFAULTS; untuned)"""
+    """what the behaviour models condition on besides the prefix actions: obs (own observation) | state (the
+    single-agent observation of the underlying Gymnasium task)"""
+    beta: float | None = None
+    """weight of grad_a Q in the actor loss w(t) <eps_hat, a> - beta <grad_a Q, a>: a SMALL beta is a STRONG
+    behaviour constraint (depends on --dataset: BETA_DEFAULTS)"""
     weighting: str = "sigma2"
-    """w(t) of the score term: sigma2 (authors' default) | one | alpha_over_sigma"""
+    """w(t) of the score term: sigma2 (the authors') | one | alpha_over_sigma"""
     t_min: float = 0.02
     """lower end of the diffusion time range of the actor loss"""
     t_max: float = 0.98
     """upper end of the diffusion time range of the actor loss"""
     prefix: str = "start"
-    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code; one
-    critic backward and one batched diffusion forward serve every agent) | updated = recomputed after each agent's
-    step, agent by agent (the paper's text)"""
+    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code) |
+    updated = recomputed after each agent's step, agent by agent (the paper's text)"""
     regq: bool = False
     """normalise grad_a Q by its root mean square (SRPO's optional trick)"""
     z_baseline: bool = True
-    """use eps_hat - z instead of eps_hat in the actor loss (SRPO's optional variance reduction: z does not depend
-    on the actor, so the expected gradient is unchanged, but most of eps_hat's sample-to-sample noise is z itself).
-    On by default here, off in the authors' code (--no-z-baseline): with it, 5,000 policy steps get HalfCheetah 2x3
-    from expert data to 3560 instead of 324 (beta 1e-4, seed 1; README "Results on Multi-agent MuJoCo")"""
+    """use eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction; same expected gradient;
+    off in the authors' code)"""
 
     # Stage 1a: diffusion behaviour models
     diffusion_steps: int = 30_000
-    """gradient steps (all agents' models train together in one batched op); the authors run 2e6. 10,000 (the MPE
-    default) left the HalfCheetah 2x3 actors at about 4,000 on expert data whose policy scores 6,581 (README)"""
+    """gradient steps, all agents' models together (the authors: 2e6)"""
     diffusion_batch_size: int = 256
     """minibatch size"""
     diffusion_hidden: int = 128
-    """width of the residual trunk (authors: 512, with 4.3M parameters per agent); 128 fits HalfCheetah's actions
-    clearly better than 64 (final loss 0.10 vs 0.18) at about 10 % fewer steps/s here (README)"""
+    """width of the residual trunk (the authors: 512)"""
     diffusion_blocks: int = 2
     """residual blocks"""
     diffusion_lr: float = 3e-4
@@ -123,7 +126,7 @@ class Args:
 
     # Stage 1b: centralised IQL critic
     critic_steps: int = 10_000
-    """gradient steps; the authors run 1e6 on MaMuJoCo"""
+    """gradient steps (the authors: 1e6)"""
     critic_batch_size: int = 256
     """minibatch size"""
     critic_hidden: int = 256
@@ -137,33 +140,25 @@ class Args:
     polyak: float = 0.005
     """target-Q update rate"""
     bootstrap_truncation: bool = True
-    """bootstrap through time-limit ends (default). The 1000-step limit is not part of the MuJoCo task (nothing in
-    the observation tells how close it is), so the state at step 1000 is worth as much as any other and the TD
-    target r + gamma V(s') is the right one; treating it as terminal (--no-bootstrap-truncation, what OMAR's
-    HalfCheetah data did) teaches the critic a value drop it cannot predict; the generated datasets also mark the
-    episodes they cut at the end of a chunk of work as truncations. Terminations (Hopper and Ant falling) are never
-    bootstrapped."""
+    """bootstrap through time-limit ends: the 1000-step limit is not visible in the observation, so the TD target
+    r + gamma V(s') is the right one there (--no-bootstrap-truncation: terminal, as OMAR's HalfCheetah data);
+    terminations (Hopper and Ant falling) are never bootstrapped"""
 
     # Stage 2: actors
-    policy_steps: Optional[int] = None
-    """gradient steps per agent (default: per env, see ENV_DEFAULTS: 5,000; Hopper-3x1 20,000); the authors run 1e6
-    on MaMuJoCo"""
+    policy_steps: int | None = None
+    """gradient steps per agent (depends on --env-id; the authors: 1e6)"""
     policy_batch_size: int = 256
     """minibatch size (one batch of indices shared by all agents)"""
     actor_hidden: int = 256
     """width of the two hidden layers of each actor"""
     actor_lr: float = 1e-3
-    """Adam learning rate, cosine-annealed to 0 (the authors: 3e-4 over 1e6 steps; 1e-3 learns faster in our 5,000)"""
-    eval_every: Optional[int] = None
-    """policy steps between evaluations (an evaluation is eval_episodes full episodes of up to 1000 steps; default:
-    per env, see ENV_DEFAULTS)"""
+    """Adam learning rate, cosine-annealed to 0 (the authors: 3e-4)"""
+    eval_every: int | None = None
+    """policy steps between evaluations of eval_episodes full episodes (depends on --env-id)"""
     eval_episodes: int = 10
-    """evaluation episodes (decentralised execution, deterministic actions, all episodes stepped together). A
-    diverged simulation fails the episode: a non-finite observation, reward or action, or MuJoCo's own instability
-    warning (on a NaN/inf/huge qpos, qvel or qacc MuJoCo resets the simulation silently, so the observations stay
-    finite). The evaluation is finished, every failed episode is recorded in results.json (status "failed") and
-    the run stops with an error (exit 2): a mean return over diverged episodes is meaningless and leaving them out
-    would inflate it"""
+    """evaluation episodes (decentralised execution, deterministic actions). A diverged simulation (non-finite
+    numbers, or MuJoCo's instability warning) fails its episode: every failure is recorded in results.json
+    (status "failed") and the run stops with an error, since a mean over diverged episodes is meaningless"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -171,107 +166,28 @@ class Args:
     save_model: bool = True
     """save the final actors to runs/<run_name>/actors.pt"""
     resume: bool = True
-    """continue an interrupted run of the same command (killed, Ctrl-C) from its last checkpoint, in its run
-    directory, with the same final numbers as an uninterrupted run; --no-resume starts the run over"""
+    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
 
-# Starting values in the authors' beta convention (small = strong constraint), NOT tuned here. Sources: the
-# authors' MaMuJoCo scripts sweep {0.001, 0.003, 0.005, 0.03, 0.05} without recording the choice; their older
-# 2-agent HalfCheetah comments give medium-replay ~0.02 and random ~0.05-0.25; from these, the starting
-# ranges are expert 0.001-0.005, medium 0.005-0.03, medium-replay 0.02-0.05. medium-expert and mixture have no
-# source: set between expert and medium (mixture as on MPE, 0.005).
-BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.02, "medium": 0.01, "expert": 0.003, "medium-expert": 0.005,
-                 "mixture": 0.005}
-# Stage-2 length per env. Hopper needs more: on expert data, 5,000 steps give 13.1 +- 1.5 (normalized, 3 seeds)
-# and 20,000 give 75.4 +- 14.2 (README "Results on Multi-agent MuJoCo"; medium does worse at 20,000 with its
-# default beta). HalfCheetah 2x3 was tuned at 5,000.
+# beta per --dataset, in the authors' convention (small = strong constraint): starting values from the authors'
+# scripts and comments, expert checked on HalfCheetah 2x3, the others untuned (docs/omsd.md, "Defaults").
+BETA_DEFAULTS = {
+    "random": 0.1,
+    "medium-replay": 0.02,
+    "medium": 0.01,
+    "expert": 0.003,
+    "medium-expert": 0.005,
+    "mixture": 0.005,
+}
+# stage-2 length per --env-id (Hopper needs more: docs/results.md, "Hopper 3x1: policy steps and beta")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
-METRIC = "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, " \
-         "or until Hopper / Ant fall)"
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill defaults and reject bad settings before anything is written."""
-    if args.env_id not in ENV_IDS:
-        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
-    if not args.dataset_path and args.dataset not in QUALITIES:
-        raise RunError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path")
-    if args.stage1_seed is None:
-        args.stage1_seed = args.seed
-    if args.beta is None:
-        args.beta = BETA_DEFAULTS.get(args.dataset, 0.05)
-    for k, v in {**STAGE2_DEFAULT, **ENV_DEFAULTS.get(args.env_id, {})}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
-               "condition": ("obs", "state"), "prefix": ("start", "updated"),
-               "weighting": ("sigma2", "one", "alpha_over_sigma")}
-    for k, allowed in choices.items():
-        if getattr(args, k) not in allowed:
-            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
-    if not args.beta > 0:
-        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
-    for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
-              "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
-              "actor_hidden", "diffusion_blocks", "checkpoint_every"):
-        if getattr(args, k) <= 0:
-            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
-    if not 0 < args.t_min < args.t_max < 1:
-        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
-    check_common_args(args, env_spec(args.env_id)["n_agents"] if args.agent_order else None)
-    return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def load_data(args: Args) -> tuple[dict, dict, str]:
-    """Returns (arrays in the project's format, metadata, source)."""
-    if args.dataset_path and (args.dataset_format == "project" or
-                              (args.dataset_format == "auto" and args.dataset_path.endswith(".npz"))):
-        arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
-        check_metadata(args.dataset_path, meta)  # env version, and the file name's task / quality / size / seed
-        return arrays, meta, args.dataset_path
-    if args.dataset_path:
-        fmt = None if args.dataset_format == "auto" else args.dataset_format
-        arrays, meta = load_published(args.dataset_path, fmt, dataset_seed=args.dataset_seed, task=args.env_id,
-                                      expect=env_spec(args.env_id))
-        return arrays, meta, f"{args.dataset_path} ({meta['source_format']})"
-    arrays, meta, path = ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)
-    return arrays, meta, path
-
-
-def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
-    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded (Hopper's agents see 8, 9
-    and 8 numbers), act (N, n, act). MaMuJoCo has one team reward, which every agent receives."""
-    n = len(order)
-    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
-    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
-    if len(act_dims) != 1:
-        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
-    obs_max = max(obs_dims)
-    for i in range(1, n):
-        if not np.array_equal(arrays[f"rewards_{i}"], arrays["rewards_0"]):
-            raise RunError(f"the dataset's rewards_{i} differ from rewards_0; MaMuJoCo has one team reward that every "
-                           f"agent receives, so this is not a MaMuJoCo dataset")
-
-    def stack(key):
-        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
-
-    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
-    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    return {
-        "obs": t(stack("obs")),  # (next observations enter only through the critic's next state)
-        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
-        "reward": t(arrays["rewards_0"]),
-        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
-        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
-        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
-        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
-    }
+METRIC = (
+    "team return: the team reward (the same for every agent) summed over the episode (up to 1000 steps, "
+    "or until Hopper / Ant fall)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +227,8 @@ class ScoreNet(nn.Module):
         self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
         self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
+            for _ in range(blocks)
         )
         self.out = StackedLinear(n, hidden, act_dim)
 
@@ -348,7 +265,11 @@ class TwinQ(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+        self.l1, self.l2, self.l3 = (
+            StackedLinear(2, in_dim, hidden),
+            StackedLinear(2, hidden, hidden),
+            StackedLinear(2, hidden, 1),
+        )
 
     def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
         x = torch.cat([s, a], -1).expand(2, -1, -1)
@@ -429,6 +350,52 @@ def actor_surrogate(a, eps_hat, g, w, beta):
 
 
 # ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """(arrays in the project's format, metadata, source): data made from the committed behaviour policies (cached
+    under data/), or read from --dataset-path."""
+    return read_dataset(
+        args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec, check_metadata
+    )
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded (Hopper's agents see 8, 9
+    and 8 numbers), act (N, n, act). MaMuJoCo has one team reward, which every agent receives."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+    for i in range(1, n):
+        if not np.array_equal(arrays[f"rewards_{i}"], arrays["rewards_0"]):
+            raise RunError(
+                f"the dataset's rewards_{i} differ from rewards_0; MaMuJoCo has one team reward that every "
+                f"agent receives, so this is not a MaMuJoCo dataset"
+            )
+
+    def stack(key):
+        return np.stack(
+            [np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1
+        )
+
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")),  # (next observations enter only through the critic's next state)
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(arrays["rewards_0"]),
+        "done": t(done.astype(np.float32)),
+        "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation: decentralised execution, each agent acts on its own observation only
 # ---------------------------------------------------------------------------------------------
 MJ_INSTABILITY = ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC")
@@ -487,7 +454,9 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
         for j, e in enumerate(live):
             bad = [names[i] for k, i in enumerate(order) if not np.all(np.isfinite(act[k, j]))]
             if bad:
-                failed.append({"episode": e, "env_seed": seeds[e], "env_step": t, "what": f"non-finite action of {bad[0]}"})
+                failed.append(
+                    {"episode": e, "env_seed": seeds[e], "env_step": t, "what": f"non-finite action of {bad[0]}"}
+                )
                 continue
             obs[e], r, term, trunc, _ = envs[e].step({names[i]: act[k, j] for k, i in enumerate(order)})
             reward = float(r[names[0]])  # the team reward: every agent receives the same
@@ -505,9 +474,12 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
     actors.train()
     failed.sort(key=lambda f: f["episode"])
     bad = {f["episode"] for f in failed}
-    return {"return": None if failed else float(np.mean(returns)),
-            "episode_returns": [None if e in bad else returns[e] for e in range(E)],
-            "episode_lengths": lengths, "failed_episodes": failed}
+    return {
+        "return": None if failed else float(np.mean(returns)),
+        "episode_returns": [None if e in bad else returns[e] for e in range(E)],
+        "episode_lengths": lengths,
+        "failed_episodes": failed,
+    }
 
 
 def normalized_score(ret, ref: dict | None):
@@ -515,6 +487,48 @@ def normalized_score(ret, ref: dict | None):
     if ret is None or ref is None:
         return None
     return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
+# ---------------------------------------------------------------------------------------------
+def env_defaults(args: Args) -> Args:
+    """Fill the settings left at None with the defaults of --dataset (BETA_DEFAULTS) and --env-id (ENV_DEFAULTS)."""
+    if args.beta is None:
+        args.beta = BETA_DEFAULTS.get(args.dataset, 0.05)
+    for k, v in {**STAGE2_DEFAULT, **ENV_DEFAULTS.get(args.env_id, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def cli_args(argv: list[str] | None = None) -> Args:
+    """Args from the command line (default: sys.argv), its defaults those of the --env-id and --dataset given, so
+    that --help shows the values a run uses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--env-id", "--env_id", default=Args.env_id)
+    pre.add_argument("--dataset", default=Args.dataset)
+    try:
+        known = pre.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
+        known = Args()
+    return tyro.cli(Args, args=argv, default=env_defaults(Args(env_id=known.env_id, dataset=known.dataset)))
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the defaults still unset and reject bad settings before anything is written."""
+    if args.env_id not in ENV_IDS:
+        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if not args.dataset_path and args.dataset not in QUALITIES:
+        raise RunError(
+            f"unknown --dataset {args.dataset!r}; choose one of {', '.join(QUALITIES)} or give --dataset-path"
+        )
+    if args.stage1_seed is None:
+        args.stage1_seed = args.seed
+    env_defaults(args)
+    check_args(args, n_agents=env_spec(args.env_id)["n_agents"] if args.agent_order else None)
+    return args
 
 
 def main(args: Args) -> dict:
@@ -537,23 +551,16 @@ def main(args: Args) -> dict:
     # policies' evaluation returns (None: no expert behaviour policy yet)
     ref = meta.get("normalization") or reference_returns(args.env_id)
     if ref is not None and not ref["expert"] > ref["random"]:
-        raise RunError(f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
-                       f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies")
+        raise RunError(
+            f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
+            f"({ref['source']}); the normalized score would be meaningless, retrain the behaviour policies"
+        )
 
-    # An interrupted run of the same command (same settings and data) is continued in its own run directory.
-    run_fields = {k: v for k, v in asdict(args).items() if k not in ("resume", "checkpoint_every", "threads")}
-    run_fields["dataset_sha256"] = meta["sha256"]
-    run = open_run(args, run_fields, t_start)
+    run = start_run(args, t_start, dataset_sha256=meta["sha256"])
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
         return report_finished(run)
-    run_dir, run_ckpt, t_start = run.dir, run.marker, run.t_start
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=os.path.basename(run_dir), save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    run_dir, t_start = run.dir, run.t_start
+    writer = open_writer(args, run_dir)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -576,9 +583,16 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
-                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
-                                                   "diffusion_blocks", "diffusion_lr")})
+    fields = dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 
@@ -612,18 +626,35 @@ def main(args: Args) -> dict:
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
                 writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
             bar.update(step, f"loss {loss.mean().item():.3f}")
-            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
-        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+            checkpoint(
+                args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds
+            )
+        timing["diffusion"] = {
+            "seconds": spent + bar.seconds,
+            "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
+        }
         run.trained("diffusion", timing["diffusion"])
-        save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
-        remove(partial_path(path))
-        run.release(path)
+        run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
-    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
-        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
-        "bootstrap_truncation")})
+    fields = dict(
+        stage1,
+        stage="critic",
+        **{
+            k: getattr(args, k)
+            for k in (
+                "critic_steps",
+                "critic_batch_size",
+                "critic_hidden",
+                "critic_lr",
+                "expectile",
+                "gamma",
+                "polyak",
+                "bootstrap_truncation",
+            )
+        },
+    )
     cache["critic"] = path = cache_path(args, "critic", fields)
     torch.manual_seed(args.stage1_seed * 1000 + 2)
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
@@ -667,13 +698,20 @@ def main(args: Args) -> dict:
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
                 writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
-            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+            checkpoint(
+                args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds
+            )
         timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
         run.trained("critic", timing["critic"])
-        save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
-                     "fields": json.dumps(fields)}, path)
-        remove(partial_path(path))
-        run.release(path)
+        run.save_stage(
+            path,
+            {
+                "q": q_net.state_dict(),
+                "q_target": q_target.state_dict(),
+                "v": v_net.state_dict(),
+                "fields": json.dumps(fields),
+            },
+        )
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -682,8 +720,12 @@ def main(args: Args) -> dict:
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
     g = gen(3)
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
-    start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
+    objs = {
+        "actors": actors,
+        **{f"opt{k}": o for k, o in enumerate(opts)},
+        **{f"sched{k}": o for k, o in enumerate(scheds)},
+    }
+    start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
     bar = Progress("stage 2: actors", args.policy_steps, start)
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
 
@@ -696,19 +738,36 @@ def main(args: Args) -> dict:
             h["normalized_score"] = normalized_score(h["return"], ref)
         failed = [dict(f, policy_step=h["step"]) for h in eval_history for f in h.get("failed_episodes", [])]
         results = {
-            "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
-            "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order,
-            "beta": args.beta, "weighting": args.weighting, "seed": args.seed, "status": status,
-            "final_return": final, "final_normalized_score": eval_history[-1]["normalized_score"],
+            "env_id": args.env_id,
+            "dataset": args.dataset if not args.dataset_path else None,
+            "dataset_path": source,
+            "dataset_sha256": meta["sha256"],
+            "decomposition": args.decomposition,
+            "agent_order": order,
+            "beta": args.beta,
+            "weighting": args.weighting,
+            "seed": args.seed,
+            "status": status,
+            "final_return": final,
+            "final_normalized_score": eval_history[-1]["normalized_score"],
             "normalization": norm,
-            "normalization_note": None if norm else f"reference_returns({args.env_id!r}) is None: no behaviour "
-                                                    f"checkpoint with random and expert returns for this env yet",
-            "metric": METRIC, "failed_episodes": failed,
-            "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-            "stages": run.stages_of(timing), "stage1_cache": cache, "args": asdict(args),
+            "normalization_note": None
+            if norm
+            else f"reference_returns({args.env_id!r}) is None: no behaviour "
+            f"checkpoint with random and expert returns for this env yet",
+            "metric": METRIC,
+            "failed_episodes": failed,
+            "eval_history": eval_history,
+            "eval_seconds": eval_seconds,
+            "total_seconds": time.time() - t_start,
+            "stages": run.stages_of(timing),
+            "stage1_cache": cache,
+            "args": asdict(args),
         }
         if args.save_model:
-            save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
+            save_atomic(
+                {"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt")
+            )
         write_json_atomic(results, os.path.join(run_dir, "results.json"))
         writer.close()
         run.close()  # removes the run's checkpoint and marker
@@ -718,8 +777,12 @@ def main(args: Args) -> dict:
         """Evaluate, log, append to eval_history; a failed evaluation ends the run (see --eval-episodes)."""
         ev = evaluate(actors, args, order, obs_max)
         eval_seconds.append(time.time() - t_start)
-        entry = {"step": step, "return": ev["return"], "episode_returns": ev["episode_returns"],
-                 "episode_lengths": ev["episode_lengths"]}
+        entry = {
+            "step": step,
+            "return": ev["return"],
+            "episode_returns": ev["episode_returns"],
+            "episode_lengths": ev["episode_lengths"],
+        }
         if ev["failed_episodes"]:
             entry["failed_episodes"] = ev["failed_episodes"]
         eval_history.append(entry)
@@ -727,10 +790,12 @@ def main(args: Args) -> dict:
             timing["policy"] = {"seconds": spent + bar.seconds, "failed_at_step": step}
             finish(eval_history, "failed")
             f = ev["failed_episodes"][0]
-            raise RunError(f"evaluation at policy step {step}: {len(ev['failed_episodes'])} of {args.eval_episodes} "
-                           f"episodes diverged (first: episode {f['episode']}, env seed {f['env_seed']}, env step "
-                           f"{f['env_step']}: {f['what']}); no mean return is reported, see "
-                           f"{run_dir}/results.json")
+            raise RunError(
+                f"evaluation at policy step {step}: {len(ev['failed_episodes'])} of {args.eval_episodes} "
+                f"episodes diverged (first: episode {f['episode']}, env seed {f['env_seed']}, env step "
+                f"{f['env_step']}: {f['what']}); no mean return is reported, see "
+                f"{run_dir}/results.json"
+            )
         writer.add_scalar("eval/episodic_return", ev["return"], step)
         writer.add_scalar("eval/episode_length", float(np.mean(ev["episode_lengths"])), step)
         if ref is not None:
@@ -792,16 +857,28 @@ def main(args: Args) -> dict:
         if step % args.eval_every == 0 or step == args.policy_steps:
             run_eval(step, eval_history)
         bar.update(step, f"eval return {eval_history[-1]['return']:.1f}")
-        checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history, "eval_seconds": eval_seconds})
+        checkpoint(
+            args,
+            run.marker,
+            run.fields,
+            "stage 2 (actors)",
+            objs,
+            g,
+            step,
+            args.policy_steps,
+            spent + bar.seconds,
+            {"eval_history": eval_history, "eval_seconds": eval_seconds},
+        )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Results
     results = finish(eval_history, "ok")
     final = results["final_return"]
     if norm:
-        score = (f", normalized score {results['final_normalized_score']:.1f} = {norm['formula']} with R_random "
-                 f"{ref['random']:.1f}, R_expert {ref['expert']:.1f} ({ref['source']})")
+        score = (
+            f", normalized score {results['final_normalized_score']:.1f} = {norm['formula']} with R_random "
+            f"{ref['random']:.1f}, R_expert {ref['expert']:.1f} ({ref['source']})"
+        )
     else:
         score = f", no normalized score ({results['normalization_note']})"
     print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
@@ -809,14 +886,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # stop at the end of a step, with a checkpoint
-        signal.signal(sig, on_stop_signal)
-    try:
-        main(args)
-    except (RunError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
-        sys.exit(130)
+    run_command(main, cli_args())

@@ -1,5 +1,5 @@
 # OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968),
-# on the paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see README.
+# on the paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see docs/omsd.md.
 #
 #   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
 #   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
@@ -9,33 +9,50 @@
 # Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from envs import bandit
-from envs.dataset import DatasetError, checksum, episode_ends, load_dataset
+from envs.dataset import checksum, episode_ends
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
-from envs.mpe_data import (CONVENTIONS, DEFAULT_TRANSITIONS, check_metadata, convention_actions, ensure_dataset,
-                            env_spec, task_qualities)
-from envs.published import FORMATS, PREY_OBS_DIMS, convert_omar_prey, load_prey, load_published, prey_file_kind
-from envs.runs import (Interrupted, Progress, RunError, cache_path, check_common_args, check_dirs, check_finite,
-                        checkpoint, on_stop_signal, open_run, partial_path, remove, report_finished, resume_stage,
-                        save_atomic, write_json_atomic)
+from envs.mpe_data import (
+    CONVENTIONS,
+    DEFAULT_TRANSITIONS,
+    check_metadata,
+    convention_actions,
+    ensure_dataset,
+    env_spec,
+    task_qualities,
+)
+from envs.runs import (
+    Progress,
+    RunError,
+    cache_path,
+    check_args,
+    check_dirs,
+    check_finite,
+    checkpoint,
+    open_writer,
+    report_finished,
+    resume_stage,
+    run_command,
+    save_atomic,
+    start_run,
+    write_json_atomic,
+)
+from envs.sources import check_prey_arg, load_prey_arg, read_dataset
 
 ENV_IDS = TASKS + ("bandit",)
 
@@ -46,40 +63,39 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode"""
-    stage1_seed: Optional[int] = None
-    """seed of stages 1a/1b (default: --seed); give several runs the same one to share the cached behaviour
-    models and critic, e.g. in a sweep over policy seeds"""
+    stage1_seed: int | None = None
+    """seed of stages 1a/1b (default: --seed); runs with the same one share the cached behaviour models and critic"""
     torch_deterministic: bool = True
     """use deterministic torch algorithms (same seed, same machine -> same numbers)"""
     cuda: bool = False
     """use CUDA if available (everything here is sized for CPU)"""
     threads: int = 1
-    """torch CPU threads (0: all cores); measured on 2 cores, a second thread gives no gain at these network sizes"""
+    """torch CPU threads (0: all cores)"""
     track: bool = False
     """log to Weights & Biases as well (needs `pip install wandb`; never required)"""
     wandb_project_name: str = "omsd"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
 
     # Data
     env_id: str = "simple_spread"
-    """simple_spread | simple_tag | simple_world | bandit"""
+    """simple_spread | simple_tag | simple_world | bandit (sets the defaults marked 'per --env-id')"""
     dataset: str = "expert"
-    """random | medium-replay | medium | expert | mixture (MPE; made on first use from the committed behaviour policies)"""
+    """random | medium-replay | medium | expert | mixture, and on simple_spread the controlled unimodal |
+    multimodal-2 | multimodal-3 | miscoordinated (made on first use; docs/datasets.md)"""
     dataset_path: str = ""
-    """a dataset for this env (overrides --dataset): a file in the project's format (.npz), or a published
-    dataset (OMAR's seed_<k>_data directories, OMIGA hdf5, og-marl vault, MADiff npy; see README)"""
+    """a dataset for this env instead (overrides --dataset): the project's .npz, or a published one (OMAR's
+    seed_<k>_data directories, OMIGA hdf5, og-marl vault, MADiff npy; docs/datasets.md)"""
     dataset_format: str = "auto"
     """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
     dataset_seed: int = 0
     """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
     prey_path: str = ""
     """tag/world: evaluate against OMAR's pretrained prey instead of the scripted one: a file converted with
-    `python -m envs.published --convert-prey ...` or OMAR's original .pt with --trust-pickle"""
+    `python -m envs.published --convert-prey ...`, or OMAR's original .pt with --trust-pickle"""
     trust_pickle: bool = False
-    """allow unpickling OMAR's original prey .pt (this runs any code the file contains); it is converted once
-    into <cache-dir>/omar_prey_<sha256[:16]>.pt and later runs can use that file"""
+    """allow unpickling OMAR's original prey .pt (runs any code it contains), converted once into --cache-dir"""
     dataset_transitions: int = DEFAULT_TRANSITIONS
     """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
 
@@ -90,44 +106,41 @@ class Args:
     agent_order: tuple[int, ...] = ()
     """order of the sequential decomposition, a permutation of 0..n-1 (default: identity)"""
     condition: str = "obs"
-    """what the behaviour models condition on besides the prefix actions: obs (own observation, the authors' code) | state"""
-    beta: Optional[float] = None
-    """weight of grad_a Q in the actor loss, the authors' convention: loss = w(t) <eps_hat, a> - beta <grad_a Q, a>,
-    so a SMALL beta is a STRONG behaviour constraint (default: per task and dataset, see BETA_DEFAULTS)"""
-    weighting: Optional[str] = None
-    """w(t) of the score term: sigma2 (authors' default) | one | alpha_over_sigma (default: per env, see ENV_DEFAULTS)"""
+    """what the behaviour models condition on besides the prefix actions: obs (own observation) | state"""
+    beta: float | None = None
+    """weight of grad_a Q in the actor loss w(t) <eps_hat, a> - beta <grad_a Q, a>: a SMALL beta is a STRONG
+    behaviour constraint (depends on --env-id and --dataset: BETA_DEFAULTS)"""
+    weighting: str | None = None
+    """w(t) of the score term: sigma2 (the authors') | one | alpha_over_sigma (depends on --env-id)"""
     t_min: float = 0.02
     """lower end of the diffusion time range of the actor loss"""
     t_max: float = 0.98
     """upper end of the diffusion time range of the actor loss"""
     prefix: str = "start"
-    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code; one
-    critic backward and one batched diffusion forward serve every agent) | updated = recomputed after each agent's
-    step, agent by agent (the paper's text)"""
+    """prefix actions in stage 2: start = all actors' actions at the start of the iteration (the authors' code) |
+    updated = recomputed after each agent's step, agent by agent (the paper's text)"""
     regq: bool = False
     """normalise grad_a Q by its root mean square (SRPO's optional trick)"""
     z_baseline: bool = True
-    """use eps_hat - z instead of eps_hat in the actor loss (SRPO's optional variance reduction: z does not depend
-    on the actor, so the expected gradient is unchanged, but most of eps_hat's sample-to-sample noise is z itself)"""
+    """use eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction; same expected gradient)"""
 
     # Stage 1a: diffusion behaviour models
-    diffusion_steps: Optional[int] = None
-    """gradient steps (all agents' models train together in one batched op)"""
+    diffusion_steps: int | None = None
+    """gradient steps, all agents' models together (depends on --env-id)"""
     diffusion_batch_size: int = 256
     """minibatch size"""
-    diffusion_hidden: Optional[int] = None
-    """width of the residual trunk (default: per env, see ENV_DEFAULTS; authors: 512, with 4.3M parameters per agent)"""
+    diffusion_hidden: int | None = None
+    """width of the residual trunk (depends on --env-id; the authors: 512)"""
     diffusion_blocks: int = 2
     """residual blocks"""
     diffusion_lr: float = 3e-4
     """AdamW learning rate, cosine-annealed to 1e-5"""
     holdout_every: int = 50
-    """every k-th episode is left out of the behaviour models' training, to measure their fit on unseen episodes
-    (0: train on every episode, the authors' code; the fit is then measured in-sample)"""
+    """every k-th episode is left out of the behaviour models' training to measure their fit (0: none)"""
 
     # Stage 1b: centralised IQL critic
-    critic_steps: Optional[int] = None
-    """gradient steps"""
+    critic_steps: int | None = None
+    """gradient steps (depends on --env-id)"""
     critic_batch_size: int = 256
     """minibatch size"""
     critic_hidden: int = 256
@@ -141,40 +154,36 @@ class Args:
     polyak: float = 0.005
     """target-Q update rate"""
     team_reward: str = "agent0"
-    """team reward used by the critic: agent0 (authors' code) | mean (over agents)"""
+    """team reward used by the critic: agent0 (the authors') | mean (over agents)"""
     bootstrap_truncation: bool = False
     """bootstrap through time-limit ends (default: treat them as terminal, as the authors' code does on MPE)"""
 
     # Stage 2: actors
-    policy_steps: Optional[int] = None
-    """gradient steps per agent"""
+    policy_steps: int | None = None
+    """gradient steps per agent (depends on --env-id)"""
     policy_batch_size: int = 256
     """minibatch size (one batch of indices shared by all agents)"""
     actor_hidden: int = 256
     """width of the two hidden layers of each actor"""
-    actor_lr: Optional[float] = None
-    """Adam learning rate, cosine-annealed to 0"""
-    eval_every: Optional[int] = None
-    """policy steps between evaluations"""
+    actor_lr: float | None = None
+    """Adam learning rate, cosine-annealed to 0 (depends on --env-id)"""
+    eval_every: int | None = None
+    """policy steps between evaluations (depends on --env-id)"""
     eval_episodes: int = 10
     """evaluation episodes (decentralised execution, deterministic actions)"""
-    actor_init: Optional[str] = None
-    """(default: per env, see ENV_DEFAULTS) random (the authors' code) | samples: before stage 2, fit each actor by regression onto samples of its behaviour
-    model drawn with one noise vector shared by all states (deterministic DDIM sampler), agent by agent in the order,
-    each conditioned on the samples of the agents before it, so that the actors start inside one joint mode"""
+    actor_init: str | None = None
+    """random (the authors') | samples: first regress the actors onto joint behaviour samples drawn with one noise
+    vector for all states, so that they start in one joint mode (depends on --env-id)"""
     init_steps: int = 2000
     """regression steps of --actor-init samples"""
     init_states: int = 20_000
     """--actor-init samples: dataset states (drawn at random) whose behaviour samples the actors are fitted to"""
     init_candidates: int = 1
-    """--actor-init samples: number of shared noise vectors tried; the one whose joint samples have the highest mean Q
-    over the data is used (the critic picks among joint modes, the same one in every state)"""
+    """--actor-init samples: shared noise vectors tried; the one whose joint samples have the highest mean Q wins"""
     sample_steps: int = 20
-    """steps of the deterministic DDIM sampler (the probability-flow ODE's first-order solver) of the behaviour models"""
+    """steps of the deterministic DDIM sampler of the behaviour models"""
     diagnostics: bool = True
-    """after training, measure behaviour-model fit (held-out denoising loss, samples against the data), critic
-    quality (Q of dataset actions against Monte-Carlo returns) and the final policy's support distance and mode
-    agreement; logged to TensorBoard and results.json"""
+    """after training, measure the behaviour models' fit, the critic's quality and the policy's support distance"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -182,141 +191,28 @@ class Args:
     save_model: bool = True
     """save the final actors to runs/<run_name>/actors.pt"""
     resume: bool = True
-    """continue an interrupted run of the same command (killed, Ctrl-C) from its last checkpoint, in its run
-    directory, with the same final numbers as an uninterrupted run; --no-resume starts the run over"""
+    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
 
 
-# Chosen by measurement on 2 CPU cores (docs/results.md, "Multimodal data and mode selection"): behaviour models
-# wide and long enough to represent a multimodal conditional, actors started from joint behaviour samples, and the
-# mode-seeking weight alpha_t / sigma_t. The paper's scale is --diffusion-steps 2000000 --critic-steps 500000
-# --policy-steps 100000 with much bigger networks.
+# Per --env-id (docs/results.md: "Multimodal data and mode selection"); the paper's scale is in docs/omsd.md.
+# fmt: off
 ENV_DEFAULTS = {
     "mpe": dict(diffusion_steps=15_000, diffusion_hidden=128, critic_steps=10_000, policy_steps=5_000, actor_lr=3e-4,
                 eval_every=500, weighting="alpha_over_sigma", actor_init="samples"),
     "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, policy_steps=3000, actor_lr=1e-2,
                    eval_every=100, weighting="alpha_over_sigma", actor_init="random", beta=0.05),
 }
-# Starting values from the authors' run scripts (not tuned here), in the authors' beta convention.
+# beta per --env-id and --dataset: the authors' starting values (their run scripts, not tuned here); the
+# controlled spread datasets are expert-level data and get the expert's value.
 BETA_DEFAULTS = {
     "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.05, "random": 0.5, "mixture": 0.005,
-                      # the controlled conventions are expert-level data: the expert's value
                       "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001},
     "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill per-env defaults and reject bad settings before anything is written."""
-    if args.env_id not in ENV_IDS:
-        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
-    if args.env_id != "bandit" and not args.dataset_path and args.dataset not in task_qualities(args.env_id):
-        raise RunError(f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
-                       f"{', '.join(task_qualities(args.env_id))} or give --dataset-path")
-    family = "bandit" if args.env_id == "bandit" else "mpe"
-    for k, v in ENV_DEFAULTS[family].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.stage1_seed is None:
-        args.stage1_seed = args.seed
-    if args.beta is None:
-        args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
-    choices = {"dataset_format": ("auto", "project", *FORMATS), "decomposition": ("sequential", "independent"),
-               "condition": ("obs", "state"), "prefix": ("start", "updated"),
-               "weighting": ("sigma2", "one", "alpha_over_sigma"), "team_reward": ("agent0", "mean"),
-               "actor_init": ("random", "samples")}
-    for k, allowed in choices.items():
-        if getattr(args, k) not in allowed:
-            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
-    if not args.beta > 0:
-        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
-    for k in ("diffusion_steps", "critic_steps", "policy_steps", "eval_every", "eval_episodes", "dataset_transitions",
-              "diffusion_batch_size", "critic_batch_size", "policy_batch_size", "diffusion_hidden", "critic_hidden",
-              "actor_hidden", "diffusion_blocks", "checkpoint_every", "init_steps", "init_candidates", "init_states", "sample_steps"):
-        if getattr(args, k) <= 0:
-            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
-    if not 0 < args.t_min < args.t_max < 1:
-        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
-    if args.prey_path and args.env_id not in PREY_OBS_DIMS:
-        raise RunError(f"--prey-path is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
-    n_agents = (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"]) if args.agent_order else None
-    check_common_args(args, n_agents)
-    return args
-
-
-def load_prey_arg(args: Args):
-    """(prey policy for MPEEnv or None, what results.json records). OMAR's original pickle is converted once
-    into --cache-dir, and only with --trust-pickle."""
-    if not args.prey_path:
-        return None, "scripted" if args.env_id in PREY_OBS_DIMS else None
-    path = args.prey_path
-    if prey_file_kind(path) == "pickle":
-        with open(path, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-        converted = os.path.join(args.cache_dir, f"omar_prey_{sha[:16]}.pt")
-        if not args.trust_pickle:
-            have = f" (a converted copy exists: --prey-path {converted})" if os.path.exists(converted) else ""
-            raise RunError(f"{path} is a torch pickle (OMAR's original prey); loading it can run arbitrary code: pass "
-                           f"--trust-pickle to convert it once if you trust its source{have}")
-        if not os.path.exists(converted):
-            convert_omar_prey(path, converted, True, task=args.env_id)
-        path = converted
-    prey = load_prey(path, task=args.env_id)
-    return prey, {"file": os.path.abspath(path), "source_sha256": prey.info["source_sha256"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def load_data(args: Args) -> tuple[dict, dict, str]:
-    """Returns (arrays in the project's format, metadata, source)."""
-    if args.env_id == "bandit":
-        if args.dataset_path:
-            arrays, meta = load_dataset(args.dataset_path, expect={"n_agents": 2, "obs_dims": [5, 5], "act_dims": [1, 1]})
-            return arrays, meta, args.dataset_path
-        arrays, meta = bandit.make_dataset()
-        meta["sha256"] = checksum(arrays)
-        return arrays, meta, "generated in memory"
-    if args.dataset_path and (args.dataset_format == "project" or
-                              (args.dataset_format == "auto" and args.dataset_path.endswith(".npz"))):
-        arrays, meta = load_dataset(args.dataset_path, expect=env_spec(args.env_id))
-        check_metadata(args.dataset_path, meta)  # env version, and the file name's task / quality / size / seed
-        return arrays, meta, args.dataset_path
-    if args.dataset_path:
-        fmt = None if args.dataset_format == "auto" else args.dataset_format
-        arrays, meta = load_published(args.dataset_path, fmt, dataset_seed=args.dataset_seed, task=args.env_id,
-                                      expect=env_spec(args.env_id))
-        return arrays, meta, f"{args.dataset_path} ({meta['source_format']})"
-    arrays, meta, path = ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)
-    return arrays, meta, path
-
-
-def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
-    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
-    n = len(order)
-    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
-    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
-    if len(act_dims) != 1:
-        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
-    obs_max = max(obs_dims)
-
-    def stack(key):
-        return np.stack([np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1)
-
-    rewards = np.stack([arrays[f"rewards_{i}"] for i in range(n)], 1)  # team reward: original agent 0, not position 0
-    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
-    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    return {
-        "obs": t(stack("obs")), "next_obs": t(stack("next_obs")),
-        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
-        "reward": t(rewards[:, 0] if args.team_reward == "agent0" else rewards.mean(1)),
-        "done": t(done.astype(np.float32)), "state": t(arrays["state"]),
-        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
-        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
-        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
-    }
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +252,8 @@ class ScoreNet(nn.Module):
         self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
         self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)]) for _ in range(blocks)
+            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
+            for _ in range(blocks)
         )
         self.out = StackedLinear(n, hidden, act_dim)
 
@@ -393,7 +290,11 @@ class TwinQ(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.l1, self.l2, self.l3 = StackedLinear(2, in_dim, hidden), StackedLinear(2, hidden, hidden), StackedLinear(2, hidden, 1)
+        self.l1, self.l2, self.l3 = (
+            StackedLinear(2, in_dim, hidden),
+            StackedLinear(2, hidden, hidden),
+            StackedLinear(2, hidden, 1),
+        )
 
     def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
         x = torch.cat([s, a], -1).expand(2, -1, -1)
@@ -473,9 +374,13 @@ def actor_surrogate(a, eps_hat, g, w, beta):
     return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Stage helpers: the behaviour models' DDIM sampler and the actors' start from its samples
+# ---------------------------------------------------------------------------------------------
 def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
     """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing: a
     uniform grid in t takes too large steps at small noise, and DDIM's samples then lose most of their spread)."""
+
     def lam(t):
         alpha_t, sigma_t = vp_sde(torch.tensor(t, dtype=torch.float64))
         return torch.log(alpha_t / sigma_t)
@@ -522,6 +427,95 @@ def fit_actors(actors, obs, target, steps: int, batch: int, lr: float, g):
         loss.sum().backward()
         opt.step()
     return loss.detach()
+
+
+def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, g) -> dict:
+    """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
+    modes, so the actors first imitate one joint sample per state. The noise z is shared by all states, so the mode
+    a sample lands in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of
+    agents < k. Of --init-candidates noise vectors, the one whose samples have the highest mean Q is used."""
+    t0, device = time.time(), data["obs"].device
+    N, n, act_dim = data["act"].shape
+    rows = torch.randperm(N, generator=g)[: args.init_states].to(device)
+    best = None
+    for c in range(args.init_candidates):
+        z = torch.randn(n, 1, act_dim, generator=g, device=device).expand(n, len(rows), act_dim)
+        target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
+        with torch.no_grad():
+            q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
+        if best is None or q > best[0]:
+            best = (q, c, target)
+    init_loss = fit_actors(
+        actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g
+    )
+    print(
+        f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
+        f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
+    return {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(), "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[dict, dict, str]:
+    """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
+    committed behaviour policies (cached under data/), or read from --dataset-path."""
+    if args.env_id == "bandit":
+        spec = {"n_agents": bandit.N_AGENTS, "obs_dims": [bandit.OBS_DIM] * 2, "act_dims": [bandit.ACT_DIM] * 2}
+        return read_dataset(args, bandit_data, lambda env_id: spec, published=False)
+    return read_dataset(
+        args, lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions), env_spec, check_metadata
+    )
+
+
+def bandit_data() -> tuple[dict, dict, str]:
+    arrays, meta = bandit.make_dataset()
+    meta["sha256"] = checksum(arrays)
+    return arrays, meta, "generated in memory"
+
+
+def holdout_split(arrays: dict, holdout_every: int):
+    """(episode of every transition, held-out mask, training rows, held-out rows). Every k-th episode (k =
+    --holdout-every, or 50 with 0; the last one of a smaller dataset) is where the behaviour models' fit is
+    measured; with k > 0 it is also left out of their training."""
+    N = len(arrays["terminals"])
+    episode = np.searchsorted(episode_ends(arrays), np.arange(N))
+    k = holdout_every or 50
+    is_held = (episode % k == k - 1) if episode.max() >= k - 1 else episode == episode.max()
+    train_idx = torch.as_tensor(np.flatnonzero(~is_held) if holdout_every else np.arange(N))
+    return episode, is_held, train_idx, torch.as_tensor(np.flatnonzero(is_held))
+
+
+def to_tensors(arrays: dict, order: list[int], args: Args) -> dict:
+    """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
+    n = len(order)
+    obs_dims = [arrays[f"obs_{i}"].shape[1] for i in range(n)]
+    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
+    if len(act_dims) != 1:
+        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
+    obs_max = max(obs_dims)
+
+    def stack(key):
+        return np.stack(
+            [np.pad(arrays[f"{key}_{i}"], ((0, 0), (0, obs_max - arrays[f"{key}_{i}"].shape[1]))) for i in order], 1
+        )
+
+    rewards = np.stack([arrays[f"rewards_{i}"] for i in range(n)], 1)  # team reward: original agent 0, not position 0
+    done = arrays["terminals"] | (arrays["truncations"] & (not args.bootstrap_truncation))
+    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    return {
+        "obs": t(stack("obs")),
+        "next_obs": t(stack("next_obs")),
+        "act": t(np.stack([arrays[f"actions_{i}"] for i in order], 1)),
+        "reward": t(rewards[:, 0] if args.team_reward == "agent0" else rewards.mean(1)),
+        "done": t(done.astype(np.float32)),
+        "state": t(arrays["state"]),
+        # the critic's "state" is the concatenation of the agents' own observations (authors' code)
+        "critic_state": t(np.concatenate([arrays[f"obs_{i}"] for i in order], 1)),
+        "next_critic_state": t(np.concatenate([arrays[f"next_obs_{i}"] for i in order], 1)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,8 +569,11 @@ def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
     (`joint_in_one`) and per convention (which one was chosen; they can overlap where conventions coincide)."""
     d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
     joint = (d < NEAR).all(1)  # (K, B)
-    return {"near_any": (d.min(0) < NEAR).mean(1).tolist(), "joint_in_one": float(joint.any(0).mean()),
-            "per_convention": joint.mean(1).tolist()}
+    return {
+        "near_any": (d.min(0) < NEAR).mean(1).tolist(),
+        "joint_in_one": float(joint.any(0).mean()),
+        "per_convention": joint.mean(1).tolist(),
+    }
 
 
 def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int) -> dict:
@@ -601,14 +598,32 @@ def behaviour_fit(score_net, data, held, cond_base, mask, args, order, early=Non
     a0 = data["act"][idx].transpose(0, 1)
     cond = condition(cond_base(idx), a0, mask)
     loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
-    samples = sample_actions(score_net, cond_base(idx), mask, torch.randn(a0.shape, generator=g, device=a0.device),
-                             args.sample_steps, a_prev=a0)
-    out = {"heldout_denoising_loss": loss.tolist(),
-           "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist()}
+    samples = sample_actions(
+        score_net,
+        cond_base(idx),
+        mask,
+        torch.randn(a0.shape, generator=g, device=a0.device),
+        args.sample_steps,
+        a_prev=a0,
+    )
+    out = {
+        "heldout_denoising_loss": loss.tolist(),
+        "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist(),
+    }
     if early is not None:  # the first steps of the held-out episodes, where the conventions' actions are far apart
         a0 = data["act"][early].transpose(0, 1)
-        samples = sample_actions(score_net, cond_base(early), mask, torch.randn(a0.shape, generator=g, device=a0.device),
-                                 args.sample_steps, a_prev=a0).cpu().numpy()
+        samples = (
+            sample_actions(
+                score_net,
+                cond_base(early),
+                mask,
+                torch.randn(a0.shape, generator=g, device=a0.device),
+                args.sample_steps,
+                a_prev=a0,
+            )
+            .cpu()
+            .numpy()
+        )
         table = convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
         d_s = np.linalg.norm(samples[None] - table, axis=-1)
         d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
@@ -645,8 +660,12 @@ def critic_quality(q_target, data, arrays, gamma: float, n: int = 10_000) -> dic
     q = q_target(data["critic_state"][idx], joint).mean(0).cpu().numpy()
     g = G[idx]
     corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else float("nan")
-    return {"q_mean": float(q.mean()), "mc_return_mean": float(g.mean()), "abs_error": float(np.abs(q - g).mean()),
-            "pearson_r": corr}
+    return {
+        "q_mean": float(q.mean()),
+        "mc_return_mean": float(g.mean()),
+        "abs_error": float(np.abs(q - g).mean()),
+        "pearson_r": corr,
+    }
 
 
 def rounded(x, digits: int = 4):
@@ -671,6 +690,110 @@ def flat_scalars(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def diagnose(score_net, q_target, actors, data, arrays, meta, split, cond_base, mask, args, order, obs_max, prey):
+    """Which part limits a score: the behaviour models' fit on held-out episodes, the critic's Q against Monte-Carlo
+    returns, and (MPE) the final policy's distance from the data's support; on the controlled spread data also
+    which conventions the samples and the policy follow. Rounded for results.json."""
+    t0, device = time.time(), data["obs"].device
+    episode, is_held, train_idx, held_idx = split
+    N = len(episode)
+    controlled = bool(meta.get("behaviour", {}).get("conventions")) and args.env_id == "simple_spread"
+    step_in_episode = np.arange(N) - np.concatenate([[0], episode_ends(arrays) + 1])[episode]
+    early = torch.as_tensor(np.flatnonzero(is_held & (step_in_episode < 5))).to(device) if controlled else None
+    diagnostics = {
+        "behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order, early),
+        "critic": critic_quality(q_target, data, arrays, args.gamma),
+    }
+    if args.env_id != "bandit":
+        record = []
+        evaluate(actors, args, order, obs_max, prey, record)  # the same episodes as the final evaluation
+        obs_e = np.concatenate([r[0] for r in record], 1)  # (n, T*E, obs), steps of all episodes
+        act_e = np.concatenate([r[1] for r in record], 1)
+        pool = train_idx.to(device)
+        ref = held_idx[torch.linspace(0, len(held_idx) - 1, min(500, len(held_idx))).long()].to(device)
+        d_pol = support_distance(
+            torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
+            torch.as_tensor(act_e).transpose(0, 1).reshape(act_e.shape[1], -1).to(device),
+            data["critic_state"][pool],
+            data["act"][pool].reshape(len(pool), -1),
+        )
+        d_ref = support_distance(
+            data["critic_state"][ref],
+            data["act"][ref].reshape(len(ref), -1),
+            data["critic_state"][pool],
+            data["act"][pool].reshape(len(pool), -1),
+        )
+        diagnostics["policy"] = {
+            "support_distance": float(d_pol.mean()),
+            "support_distance_data": float(d_ref.mean()),
+            "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean()),
+        }
+        if controlled:
+            E = args.eval_episodes
+            diagnostics["policy"]["conventions_first_step"] = convention_stats(
+                act_e[:, :E], convention_table(obs_e[:, :E], order)
+            )
+            diagnostics["policy"]["final_assignment"] = assignment_stats(
+                record[-1][2], order, len(meta["behaviour"]["conventions"])
+            )
+    diagnostics["seconds"] = time.time() - t0
+    return rounded(diagnostics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
+# ---------------------------------------------------------------------------------------------
+def env_defaults(args: Args) -> Args:
+    """Fill the settings left at None with the defaults of --env-id (ENV_DEFAULTS) and --dataset (BETA_DEFAULTS)."""
+    for k, v in ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.beta is None:
+        args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
+    return args
+
+
+def cli_args(argv: list[str] | None = None) -> Args:
+    """Args from the command line (default: sys.argv), its defaults those of the --env-id and --dataset given, so
+    that --help shows the values a run uses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--env-id", "--env_id", default=Args.env_id)
+    pre.add_argument("--dataset", default=Args.dataset)
+    try:
+        known = pre.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
+        known = Args()
+    return tyro.cli(Args, args=argv, default=env_defaults(Args(env_id=known.env_id, dataset=known.dataset)))
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the defaults still unset and reject bad settings before anything is written."""
+    if args.env_id not in ENV_IDS:
+        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if args.env_id != "bandit" and not args.dataset_path and args.dataset not in task_qualities(args.env_id):
+        raise RunError(
+            f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
+            f"{', '.join(task_qualities(args.env_id))} or give --dataset-path"
+        )
+    env_defaults(args)
+    if args.stage1_seed is None:
+        args.stage1_seed = args.seed
+    check_prey_arg(args)
+    n_agents = (
+        (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"])
+        if args.agent_order
+        else None
+    )
+    check_args(
+        args,
+        {"team_reward": ("agent0", "mean"), "actor_init": ("random", "samples")},
+        ("init_steps", "init_candidates", "init_states", "sample_steps"),
+        n_agents,
+    )
+    return args
+
+
 def main(args: Args) -> dict:
     t_start = time.time()  # wall-clock of the whole run: open_run moves it back by earlier processes' time
     args = resolve_args(args)
@@ -685,33 +808,18 @@ def main(args: Args) -> dict:
         raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
     data = to_tensors(arrays, order, args)
     N, _, obs_max = data["obs"].shape
-    # Every 50th episode (the last one of a smaller dataset) is where the behaviour models' fit is measured; with
-    # --holdout-every k > 0, every k-th episode is left out of their training for that.
-    episode = np.searchsorted(episode_ends(arrays), np.arange(N))
-    k = args.holdout_every or 50
-    is_held = (episode % k == k - 1) if episode.max() >= k - 1 else episode == episode.max()
-    train_idx = torch.as_tensor(np.flatnonzero(~is_held) if args.holdout_every else np.arange(N))
-    held_idx = torch.as_tensor(np.flatnonzero(is_held))
+    split = holdout_split(arrays, args.holdout_every)
+    train_idx = split[2]
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
-    # An interrupted run of the same command (same settings and data) is continued in its own run directory.
-    run_fields = {k: v for k, v in asdict(args).items()
-                  if k not in ("resume", "checkpoint_every", "threads", "prey_path", "trust_pickle")}
-    run_fields["dataset_sha256"] = meta["sha256"]
-    if prey is not None:  # the prey itself, not the path it came from (runs with the scripted prey keep their key)
-        run_fields["prey_sha256"] = prey_record["source_sha256"]
-    run = open_run(args, run_fields, t_start)
+    # the prey itself keys the run, not the path it came from (runs with the scripted prey keep their key)
+    prey_key = {"prey_sha256": prey_record["source_sha256"]} if prey is not None else {}
+    run = start_run(args, t_start, ("prey_path", "trust_pickle"), dataset_sha256=meta["sha256"], **prey_key)
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
         return report_finished(run)
-    run_dir, run_ckpt, t_start = run.dir, run.marker, run.t_start
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=os.path.basename(run_dir), save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    run_dir, t_start = run.dir, run.t_start
+    writer = open_writer(args, run_dir)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -734,10 +842,17 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(stage1, stage="diffusion", decomposition=args.decomposition, condition=args.condition,
-                  holdout_every=args.holdout_every,
-                  **{k: getattr(args, k) for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden",
-                                                   "diffusion_blocks", "diffusion_lr")})
+    fields = dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        holdout_every=args.holdout_every,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 
@@ -771,18 +886,36 @@ def main(args: Args) -> dict:
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
                 writer.add_scalar("charts/SPS_diffusion", bar.rate(step), step)
             bar.update(step, f"loss {loss.mean().item():.3f}")
-            checkpoint(args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds)
-        timing["diffusion"] = {"seconds": spent + bar.seconds, "steps_per_s": args.diffusion_steps / (spent + bar.seconds)}
+            checkpoint(
+                args, path, fields, "stage 1a (diffusion)", objs, g, step, args.diffusion_steps, spent + bar.seconds
+            )
+        timing["diffusion"] = {
+            "seconds": spent + bar.seconds,
+            "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
+        }
         run.trained("diffusion", timing["diffusion"])
-        save_atomic({"model": score_net.state_dict(), "fields": json.dumps(fields)}, path)
-        remove(partial_path(path))
-        run.release(path)
+        run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
-    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in (
-        "critic_steps", "critic_batch_size", "critic_hidden", "critic_lr", "expectile", "gamma", "polyak",
-        "team_reward", "bootstrap_truncation")})
+    fields = dict(
+        stage1,
+        stage="critic",
+        **{
+            k: getattr(args, k)
+            for k in (
+                "critic_steps",
+                "critic_batch_size",
+                "critic_hidden",
+                "critic_lr",
+                "expectile",
+                "gamma",
+                "polyak",
+                "team_reward",
+                "bootstrap_truncation",
+            )
+        },
+    )
     cache["critic"] = path = cache_path(args, "critic", fields)
     torch.manual_seed(args.stage1_seed * 1000 + 2)
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
@@ -826,13 +959,20 @@ def main(args: Args) -> dict:
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
                 writer.add_scalar("charts/SPS_critic", bar.rate(step), step)
             bar.update(step, f"q {q_loss.item():.3f} v {v_loss.item():.3f}")
-            checkpoint(args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds)
+            checkpoint(
+                args, path, fields, "stage 1b (IQL critic)", objs, g, step, args.critic_steps, spent + bar.seconds
+            )
         timing["critic"] = {"seconds": spent + bar.seconds, "steps_per_s": args.critic_steps / (spent + bar.seconds)}
         run.trained("critic", timing["critic"])
-        save_atomic({"q": q_net.state_dict(), "q_target": q_target.state_dict(), "v": v_net.state_dict(),
-                     "fields": json.dumps(fields)}, path)
-        remove(partial_path(path))
-        run.release(path)
+        run.save_stage(
+            path,
+            {
+                "q": q_net.state_dict(),
+                "q_target": q_target.state_dict(),
+                "v": v_net.state_dict(),
+                "fields": json.dumps(fields),
+            },
+        )
     q_target.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ Stage 2: score-regularised actors
@@ -841,29 +981,15 @@ def main(args: Args) -> dict:
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
     g = gen(3)
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": o for k, o in enumerate(scheds)}}
-    start, spent, extra = resume_stage(args, run_ckpt, run_fields, "stage 2", objs, g)
+    objs = {
+        "actors": actors,
+        **{f"opt{k}": o for k, o in enumerate(opts)},
+        **{f"sched{k}": o for k, o in enumerate(scheds)},
+    }
+    start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
     init_record = extra.get("init")
     if args.actor_init == "samples" and start == 0:
-        # Mode-seeking start: distillation of the score alone is mean-seeking between far-apart modes, so the actors
-        # first imitate one joint sample per state. The noise z is shared by all states, so the mode a sample lands
-        # in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of agents < k.
-        t0, g_init = time.time(), gen(4)
-        rows = torch.randperm(N, generator=g_init)[: args.init_states].to(device)
-        best = None
-        for c in range(args.init_candidates):
-            z = torch.randn(n, 1, act_dim, generator=g_init, device=device).expand(n, len(rows), act_dim)
-            target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
-            with torch.no_grad():
-                q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
-            if best is None or q > best[0]:
-                best = (q, c, target)
-        init_loss = fit_actors(actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps,
-                               args.policy_batch_size, args.actor_lr, g_init)
-        init_record = {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(),
-                       "seconds": time.time() - t0}
-        print(f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
-              f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)", file=sys.stderr)
+        init_record = init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, gen(4))
     bar = Progress("stage 2: actors", args.policy_steps, start)
     eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max, prey)}]
     eval_seconds = extra.get("eval_seconds") or [time.time() - t_start]  # for time-to-score plots
@@ -926,42 +1052,26 @@ def main(args: Args) -> dict:
             if args.env_id in PAPER_NORMALIZATION:
                 writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
-        checkpoint(args, run_ckpt, run_fields, "stage 2 (actors)", objs, g, step, args.policy_steps, spent + bar.seconds,
-                   {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record})
+        checkpoint(
+            args,
+            run.marker,
+            run.fields,
+            "stage 2 (actors)",
+            objs,
+            g,
+            step,
+            args.policy_steps,
+            spent + bar.seconds,
+            {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record},
+        )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 
     # ------------------------------------------------------------------ Diagnostics
     diagnostics = None
     if args.diagnostics:
-        t0 = time.time()
-        controlled = bool(meta.get("behaviour", {}).get("conventions")) and args.env_id == "simple_spread"
-        step_in_episode = np.arange(N) - np.concatenate([[0], episode_ends(arrays) + 1])[episode]
-        early = torch.as_tensor(np.flatnonzero(is_held & (step_in_episode < 5))).to(device) if controlled else None
-        diagnostics = {"behaviour": behaviour_fit(score_net, data, held_idx.to(device), cond_base, mask, args, order,
-                                                  early),
-                       "critic": critic_quality(q_target, data, arrays, args.gamma)}
-        if args.env_id != "bandit":
-            record = []
-            evaluate(actors, args, order, obs_max, prey, record)  # the same episodes as the final evaluation
-            obs_e = np.concatenate([r[0] for r in record], 1)  # (n, T*E, obs), steps of all episodes
-            act_e = np.concatenate([r[1] for r in record], 1)
-            pool = train_idx.to(device)
-            ref = held_idx[torch.linspace(0, len(held_idx) - 1, min(500, len(held_idx))).long()].to(device)
-            d_pol = support_distance(torch.as_tensor(obs_e).transpose(0, 1).reshape(obs_e.shape[1], -1).to(device),
-                                     torch.as_tensor(act_e).transpose(0, 1).reshape(act_e.shape[1], -1).to(device),
-                                     data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
-            d_ref = support_distance(data["critic_state"][ref], data["act"][ref].reshape(len(ref), -1),
-                                     data["critic_state"][pool], data["act"][pool].reshape(len(pool), -1))
-            diagnostics["policy"] = {"support_distance": float(d_pol.mean()), "support_distance_data": float(d_ref.mean()),
-                                     "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean())}
-            if controlled:
-                E = args.eval_episodes
-                diagnostics["policy"]["conventions_first_step"] = convention_stats(
-                    act_e[:, :E], convention_table(obs_e[:, :E], order))
-                diagnostics["policy"]["final_assignment"] = assignment_stats(
-                    record[-1][2], order, len(meta["behaviour"]["conventions"]))
-        diagnostics["seconds"] = time.time() - t0
-        diagnostics = rounded(diagnostics)
+        diagnostics = diagnose(
+            score_net, q_target, actors, data, arrays, meta, split, cond_base, mask, args, order, obs_max, prey
+        )
         for key, v in flat_scalars(diagnostics).items():
             writer.add_scalar(f"diagnostics/{key}", v, args.policy_steps)
         print(f"diagnostics: {json.dumps(diagnostics)}", file=sys.stderr)
@@ -972,15 +1082,28 @@ def main(args: Args) -> dict:
     for h in eval_history:
         h["normalized_score"] = normalized_score(args.env_id, h["return"]) if norm else None
     results = {
-        "env_id": args.env_id, "dataset": args.dataset if not args.dataset_path else None, "dataset_path": source,
-        "dataset_sha256": meta["sha256"], "decomposition": args.decomposition, "agent_order": order, "beta": args.beta,
-        "weighting": args.weighting, "seed": args.seed, "prey": prey_record, "final_return": final,
+        "env_id": args.env_id,
+        "dataset": args.dataset if not args.dataset_path else None,
+        "dataset_path": source,
+        "dataset_sha256": meta["sha256"],
+        "decomposition": args.decomposition,
+        "agent_order": order,
+        "beta": args.beta,
+        "weighting": args.weighting,
+        "seed": args.seed,
+        "prey": prey_record,
+        "final_return": final,
         "final_normalized_score": eval_history[-1]["normalized_score"],
         "normalization": {"constants": norm, "source": "the OMSD paper's MPE constants"} if norm else None,
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
-                  " bandit: a1 * a2",
-        "eval_history": eval_history, "eval_seconds": eval_seconds, "total_seconds": time.time() - t_start,
-        "stages": run.stages_of(timing), "stage1_cache": cache, "actor_init": init_record, "diagnostics": diagnostics,
+        " bandit: a1 * a2",
+        "eval_history": eval_history,
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.time() - t_start,
+        "stages": run.stages_of(timing),
+        "stage1_cache": cache,
+        "actor_init": init_record,
+        "diagnostics": diagnostics,
         "args": asdict(args),
     }
     if args.env_id == "bandit":
@@ -997,14 +1120,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # stop at the end of a step, with a checkpoint
-        signal.signal(sig, on_stop_signal)
-    try:
-        main(args)
-    except (RunError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
-        sys.exit(130)
+    run_command(main, cli_args())

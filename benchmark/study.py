@@ -105,7 +105,7 @@ def main(cfg):
         if j % k != i or cmd in {r["command"] for r in rows_of(path)}:
             continue
         print(">>", cmd, flush=True)
-        res = om.main(tyro.cli(om.Args, args=shlex.split(cmd)[2:]))
+        res = om.main(om.cli_args(shlex.split(cmd)[2:]))
         row = {"command": cmd, "setting": name, "dataset": ds, "decomposition": dec, "seed": seed,
                **{k: res[k] for k in ("beta", "final_return", "final_normalized_score", "eval_history", "total_seconds",
                                       "stages", "actor_init", "diagnostics")}}

@@ -137,7 +137,7 @@ def append_row(path, row):
 
 
 class Cell(submitit.helpers.Checkpointable):
-    """One run of the grid, as a submitit job: runs the script's main(tyro.cli(Args, args=...)) in the job's own
+    """One run of the grid, as a submitit job: runs the script's main(cli_args(...)) in the job's own
     process and returns the result row. Checkpointable, so when SLURM preempts the job or its time runs out,
     submitit requeues this same call; the script, given the same command, continues from its own checkpoints
     (the stage in progress is saved every --checkpoint-every steps)."""
@@ -150,7 +150,7 @@ class Cell(submitit.helpers.Checkpointable):
         os.chdir(self.workdir)
         sys.path.insert(0, REPO)
         om = importlib.import_module(SCRIPTS[self.family])
-        res = om.main(tyro.cli(om.Args, args=shlex.split(self.command)[2:]))
+        res = om.main(om.cli_args(shlex.split(self.command)[2:]))
         return {
             "command": self.command,
             "task": self.task,
@@ -241,7 +241,7 @@ def run_grid(cfg: Cfg, out: str):
     if not cells:
         return
     om = importlib.import_module(SCRIPTS[cfg.family])
-    tyro.cli(om.Args, args=shlex.split(cells[0].command)[2:])  # bad --extra: the script's own message, before any job
+    om.cli_args(shlex.split(cells[0].command)[2:])  # bad --extra: the script's own message, before any job
 
     folder = os.path.join(out, "submitit")
     os.makedirs(folder, exist_ok=True)

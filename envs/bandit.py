@@ -23,11 +23,17 @@ def make_dataset(n_samples: int = DEFAULT_SAMPLES, seed: int = 42) -> tuple[dict
     """The toy dataset in the project's format (one-step episodes, every row terminal)."""
     rng = np.random.default_rng(seed)
     sign = np.where(rng.random(n_samples) < 0.5, 1.0, -1.0)
-    acts = np.clip(sign[:, None] * MODE + MODE_STD * rng.standard_normal((n_samples, N_AGENTS)), -1, 1).astype(np.float32)
+    acts = np.clip(sign[:, None] * MODE + MODE_STD * rng.standard_normal((n_samples, N_AGENTS)), -1, 1).astype(
+        np.float32
+    )
     ones = np.ones((n_samples, OBS_DIM), np.float32)
     r = reward(acts[:, 0], acts[:, 1]).astype(np.float32)
-    arrays = {"terminals": np.ones(n_samples, bool), "truncations": np.zeros(n_samples, bool),
-              "state": ones, "next_state": ones}
+    arrays = {
+        "terminals": np.ones(n_samples, bool),
+        "truncations": np.zeros(n_samples, bool),
+        "state": ones,
+        "next_state": ones,
+    }
     for i in range(N_AGENTS):
         arrays[f"obs_{i}"], arrays[f"next_obs_{i}"] = ones, ones
         arrays[f"actions_{i}"], arrays[f"rewards_{i}"] = acts[:, i : i + 1], r

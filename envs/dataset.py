@@ -76,20 +76,30 @@ def episode_returns(arrays: dict, metric) -> np.ndarray:
 
 
 def return_stats(returns: np.ndarray, metric_name: str) -> dict:
-    return {"metric": metric_name, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
-            "min": float(np.min(returns)), "max": float(np.max(returns))}
+    return {
+        "metric": metric_name,
+        "mean": float(np.mean(returns)),
+        "std": float(np.std(returns)),
+        "min": float(np.min(returns)),
+        "max": float(np.max(returns)),
+    }
 
 
 def validate(arrays: dict, where: str) -> int:
     """Check keys, shapes, dtypes, finiteness and the action range; returns the number of agents."""
     n = n_agents_of(arrays)
     if n == 0:
-        raise DatasetError(f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see README, Datasets)")
+        raise DatasetError(
+            f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see README, Datasets)"
+        )
     required = [f"{k}_{i}" for i in range(n) for k in ("obs", "actions", "rewards", "next_obs")]
     required += ["terminals", "truncations", "state", "next_state"]
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise DatasetError(f"{where}: missing array(s) {', '.join(missing)}; regenerate the file or fix the writer (see README, Datasets)")
+        raise DatasetError(
+            f"{where}: missing array(s) {', '.join(missing)}; regenerate the file or fix the writer "
+            f"(see README, Datasets)"
+        )
     N = len(arrays["obs_0"]) if np.ndim(arrays["obs_0"]) else 0
     for k in required:
         a = arrays[k]
@@ -97,28 +107,42 @@ def validate(arrays: dict, where: str) -> int:
         if a.ndim != want_ndim:
             raise DatasetError(f"{where}: array {k} has shape {a.shape}, expected {want_ndim} dimension(s)")
         if len(a) != N:
-            raise DatasetError(f"{where}: array {k} has {len(a)} rows but obs_0 has {N}; all arrays must have one row per transition")
+            raise DatasetError(
+                f"{where}: array {k} has {len(a)} rows but obs_0 has {N}; all arrays must have one row per transition"
+            )
         flags = k in ("terminals", "truncations")
         if flags and a.dtype != np.bool_:
-            raise DatasetError(f"{where}: array {k} has dtype {a.dtype}, expected bool (the format's episode flags); "
-                               f"convert it with .astype(bool) where it was written")
+            raise DatasetError(
+                f"{where}: array {k} has dtype {a.dtype}, expected bool (the format's episode flags); "
+                f"convert it with .astype(bool) where it was written"
+            )
         if not flags and a.dtype.kind != "f":
-            raise DatasetError(f"{where}: array {k} has dtype {a.dtype}, expected floating point (float32); "
-                               f"convert it where it was written (integer, complex or text data are not accepted)")
+            raise DatasetError(
+                f"{where}: array {k} has dtype {a.dtype}, expected floating point (float32); "
+                f"convert it where it was written (integer, complex or text data are not accepted)"
+            )
         if not flags and not np.all(np.isfinite(a)):
             bad = int(np.flatnonzero(~np.isfinite(a).reshape(N, -1).all(1))[0])
-            raise DatasetError(f"{where}: array {k} has a non-finite value (NaN or inf) at row {bad}; clean the data before training")
+            raise DatasetError(
+                f"{where}: array {k} has a non-finite value (NaN or inf) at row {bad}; clean the data before training"
+            )
         if k.startswith("actions") and N and np.abs(a).max() > 1.0:
             bad = int(np.flatnonzero((np.abs(a) > 1.0).any(1))[0])
-            raise DatasetError(f"{where}: array {k} has a value outside [-1, 1] ({a[bad][np.abs(a[bad]) > 1.0][0]:g} at row "
-                               f"{bad}); the format's actions are scaled to [-1, 1], rescale them where they were written")
+            raise DatasetError(
+                f"{where}: array {k} has a value outside [-1, 1] ({a[bad][np.abs(a[bad]) > 1.0][0]:g} at row "
+                f"{bad}); the format's actions are scaled to [-1, 1], rescale them where they were written"
+            )
     for i in range(n):
         if arrays[f"next_obs_{i}"].shape != arrays[f"obs_{i}"].shape:
-            raise DatasetError(f"{where}: next_obs_{i} {arrays[f'next_obs_{i}'].shape} differs from obs_{i} {arrays[f'obs_{i}'].shape}")
+            raise DatasetError(
+                f"{where}: next_obs_{i} {arrays[f'next_obs_{i}'].shape} differs from obs_{i} {arrays[f'obs_{i}'].shape}"
+            )
     if N == 0:
         raise DatasetError(f"{where}: the dataset has no transitions")
     if not (bool(arrays["terminals"][-1]) or bool(arrays["truncations"][-1])):
-        raise DatasetError(f"{where}: the last transition ends no episode (terminals/truncations are both 0); the file looks cut short")
+        raise DatasetError(
+            f"{where}: the last transition ends no episode (terminals/truncations are both 0); the file looks cut short"
+        )
     return n
 
 
@@ -139,8 +163,9 @@ def check_writable(path: str):
         os.makedirs(d, exist_ok=True)
         tempfile.TemporaryFile(dir=d).close()
     except OSError as e:
-        raise DatasetError(f"cannot write to {d} ({e.strerror}); set OMSD_DATA_DIR or --out to a writable "
-                           f"directory") from None
+        raise DatasetError(
+            f"cannot write to {d} ({e.strerror}); set OMSD_DATA_DIR or --out to a writable directory"
+        ) from None
 
 
 def tmp_pattern(path: str) -> str:
@@ -182,7 +207,10 @@ def remove_stale_temporaries(path: str) -> list[str]:
             except OSError:
                 pass
     for name in removed:
-        print(f"removed {os.path.join(d, name)}, a temporary file an interrupted dataset write left behind", file=sys.stderr)
+        print(
+            f"removed {os.path.join(d, name)}, a temporary file an interrupted dataset write left behind",
+            file=sys.stderr,
+        )
     return removed
 
 
@@ -203,15 +231,23 @@ def write_locked(path: str, arrays: dict, metadata: dict, overwrite: bool = Fals
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory; remove it or choose another file name for the dataset")
     if os.path.exists(path) and not overwrite:
-        raise DatasetError(f"{path} already exists; delete it or choose another path (datasets are never overwritten silently)")
+        raise DatasetError(
+            f"{path} already exists; delete it or choose another path (datasets are never overwritten silently)"
+        )
     arrays = {k: np.asarray(v) for k, v in arrays.items() if k != "metadata"}
     n = validate(arrays, path)
     meta = dict(metadata)
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION, n_transitions=int(len(arrays["obs_0"])),
-                n_episodes=int(len(episode_ends(arrays))), n_agents=n,
-                obs_dims=[int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
-                act_dims=[int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
-                state_dim=int(arrays["state"].shape[1]), sha256=checksum(arrays))
+    meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        n_transitions=int(len(arrays["obs_0"])),
+        n_episodes=int(len(episode_ends(arrays))),
+        n_agents=n,
+        obs_dims=[int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
+        act_dims=[int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
+        state_dim=int(arrays["state"].shape[1]),
+        sha256=checksum(arrays),
+    )
     check_writable(path)
     d = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(path)
@@ -224,8 +260,10 @@ def write_locked(path: str, arrays: dict, metadata: dict, overwrite: bool = Fals
         os.replace(tmp, path)
     except OSError as e:
         size = sum(a.nbytes for a in arrays.values()) / 2**20
-        raise DatasetError(f"cannot write {path} ({describe_write_error(e, d)}); the dataset needs about {size:.0f} MiB: "
-                           f"free disk space or set OMSD_DATA_DIR (or --out) to another directory") from None
+        raise DatasetError(
+            f"cannot write {path} ({describe_write_error(e, d)}); the dataset needs about {size:.0f} MiB: "
+            f"free disk space or set OMSD_DATA_DIR (or --out) to another directory"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -238,25 +276,40 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory, not a dataset file; give the path of the .npz file")
     if not os.path.isfile(path):
-        raise DatasetError(f"dataset file {path} does not exist; check --dataset-path, or drop it to generate the project's dataset")
+        raise DatasetError(
+            f"dataset file {path} does not exist; check --dataset-path, or drop it to generate the project's dataset"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except PermissionError as e:
-        raise DatasetError(f"cannot read {path} ({e.strerror}); check its permissions (it must be readable by you)") from None
+        raise DatasetError(
+            f"cannot read {path} ({e.strerror}); check its permissions (it must be readable by you)"
+        ) from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise DatasetError(f"{path} is truncated or corrupted ({type(e).__name__}: {e}); delete it and generate or copy it again") from None
+        raise DatasetError(
+            f"{path} is truncated or corrupted ({type(e).__name__}: {e}); delete it and generate or copy it again"
+        ) from None
     if "metadata" not in arrays:
-        raise DatasetError(f"{path} has no metadata array; it was not written in the project's format (see README, Datasets)")
+        raise DatasetError(
+            f"{path} has no metadata array; it was not written in the project's format (see README, Datasets)"
+        )
     try:
         meta = json.loads(str(arrays.pop("metadata")))
     except json.JSONDecodeError:
-        raise DatasetError(f"{path}: metadata is not valid JSON; the file is corrupted, generate or copy it again") from None
+        raise DatasetError(
+            f"{path}: metadata is not valid JSON; the file is corrupted, generate or copy it again"
+        ) from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}")
+        raise DatasetError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}"
+        )
     validate(arrays, path)
     if meta.get("sha256") != checksum(arrays):
-        raise DatasetError(f"{path}: checksum mismatch (the arrays differ from what was written); the file is corrupted or was edited, generate or copy it again")
+        raise DatasetError(
+            f"{path}: checksum mismatch (the arrays differ from what was written); the file is corrupted or was "
+            f"edited, generate or copy it again"
+        )
     check_expect(dataset_spec(arrays, meta.get("task")), expect, path)
     return arrays, meta
 
@@ -264,8 +317,13 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
 def dataset_spec(arrays: dict, task: str | None = None) -> dict:
     """What a (validated) dataset offers, in the keys of `expect` / `envs.mpe_data.env_spec`."""
     n = n_agents_of(arrays)
-    return {"task": task, "n_agents": n, "obs_dims": [int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
-            "act_dims": [int(arrays[f"actions_{i}"].shape[1]) for i in range(n)], "state_dim": int(arrays["state"].shape[1])}
+    return {
+        "task": task,
+        "n_agents": n,
+        "obs_dims": [int(arrays[f"obs_{i}"].shape[1]) for i in range(n)],
+        "act_dims": [int(arrays[f"actions_{i}"].shape[1]) for i in range(n)],
+        "state_dim": int(arrays["state"].shape[1]),
+    }
 
 
 def check_expect(have: dict, expect: dict | None, where: str):
@@ -274,4 +332,6 @@ def check_expect(have: dict, expect: dict | None, where: str):
     for k, v in (expect or {}).items():
         v = list(v) if isinstance(v, tuple) else v  # obs_dims=(18, 18, 18) means the same as a list
         if have.get(k) != v:
-            raise DatasetError(f"{where}: dataset has {k}={have.get(k)} but the env needs {k}={v}; use a dataset made for this env")
+            raise DatasetError(
+                f"{where}: dataset has {k}={have.get(k)} but the env needs {k}={v}; use a dataset made for this env"
+            )

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.dataset import (TMP_ANY, TMP_OLD, DatasetError, check_writable, load_dataset, remove_stale_temporaries,
-                           write_locked)
+from envs.dataset import (
+    TMP_ANY,
+    TMP_OLD,
+    DatasetError,
+    check_writable,
+    load_dataset,
+    remove_stale_temporaries,
+    write_locked,
+)
 from envs.files import LockFile, lock_path
 
 N_CHUNKS = 16  # work split of a dataset: fixed, so that the file does not depend on the number of workers
@@ -36,8 +43,12 @@ def select_snapshots(snapshots: list, medium_fraction: float, max_replay: int) -
     policies = {"random": snapshots[0][1], "medium": snapshots[i_med][1], "expert": snapshots[i_exp][1]}
     for k, j in enumerate(replay):
         policies[f"replay_{k}"] = snapshots[j][1]
-    steps = {"random": 0, "medium": snapshots[i_med][0], "expert": snapshots[i_exp][0],
-             "replay": [snapshots[j][0] for j in replay]}
+    steps = {
+        "random": 0,
+        "medium": snapshots[i_med][0],
+        "expert": snapshots[i_exp][0],
+        "replay": [snapshots[j][0] for j in replay],
+    }
     returns = {"random": float(r_rand), "medium": float(rets[i_med]), "expert": float(r_exp)}
     return policies, steps, returns
 
@@ -45,7 +56,9 @@ def select_snapshots(snapshots: list, medium_fraction: float, max_replay: int) -
 def load_behaviour_file(path: str, retrain: str) -> tuple[dict, dict]:
     """(policies, info) of a committed behaviour checkpoint; `retrain` is the command that remakes it."""
     if not os.path.isfile(path):
-        raise DatasetError(f"behaviour checkpoint {path} is missing; restore it from git or retrain it with `{retrain}`")
+        raise DatasetError(
+            f"behaviour checkpoint {path} is missing; restore it from git or retrain it with `{retrain}`"
+        )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
     return ckpt["policies"], json.loads(ckpt["info_json"])
 
@@ -84,15 +97,22 @@ def run_chunks(fn, jobs: list, workers: int, label: str, total: int, verbose: bo
             done += len(part["obs_0"])
             if verbose:  # one line per chunk in logs, rewritten in place on a terminal
                 tty = sys.stderr.isatty()
-                print(f"{chr(13) if tty else ''}[{label}] {done:>9,d}/{total:,d} transitions  "
-                      f"{done / max(time.time() - t0, 1e-9):,.0f}/s", end="" if tty else "\n", file=sys.stderr, flush=True)
+                print(
+                    f"{chr(13) if tty else ''}[{label}] {done:>9,d}/{total:,d} transitions  "
+                    f"{done / max(time.time() - t0, 1e-9):,.0f}/s",
+                    end="" if tty else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if pool:
             pool.close()
             pool.join()
     if verbose:
-        print(f"{chr(10) if sys.stderr.isatty() else ''}[{label}] {done:,d} transitions in {time.time() - t0:.0f} s",
-              file=sys.stderr)
+        print(
+            f"{chr(10) if sys.stderr.isatty() else ''}[{label}] {done:,d} transitions in {time.time() - t0:.0f} s",
+            file=sys.stderr,
+        )
     return parts
 
 
@@ -103,12 +123,16 @@ def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dic
     existing file with other values is refused, never used in their place."""
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory, not a dataset file; remove it or choose another path")
-    if not os.path.exists(path) or any(re.fullmatch(TMP_ANY, f) or re.fullmatch(TMP_OLD, f)
-                                       for f in _names(os.path.dirname(path))):
+    if not os.path.exists(path) or any(
+        re.fullmatch(TMP_ANY, f) or re.fullmatch(TMP_OLD, f) for f in _names(os.path.dirname(path))
+    ):
         check_writable(path)  # before minutes of rollouts
         lock = LockFile(lock_path(path))
-        lock.acquire(on_wait=lambda pid: print(f"waiting for process {pid or '(unknown)'}, which is making {path}",
-                                               file=sys.stderr, flush=True))
+        lock.acquire(
+            on_wait=lambda pid: print(
+                f"waiting for process {pid or '(unknown)'}, which is making {path}", file=sys.stderr, flush=True
+            )
+        )
         try:
             remove_stale_temporaries(path)
             if not os.path.exists(path):
@@ -120,8 +144,10 @@ def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dic
     arrays, meta = load_dataset(path, expect=expect)
     for k, v in (want or {}).items():
         if meta.get(k) != v:
-            raise DatasetError(f"{path} exists but holds another dataset ({k} {meta.get(k)!r}, not {v!r}); delete it "
-                               f"to make the requested one, or choose another path")
+            raise DatasetError(
+                f"{path} exists but holds another dataset ({k} {meta.get(k)!r}, not {v!r}); delete it "
+                f"to make the requested one, or choose another path"
+            )
     return arrays, meta, path
 
 
@@ -137,33 +163,51 @@ def check_metadata(path: str, meta: dict, tasks: tuple, qualities: tuple, env_ve
     this code's, or disagrees with its file name when that has the generators' form
     `<task>-<quality>-<env version>[-b<tag>]-n<transitions>-s<seed>.npz` (tag: a checkpoint hash or `ctrl<version>`)."""
     if "env_version" in meta and meta["env_version"] != env_version:
-        raise DatasetError(f"{path} was made on env version {meta['env_version']!r}, but this code's env is "
-                           f"{env_version!r}; use data made on this version (drop --dataset-path to generate it)")
+        raise DatasetError(
+            f"{path} was made on env version {meta['env_version']!r}, but this code's env is "
+            f"{env_version!r}; use data made on this version (drop --dataset-path to generate it)"
+        )
     alt = lambda xs: "|".join(re.escape(x) for x in sorted(xs, key=len, reverse=True))
-    m = re.fullmatch(rf"(?P<task>{alt(tasks)})-(?P<quality>{alt(qualities)})-{re.escape(env_version)}(?:-b(?:[0-9a-f]{{8}}|ctrl\d+))?"
-                     rf"-n(?P<n_transitions>\d+)-s(?P<generation_seed>\d+)\.npz", os.path.basename(path))
+    m = re.fullmatch(
+        rf"(?P<task>{alt(tasks)})-(?P<quality>{alt(qualities)})-{re.escape(env_version)}(?:-b(?:[0-9a-f]{{8}}|ctrl\d+))?"
+        rf"-n(?P<n_transitions>\d+)-s(?P<generation_seed>\d+)\.npz",
+        os.path.basename(path),
+    )
     if m is None:
         return
     for k, v in m.groupdict().items():
         v = int(v) if k in ("n_transitions", "generation_seed") else v
         if k in meta and meta[k] != v:
-            raise DatasetError(f"{path}: the file name says {k} {v!r} but its metadata says {meta[k]!r}; the file was "
-                               f"renamed or replaced, delete it or give it a name that matches its content")
+            raise DatasetError(
+                f"{path}: the file name says {k} {v!r} but its metadata says {meta[k]!r}; the file was "
+                f"renamed or replaced, delete it or give it a name that matches its content"
+            )
 
 
 def card_rows(paths: list[str]) -> list[str]:
     """Markdown dataset cards of the given dataset files."""
-    rows = ["| task | quality | transitions | episodes | return mean ± std | min / max | behaviour policies (training step: eval return) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| task | quality | transitions | episodes | return mean ± std | min / max "
+        "| behaviour policies (training step: eval return) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in paths:
         _, m = load_dataset(p)
         r = m["episode_return"]
         snaps = m["behaviour"].get("snapshots", {})
         # eval returns are the snapshots' as trained (a role-permuted copy has its own, not measured here)
-        pols = ", ".join(f"{name} ({snaps[name]['training_step']:,}" + ("" if "@" in name else f": {snaps[name]['eval_return']:.1f}") + ")"
-                         if name in snaps else name for name, _ in m["behaviour"]["policies"])
-        rows.append(f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
-                    f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |")
+        pols = ", ".join(
+            f"{name} ({snaps[name]['training_step']:,}"
+            + ("" if "@" in name else f": {snaps[name]['eval_return']:.1f}")
+            + ")"
+            if name in snaps
+            else name
+            for name, _ in m["behaviour"]["policies"]
+        )
+        rows.append(
+            f"| {m['task']} | {m['quality']} | {m['n_transitions']:,} | {m['n_episodes']:,} | "
+            f"{r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f} / {r['max']:.1f} | {pols} |"
+        )
     return rows
 
 
@@ -186,8 +230,16 @@ class Args:
     """print the dataset cards (markdown) of the datasets made with these settings instead"""
 
 
-def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: int, default_path, ensure_dataset,
-        task_qualities=None):
+def cli(
+    doc: str,
+    tasks: tuple,
+    qualities: tuple,
+    default_task: str,
+    default_n: int,
+    default_path,
+    ensure_dataset,
+    task_qualities=None,
+):
     """The command line of a family's generator: make (or print the cards of) the selected datasets.
     task_qualities(task): the qualities `--quality all` means for that task (default: all of `qualities`)."""
     import tyro
@@ -197,8 +249,13 @@ def cli(doc: str, tasks: tuple, qualities: tuple, default_task: str, default_n: 
         for name, value, allowed in (("task", args.task, tasks), ("quality", args.quality, qualities)):
             if value != "all" and value not in allowed:
                 raise DatasetError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)} or all")
-        selected = [(t, q) for t in (tasks if args.task == "all" else (args.task,))
-                    for q in ((task_qualities(t) if task_qualities else qualities) if args.quality == "all" else (args.quality,))]
+        selected = [
+            (t, q)
+            for t in (tasks if args.task == "all" else (args.task,))
+            for q in (
+                (task_qualities(t) if task_qualities else qualities) if args.quality == "all" else (args.quality,)
+            )
+        ]
         if args.out and len(selected) > 1:
             raise DatasetError("--out names one file; give one --task and one --quality with it")
         if not 0 <= args.seed < 2**32:

@@ -43,8 +43,11 @@ CONFIGS = {
     "HalfCheetah-2x3": ("HalfCheetah", "2x3", {}),
     "Ant-2x4": ("Ant", "2x4", {}),
     # Both kwargs are needed: the flag alone crashes mamujoco_v1 1.4.2 while building observations.
-    "Ant-2x4-nocf": ("Ant", "2x4", {"include_cfrc_ext_in_observation": False,
-                                    "local_categories": [["qpos", "qvel"], ["qpos"]]}),
+    "Ant-2x4-nocf": (
+        "Ant",
+        "2x4",
+        {"include_cfrc_ext_in_observation": False, "local_categories": [["qpos", "qvel"], ["qpos"]]},
+    ),
     "Hopper-3x1": ("Hopper", "3x1", {}),
     "HalfCheetah-6x1": ("HalfCheetah", "6x1", {}),
 }
@@ -65,9 +68,12 @@ def env_spec(env_id: str) -> dict:
     """What a dataset for this env must have (same keys as envs.mpe_data.env_spec)."""
     env = make_env(env_id)
     agents = env.possible_agents
-    spec = {"task": env_id, "n_agents": len(agents),
-            "obs_dims": [int(env.observation_space(a).shape[0]) for a in agents],
-            "act_dims": [int(env.action_space(a).shape[0]) for a in agents],
-            "state_dim": int(env.single_agent_env.observation_space.shape[0])}  # = state()
+    spec = {
+        "task": env_id,
+        "n_agents": len(agents),
+        "obs_dims": [int(env.observation_space(a).shape[0]) for a in agents],
+        "act_dims": [int(env.action_space(a).shape[0]) for a in agents],
+        "state_dim": int(env.single_agent_env.observation_space.shape[0]),
+    }  # = state()
     env.close()
     return spec

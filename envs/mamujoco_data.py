@@ -26,8 +26,17 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, behaviour_tag, check_metadata as _check_metadata, cli, ensure,
-                             load_behaviour_file, package_versions, run_chunks, snapshot_info)
+from envs.generation import (
+    N_CHUNKS,
+    behaviour_tag,
+    cli,
+    ensure,
+    load_behaviour_file,
+    package_versions,
+    run_chunks,
+    snapshot_info,
+)
+from envs.generation import check_metadata as _check_metadata
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
 from envs.policies import StackedActor, actor_from_state_dict
 
@@ -48,8 +57,10 @@ def default_path(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
 
 
 def load_behaviour(env_id: str, seed: int = 0) -> tuple[dict, dict]:
-    return load_behaviour_file(os.path.join(BEHAVIOUR_DIR, f"{env_id}_seed{seed}.pt"),
-                               f"python -m envs.train_behaviour --task {env_id} --seed {seed}")
+    return load_behaviour_file(
+        os.path.join(BEHAVIOUR_DIR, f"{env_id}_seed{seed}.pt"),
+        f"python -m envs.train_behaviour --task {env_id} --seed {seed}",
+    )
 
 
 def team_return(rewards: np.ndarray) -> float:
@@ -64,8 +75,11 @@ def reference_returns(env_id: str) -> dict | None:
         info = load_behaviour(env_id, 0)[1]
     except DatasetError:
         return None
-    return {"random": info["eval_return"]["random"], "expert": info["eval_return"]["expert"],
-            "source": f"evaluation returns of envs/behaviour/mamujoco/{env_id}_seed0.pt (random and expert snapshots)"}
+    return {
+        "random": info["eval_return"]["random"],
+        "expert": info["eval_return"]["expert"],
+        "source": f"evaluation returns of envs/behaviour/mamujoco/{env_id}_seed0.pt (random and expert snapshots)",
+    }
 
 
 def random_actor(env_id: str) -> dict:
@@ -79,8 +93,9 @@ def random_actor(env_id: str) -> dict:
 
 def rollout(envs, actor, seeds, noise: float, rng, max_len: int = EPISODE_LEN) -> dict:
     """One episode per env, all stepping together (one batched actor call per step) until every episode has
-    ended, or was cut after `max_len` steps (a truncation). Observations are zero-padded to the largest agent's size for the actor. Returns the transitions in
-    the dataset layout, episode after episode (in the order of `seeds`)."""
+    ended, or was cut after `max_len` steps (a truncation). Observations are zero-padded to the largest agent's
+    size for the actor. Returns the transitions in the dataset layout, episode after episode (in the order of
+    `seeds`)."""
     names = envs[0].possible_agents
     n, E = len(names), len(envs)
     obs_max = max(envs[0].observation_space(a).shape[0] for a in names)
@@ -113,10 +128,12 @@ def rollout(envs, actor, seeds, noise: float, rng, max_len: int = EPISODE_LEN) -
             if not (ep["term"][-1] or ep["trunc"][-1]):
                 still.append(e)
         live = still
-    out = {"terminals": np.concatenate([ep["term"] for ep in eps]),
-           "truncations": np.concatenate([ep["trunc"] for ep in eps]),
-           "state": np.concatenate([ep["state"] for ep in eps]).astype(np.float32),
-           "next_state": np.concatenate([ep["next_state"] for ep in eps]).astype(np.float32)}
+    out = {
+        "terminals": np.concatenate([ep["term"] for ep in eps]),
+        "truncations": np.concatenate([ep["trunc"] for ep in eps]),
+        "state": np.concatenate([ep["state"] for ep in eps]).astype(np.float32),
+        "next_state": np.concatenate([ep["next_state"] for ep in eps]).astype(np.float32),
+    }
     for i in range(n):
         out[f"obs_{i}"] = np.concatenate([[o[i] for o in ep["obs"]] for ep in eps]).astype(np.float32)
         out[f"actions_{i}"] = np.concatenate([[a[i] for a in ep["act"]] for ep in eps]).astype(np.float32)
@@ -136,8 +153,10 @@ def _plan(env_id: str, quality: str, n_transitions: int) -> list[tuple[str, dict
         pols = [("seed0/medium", policies["medium"]), ("seed0/expert", policies["expert"])]
     elif quality == "medium-replay":
         policies = load_behaviour(env_id, 0)[0]
-        pols = sorted([(f"seed0/{k}", v) for k, v in policies.items() if k.startswith("replay_")],
-                      key=lambda p: int(p[0].split("_")[-1]))
+        pols = sorted(
+            [(f"seed0/{k}", v) for k, v in policies.items() if k.startswith("replay_")],
+            key=lambda p: int(p[0].split("_")[-1]),
+        )
     else:
         pols = [(f"seed0/{quality}", load_behaviour(env_id, 0)[0][quality])]
     shares = np.diff(np.linspace(0, n_transitions, len(pols) + 1).round().astype(int))
@@ -165,8 +184,11 @@ def _chunk(job):
     parts, have = [], 0
     while have < count:
         k = min(WAVE, -(-(count - have) // EPISODE_LEN))  # no more episodes than could be needed
-        parts.append(rollout(envs[:k], actor, next_seed + np.arange(k), COLLECT_NOISE, rng,
-                             max_len=min(EPISODE_LEN, count - have)))
+        parts.append(
+            rollout(
+                envs[:k], actor, next_seed + np.arange(k), COLLECT_NOISE, rng, max_len=min(EPISODE_LEN, count - have)
+            )
+        )
         have += len(parts[-1]["obs_0"])
         next_seed += k
     out = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
@@ -175,8 +197,14 @@ def _chunk(job):
     return out
 
 
-def generate(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
-             workers: int = 2, verbose: bool = True) -> tuple[dict, dict]:
+def generate(
+    env_id: str,
+    quality: str,
+    n_transitions: int = DEFAULT_TRANSITIONS,
+    seed: int = 0,
+    workers: int = 2,
+    verbose: bool = True,
+) -> tuple[dict, dict]:
     """Roll out the behaviour policies of (env_id, quality); returns (arrays, metadata)."""
     if env_id not in ENV_IDS:
         raise DatasetError(f"unknown MaMuJoCo env id {env_id!r}; choose one of {', '.join(ENV_IDS)}")
@@ -186,28 +214,47 @@ def generate(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS
         raise DatasetError(f"n_transitions must be positive, got {n_transitions}")
     plan = _plan(env_id, quality, n_transitions)
     jobs = []
-    for p, (name, sd, k) in enumerate(plan):
+    for p, (_name, sd, k) in enumerate(plan):
         counts = np.diff(np.linspace(0, k, max(1, N_CHUNKS // len(plan)) + 1).round().astype(int))
         jobs += [(env_id, sd, int(c), [seed, p, j]) for j, c in enumerate(counts) if c > 0]
     parts = run_chunks(_chunk, jobs, workers, f"{env_id} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     meta = {
-        "env_family": "mamujoco", "task": env_id, "env_version": ENV_VERSION, "quality": quality,
-        "agent_names": make_env(env_id).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
-        "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "snapshots": plan_snapshots(env_id, plan)},
+        "env_family": "mamujoco",
+        "task": env_id,
+        "env_version": ENV_VERSION,
+        "quality": quality,
+        "agent_names": make_env(env_id).possible_agents,
+        "generation_seed": seed,
+        "collect_noise": COLLECT_NOISE,
+        "behaviour": {
+            "trainer": "envs/train_behaviour.py (MATD3)",
+            "policies": [[n, k] for n, _, k in plan],
+            "snapshots": plan_snapshots(env_id, plan),
+        },
         "episode_return": return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
         "packages": package_versions(("mujoco", "gymnasium_robotics")),
     }
     return arrays, meta
 
 
-def ensure_dataset(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
-                   path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
+def ensure_dataset(
+    env_id: str,
+    quality: str,
+    n_transitions: int = DEFAULT_TRANSITIONS,
+    seed: int = 0,
+    path: str | None = None,
+    workers: int = 2,
+) -> tuple[dict, dict, str]:
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(env_id, quality, n_transitions, seed)
-    want = {"task": env_id, "quality": quality, "env_version": ENV_VERSION, "n_transitions": n_transitions,
-            "generation_seed": seed}
+    want = {
+        "task": env_id,
+        "quality": quality,
+        "env_version": ENV_VERSION,
+        "n_transitions": n_transitions,
+        "generation_seed": seed,
+    }
     return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id), want)
 
 
@@ -217,4 +264,12 @@ def check_metadata(path: str, meta: dict):
 
 
 if __name__ == "__main__":
-    cli(__doc__ + f"\nenv ids: {', '.join(ENV_IDS)}", ENV_IDS, QUALITIES, "HalfCheetah-2x3", DEFAULT_TRANSITIONS, default_path, ensure_dataset)
+    cli(
+        __doc__ + f"\nenv ids: {', '.join(ENV_IDS)}",
+        ENV_IDS,
+        QUALITIES,
+        "HalfCheetah-2x3",
+        DEFAULT_TRANSITIONS,
+        default_path,
+        ensure_dataset,
+    )

@@ -36,7 +36,8 @@ TASKS = ("simple_spread", "simple_tag", "simple_world")
 EPISODE_LEN = 25
 # Bump when dynamics, rewards, observations or the prey change: stored in every dataset.
 ENV_VERSION = "omar-mpe2-v1"
-# The paper's normalisation constants (its MPE table; the authors' code): score = 100 (R - R_random) / (R_expert - R_random).
+# The paper's normalisation constants (its MPE table; the authors' code):
+# score = 100 (R - R_random) / (R_expert - R_random).
 PAPER_NORMALIZATION = {
     "simple_spread": {"expert": 516.8, "random": 159.8},
     "simple_tag": {"expert": 185.6, "random": -4.1},
@@ -280,9 +281,11 @@ class MPEEnv(ParallelEnv):
             assert prey_dim == PREY_OBS_DIMS[task], (task, prey_dim)  # what OMAR's prey network takes
             want = getattr(prey, "obs_dim", None)
             if want is not None and want != prey_dim:
-                raise ValueError(f"the prey policy takes observations of {want} values, but the prey of {task} "
-                                 f"observes {prey_dim}; it belongs to another task "
-                                 f"({', '.join(f'{k}: {v}' for k, v in PREY_OBS_DIMS.items())})")
+                raise ValueError(
+                    f"the prey policy takes observations of {want} values, but the prey of {task} "
+                    f"observes {prey_dim}; it belongs to another task "
+                    f"({', '.join(f'{k}: {v}' for k, v in PREY_OBS_DIMS.items())})"
+                )
         self._obs_spaces = {n: spaces.Box(-np.inf, np.inf, (d,), np.float32) for n, d in obs_dims.items()}
         self._act_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.t = 0

@@ -34,8 +34,17 @@ import numpy as np
 import torch
 
 from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (N_CHUNKS, behaviour_tag, check_metadata as _check_metadata, cli, ensure,
-                             load_behaviour_file, package_versions, run_chunks, snapshot_info)
+from envs.generation import (
+    N_CHUNKS,
+    behaviour_tag,
+    cli,
+    ensure,
+    load_behaviour_file,
+    package_versions,
+    run_chunks,
+    snapshot_info,
+)
+from envs.generation import check_metadata as _check_metadata
 from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
@@ -66,8 +75,10 @@ def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIO
 
 
 def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
-    return load_behaviour_file(os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
-                               f"python -m envs.train_behaviour --task {task} --seed {seed}")
+    return load_behaviour_file(
+        os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
+        f"python -m envs.train_behaviour --task {task} --seed {seed}",
+    )
 
 
 def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
@@ -130,8 +141,12 @@ def rollout(envs, actor, seeds, noise: float, rng) -> dict:
         cols["next_state"].append(np.asarray(next_states, np.float32))
     # (T, E, ...) -> episode-major rows (E*T, ...)
     c = {k: np.stack(v, axis=1).reshape(E * T, *np.shape(v[0])[1:]) for k, v in cols.items()}
-    out = {"terminals": np.zeros(E * T, bool), "truncations": np.tile(np.arange(T) == T - 1, E),
-           "state": c["state"], "next_state": c["next_state"]}
+    out = {
+        "terminals": np.zeros(E * T, bool),
+        "truncations": np.tile(np.arange(T) == T - 1, E),
+        "state": c["state"],
+        "next_state": c["next_state"],
+    }
     for i in range(n):
         out[f"obs_{i}"], out[f"actions_{i}"] = c["obs"][:, i], c["act"][:, i]
         out[f"rewards_{i}"], out[f"next_obs_{i}"] = c["rew"][:, i], c["next"][:, i]
@@ -144,8 +159,10 @@ def _plan(task: str, quality: str, n_episodes: int) -> list[tuple[str, dict, int
         return [(f"scripted/{quality}", {}, n_episodes)]
     if quality == "mixture":
         expert = load_behaviour(task, 0)[0]["expert"]
-        pols = [(f"seed0/expert@roles{''.join(map(str, r))}", {k: v[list(r)] for k, v in expert.items()})
-                for r in MIXTURE_ROLES]
+        pols = [
+            (f"seed0/expert@roles{''.join(map(str, r))}", {k: v[list(r)] for k, v in expert.items()})
+            for r in MIXTURE_ROLES
+        ]
     elif quality == "medium-replay":
         policies = load_behaviour(task, 0)[0]
         pols = [(f"seed0/{k}", v) for k, v in sorted(policies.items(), key=lambda kv: kv[0]) if k.startswith("replay_")]
@@ -170,19 +187,29 @@ def _chunk(job):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
-             workers: int = 2, verbose: bool = True) -> tuple[dict, dict]:
+def generate(
+    task: str,
+    quality: str,
+    n_transitions: int = DEFAULT_TRANSITIONS,
+    seed: int = 0,
+    workers: int = 2,
+    verbose: bool = True,
+) -> tuple[dict, dict]:
     """Roll out the behaviour policies of (task, quality); returns (arrays, metadata)."""
     if task not in TASKS:
         raise DatasetError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
     if quality not in task_qualities(task):
-        raise DatasetError(f"unknown dataset quality {quality!r} for {task}; choose one of {', '.join(task_qualities(task))}")
+        raise DatasetError(
+            f"unknown dataset quality {quality!r} for {task}; choose one of {', '.join(task_qualities(task))}"
+        )
     if n_transitions < EPISODE_LEN or n_transitions % EPISODE_LEN:
-        raise DatasetError(f"n_transitions must be a positive multiple of the episode length {EPISODE_LEN}, got {n_transitions}")
+        raise DatasetError(
+            f"n_transitions must be a positive multiple of the episode length {EPISODE_LEN}, got {n_transitions}"
+        )
     n_episodes = n_transitions // EPISODE_LEN
     plan = _plan(task, quality, n_episodes)
     jobs, ep = [], 0
-    for p, (name, sd, k) in enumerate(plan):
+    for p, (_name, sd, k) in enumerate(plan):
         seeds = np.arange(ep, ep + k) + seed * 100_000_000  # env seed of every episode
         for c, part in enumerate(np.array_split(seeds, max(1, N_CHUNKS // len(plan)))):
             if len(part):
@@ -192,13 +219,26 @@ def generate(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, 
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     rets = episode_returns(arrays, lambda r: paper_metric(task, r))
     meta = {
-        "env_family": "mpe", "task": task, "env_version": ENV_VERSION, "quality": quality,
-        "agent_names": MPEEnv(task).possible_agents, "generation_seed": seed, "collect_noise": COLLECT_NOISE,
-        "behaviour": {"trainer": "envs/train_behaviour.py (MATD3)", "policies": [[n, k] for n, _, k in plan],
-                      "snapshots": {n: snapshot(task, n) for n, _, _ in plan}} if quality not in CONTROLLED else
-                     {"trainer": "scripted (envs/mpe_data.py convention_actions)", "policies": [[n, k] for n, _, k in plan],
-                      "controller": CONTROLLER, "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],
-                      "shared_draw": CONTROLLED[quality][1]},
+        "env_family": "mpe",
+        "task": task,
+        "env_version": ENV_VERSION,
+        "quality": quality,
+        "agent_names": MPEEnv(task).possible_agents,
+        "generation_seed": seed,
+        "collect_noise": COLLECT_NOISE,
+        "behaviour": {
+            "trainer": "envs/train_behaviour.py (MATD3)",
+            "policies": [[n, k] for n, _, k in plan],
+            "snapshots": {n: snapshot(task, n) for n, _, _ in plan},
+        }
+        if quality not in CONTROLLED
+        else {
+            "trainer": "scripted (envs/mpe_data.py convention_actions)",
+            "policies": [[n, k] for n, _, k in plan],
+            "controller": CONTROLLER,
+            "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],
+            "shared_draw": CONTROLLED[quality][1],
+        },
         "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
         "packages": package_versions(("mpe2",)),
     }
@@ -213,17 +253,32 @@ def snapshot(task: str, name: str) -> dict:
 
 def env_spec(task: str) -> dict:
     env = MPEEnv(task)
-    return {"task": task, "n_agents": len(env.possible_agents),
-            "obs_dims": [env.observation_space(a).shape[0] for a in env.possible_agents],
-            "act_dims": [2] * len(env.possible_agents), "state_dim": env.state_space.shape[0]}
+    return {
+        "task": task,
+        "n_agents": len(env.possible_agents),
+        "obs_dims": [env.observation_space(a).shape[0] for a in env.possible_agents],
+        "act_dims": [2] * len(env.possible_agents),
+        "state_dim": env.state_space.shape[0],
+    }
 
 
-def ensure_dataset(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0,
-                   path: str | None = None, workers: int = 2) -> tuple[dict, dict, str]:
+def ensure_dataset(
+    task: str,
+    quality: str,
+    n_transitions: int = DEFAULT_TRANSITIONS,
+    seed: int = 0,
+    path: str | None = None,
+    workers: int = 2,
+) -> tuple[dict, dict, str]:
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
-    want = {"task": task, "quality": quality, "env_version": ENV_VERSION, "n_transitions": n_transitions,
-            "generation_seed": seed}
+    want = {
+        "task": task,
+        "quality": quality,
+        "env_version": ENV_VERSION,
+        "n_transitions": n_transitions,
+        "generation_seed": seed,
+    }
     return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task), want)
 
 
@@ -233,5 +288,13 @@ def check_metadata(path: str, meta: dict):
 
 
 if __name__ == "__main__":
-    cli(__doc__ + f"\ntasks: {', '.join(TASKS)}", TASKS, QUALITIES + tuple(CONTROLLED), "simple_spread", DEFAULT_TRANSITIONS,
-        default_path, ensure_dataset, task_qualities)
+    cli(
+        __doc__ + f"\ntasks: {', '.join(TASKS)}",
+        TASKS,
+        QUALITIES + tuple(CONTROLLED),
+        "simple_spread",
+        DEFAULT_TRANSITIONS,
+        default_path,
+        ensure_dataset,
+        task_qualities,
+    )

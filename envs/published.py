@@ -40,13 +40,24 @@ import sys
 
 import numpy as np
 
-from envs.dataset import (FORMAT, FORMAT_VERSION, DatasetError, check_expect, checksum, dataset_spec, episode_ends,
-                          episode_returns, return_stats, validate)
+from envs.dataset import (
+    FORMAT,
+    FORMAT_VERSION,
+    DatasetError,
+    check_expect,
+    checksum,
+    dataset_spec,
+    episode_ends,
+    episode_returns,
+    return_stats,
+    validate,
+)
 from envs.mpe import EPISODE_LEN, PAPER_NORMALIZATION, PREY_OBS_DIMS, TASKS, paper_metric
 
 FORMATS = ("omar", "omiga", "ogmarl", "madiff")
 LAYOUTS = {
-    "omar": "<root>/<task>/<quality>/seed_<k>_data/{obs,acs,rews,next_obs,dones}_<i>.npy (give the <quality> or a seed_<k>_data directory)",
+    "omar": "<root>/<task>/<quality>/seed_<k>_data/{obs,acs,rews,next_obs,dones}_<i>.npy "
+    "(give the <quality> or a seed_<k>_data directory)",
     "omiga": "one <Scenario>-v2-<conf>-<quality>.hdf5 file with datasets s, o, a, r, d",
     "ogmarl": "a Vault directory <scenario>.vlt/<uid>/ holding metadata.json and manifest.ocdbt",
     "madiff": "<task>/<quality>/{obs,actions,rewards,path_lengths}.npy (MADiff/DoF)",
@@ -84,12 +95,15 @@ def detect_format(path: str) -> str:
             return "madiff"
         if "obs_0.npy" in names or any(re.fullmatch(r"seed_\d+_data", n) for n in names):
             return "omar"
-    raise DatasetError(f"{path} is in no known published dataset layout; expected one of: "
-                       + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
+    raise DatasetError(
+        f"{path} is in no known published dataset layout; expected one of: "
+        + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+    )
 
 
-def load_published(path: str, fmt: str | None = None, *, dataset_seed: int = 0, task: str | None = None,
-                   expect: dict | None = None) -> tuple[dict, dict]:
+def load_published(
+    path: str, fmt: str | None = None, *, dataset_seed: int = 0, task: str | None = None, expect: dict | None = None
+) -> tuple[dict, dict]:
     """Load a published dataset into the project's layout; returns (arrays, meta).
 
     fmt: one of FORMATS, detected from the layout when None.
@@ -128,8 +142,9 @@ def load_published(path: str, fmt: str | None = None, *, dataset_seed: int = 0, 
     if not os.path.exists(path):
         raise DatasetError(f"{path} does not exist; check the dataset path")
     if (fmt == "omiga") != os.path.isfile(path):
-        raise DatasetError(f"{path} is a {'file' if os.path.isfile(path) else 'directory'}, but the {fmt} layout is "
-                           f"{LAYOUTS[fmt]}")
+        raise DatasetError(
+            f"{path} is a {'file' if os.path.isfile(path) else 'directory'}, but the {fmt} layout is {LAYOUTS[fmt]}"
+        )
     if fmt in ("omiga", "madiff") and dataset_seed != 0:
         raise DatasetError(f"{path}: {fmt} files hold one dataset, so dataset_seed must be 0 (got {dataset_seed})")
     loader = {"omar": _load_omar, "omiga": _load_omiga, "ogmarl": _load_vault, "madiff": _load_madiff}[fmt]
@@ -138,12 +153,20 @@ def load_published(path: str, fmt: str | None = None, *, dataset_seed: int = 0, 
     if _old_stack_ant(path, fmt, arrays):
         info["actions_remapped"] = _remap_old_ant_actions(arrays)
     task, norm_key = info["task"], info.pop("normalization_key", info["task"])
-    metric_name, metric = (("paper (spread: mean over agents; tag/world: predator 0)", lambda r: paper_metric(task, r))
-                           if task in TASKS else ("agent 0's return (team reward)", lambda r: float(r[:, 0].sum())))
+    metric_name, metric = (
+        ("paper (spread: mean over agents; tag/world: predator 0)", lambda r: paper_metric(task, r))
+        if task in TASKS
+        else ("agent 0's return (team reward)", lambda r: float(r[:, 0].sum()))
+    )
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "source_format": fmt, "source_path": os.path.abspath(path),
-        "env_family": "mpe" if task in TASKS else None, **info,
-        "n_transitions": int(len(arrays["obs_0"])), "n_episodes": int(len(episode_ends(arrays))),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source_format": fmt,
+        "source_path": os.path.abspath(path),
+        "env_family": "mpe" if task in TASKS else None,
+        **info,
+        "n_transitions": int(len(arrays["obs_0"])),
+        "n_episodes": int(len(episode_ends(arrays))),
         **{k: v for k, v in dataset_spec(arrays, task).items() if k != "task"},
         "episode_return": return_stats(episode_returns(arrays, metric), metric_name),
         "normalization": NORMALIZATION.get(norm_key),
@@ -164,9 +187,12 @@ def _old_stack_ant(path: str, fmt: str, arrays: dict) -> bool:
     of them); og-marl's gymnasium_mamujoco data come from mamujoco_v1 already."""
     p = path.lower().replace(os.sep, "/")
     n = sum(1 for k in arrays if k.startswith("actions_"))
-    return (fmt in ("omiga", "ogmarl", "madiff") and "gymnasium_mamujoco" not in p
-            and re.search(r"(^|[/_-])(ant-v2|2ant|4ant)", p) is not None
-            and (n, arrays["actions_0"].shape[1]) in OLD_ANT_CONFS)
+    return (
+        fmt in ("omiga", "ogmarl", "madiff")
+        and "gymnasium_mamujoco" not in p
+        and re.search(r"(^|[/_-])(ant-v2|2ant|4ant)", p) is not None
+        and (n, arrays["actions_0"].shape[1]) in OLD_ANT_CONFS
+    )
 
 
 def _remap_old_ant_actions(arrays: dict) -> str:
@@ -183,8 +209,10 @@ def _remap_old_ant_actions(arrays: dict) -> str:
     for i, a in enumerate(env.possible_agents):
         arrays[f"actions_{i}"] = np.ascontiguousarray(g[:, local[a].astype(int)])
     env.close()
-    return f"old MaMuJoCo Ant {conf} partition -> mamujoco_v1 (agent i gets actuator ids " \
-           f"{[local[a].astype(int).tolist() for a in env.possible_agents]})"
+    return (
+        f"old MaMuJoCo Ant {conf} partition -> mamujoco_v1 (agent i gets actuator ids "
+        f"{[local[a].astype(int).tolist() for a in env.possible_agents]})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +220,12 @@ def _remap_old_ant_actions(arrays: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 def _pack(obs, acts, rews, next_obs, terminals, truncations, state, next_state) -> dict:
     """Per-agent lists -> the project's arrays with its dtypes."""
-    out = {"terminals": np.asarray(terminals, bool), "truncations": np.asarray(truncations, bool),
-           "state": np.asarray(state, np.float32), "next_state": np.asarray(next_state, np.float32)}
+    out = {
+        "terminals": np.asarray(terminals, bool),
+        "truncations": np.asarray(truncations, bool),
+        "state": np.asarray(state, np.float32),
+        "next_state": np.asarray(next_state, np.float32),
+    }
     for i in range(len(obs)):
         out[f"obs_{i}"] = np.asarray(obs[i], np.float32)
         out[f"actions_{i}"] = np.asarray(acts[i], np.float32).reshape(len(obs[i]), -1)
@@ -206,8 +238,10 @@ def _controlled(task: str | None, n_file: int, where: str) -> int:
     """How many of the file's agents are the project's agents (all but the prey in tag/world)."""
     if task in PREY_TASKS:
         if n_file != 4:
-            raise DatasetError(f"{where}: {task} data must hold 4 agents (3 predators, then the prey), found {n_file}; "
-                               f"check the path or the task")
+            raise DatasetError(
+                f"{where}: {task} data must hold 4 agents (3 predators, then the prey), found {n_file}; "
+                f"check the path or the task"
+            )
         return 3
     return n_file
 
@@ -250,21 +284,33 @@ def _step_rows(term_end: np.ndarray, trunc_end: np.ndarray) -> tuple[np.ndarray,
 
 def _from_steps(obs, acts, rews, term_end, trunc_end, state, n_ctrl) -> dict:
     rows, nxt, terminals, truncations = _step_rows(term_end, trunc_end)
-    return _pack([o[rows] for o in obs[:n_ctrl]], [a[rows] for a in acts[:n_ctrl]], [r[rows] for r in rews[:n_ctrl]],
-                 [o[nxt] for o in obs[:n_ctrl]], terminals, truncations, state[rows], state[nxt])
+    return _pack(
+        [o[rows] for o in obs[:n_ctrl]],
+        [a[rows] for a in acts[:n_ctrl]],
+        [r[rows] for r in rews[:n_ctrl]],
+        [o[nxt] for o in obs[:n_ctrl]],
+        terminals,
+        truncations,
+        state[rows],
+        state[nxt],
+    )
 
 
 def _npy(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise DatasetError(f"{path} cannot be read as a numpy array ({type(e).__name__}: {e}); download it again") from None
+        raise DatasetError(
+            f"{path} cannot be read as a numpy array ({type(e).__name__}: {e}); download it again"
+        ) from None
 
 
 def _rows(a: np.ndarray, n: int, where: str) -> np.ndarray:
     if len(a) != n:
-        raise DatasetError(f"{where} has {len(a)} rows but the observations have {n}; the arrays are "
-                           f"from different datasets or cut short, download them again")
+        raise DatasetError(
+            f"{where} has {len(a)} rows but the observations have {n}; the arrays are "
+            f"from different datasets or cut short, download them again"
+        )
     return a
 
 
@@ -278,8 +324,10 @@ def _flat(a: np.ndarray, n: int, where: str) -> np.ndarray:
 def _finite_obs(a: np.ndarray, where: str) -> np.ndarray:
     bad = ~np.isfinite(a).reshape(len(a), -1).all(1)
     if bad.any():
-        raise DatasetError(f"{where}: observation row {int(np.flatnonzero(bad)[0])} holds -inf/NaN; "
-                           f"the file is damaged or padded in an unknown way, download it again")
+        raise DatasetError(
+            f"{where}: observation row {int(np.flatnonzero(bad)[0])} holds -inf/NaN; "
+            f"the file is damaged or padded in an unknown way, download it again"
+        )
     return a
 
 
@@ -296,8 +344,10 @@ def _omar_seed_dir(path: str, dataset_seed: int) -> tuple[str, int]:
     seed_dir = os.path.join(path, f"seed_{dataset_seed}_data")
     if not os.path.isdir(seed_dir):
         have = sorted(n for n in os.listdir(path) if re.fullmatch(r"seed_\d+_data", n))
-        raise DatasetError(f"{seed_dir} does not exist (dataset seed {dataset_seed}); this directory holds "
-                           f"{', '.join(have) or 'no seed_<k>_data directory'}")
+        raise DatasetError(
+            f"{seed_dir} does not exist (dataset seed {dataset_seed}); this directory holds "
+            f"{', '.join(have) or 'no seed_<k>_data directory'}"
+        )
     return seed_dir, dataset_seed
 
 
@@ -313,8 +363,10 @@ def _load_omar(path, dataset_seed, task, expect_task):
     n_file = max(idx) + 1
     missing = [f"{k}_{i}.npy" for i in range(n_file) for k in OMAR_KEYS if f"{k}_{i}.npy" not in files]
     if missing:
-        raise DatasetError(f"{seed_dir}: missing {', '.join(missing)} (agents 0..{n_file - 1} each need "
-                           f"{', '.join(k + '_<i>.npy' for k in OMAR_KEYS)}); download the dataset again")
+        raise DatasetError(
+            f"{seed_dir}: missing {', '.join(missing)} (agents 0..{n_file - 1} each need "
+            f"{', '.join(k + '_<i>.npy' for k in OMAR_KEYS)}); download the dataset again"
+        )
     n_ctrl = _controlled(task, n_file, seed_dir)
     f = lambda k, i: os.path.join(seed_dir, f"{k}_{i}.npy")  # noqa: E731
     N = len(_npy(f("obs", 0)))
@@ -328,13 +380,29 @@ def _load_omar(path, dataset_seed, task, expect_task):
     if os.path.isfile(f("states", 0)) and task not in TASKS:
         if not os.path.isfile(f("next_states", 0)):
             raise DatasetError(f"{seed_dir}: states_0.npy without next_states_0.npy; download the dataset again")
-        state, next_state = _rows(_npy(f("states", 0)), N, f("states", 0)), _rows(_npy(f("next_states", 0)), N, f("next_states", 0))
+        state, next_state = (
+            _rows(_npy(f("states", 0)), N, f("states", 0)),
+            _rows(_npy(f("next_states", 0)), N, f("next_states", 0)),
+        )
     else:
         state, next_state = np.concatenate(d["obs"], 1), np.concatenate(d["next_obs"], 1)
-    arrays = _pack(d["obs"][:n_ctrl], d["acs"][:n_ctrl], d["rews"][:n_ctrl], d["next_obs"][:n_ctrl],
-                   terminals, truncations, state, next_state)
-    info = {"task": task, "quality": os.path.basename(quality_dir) if quality_dir else None, "dataset_seed": seed,
-            "source_agents": n_file, "state_only_agents": list(range(n_ctrl, n_file))}
+    arrays = _pack(
+        d["obs"][:n_ctrl],
+        d["acs"][:n_ctrl],
+        d["rews"][:n_ctrl],
+        d["next_obs"][:n_ctrl],
+        terminals,
+        truncations,
+        state,
+        next_state,
+    )
+    info = {
+        "task": task,
+        "quality": os.path.basename(quality_dir) if quality_dir else None,
+        "dataset_seed": seed,
+        "source_agents": n_file,
+        "state_only_agents": list(range(n_ctrl, n_file)),
+    }
     return arrays, info
 
 
@@ -366,11 +434,22 @@ def _load_omiga(path, dataset_seed, task, expect_task):
     t = np.flatnonzero(~d0[:-1])  # OMIGA's rule: rows with d == 0 that have a next row
     terminals, truncations = _ends_with_limit(d0[t + 1], MUJOCO_TIME_LIMIT)
     n = o.shape[1]
-    arrays = _pack([o[t, i] for i in range(n)], [a[t, i] for i in range(n)], [r[t]] * n, [o[t + 1, i] for i in range(n)],
-                   terminals, truncations, s[t, 0], s[t + 1, 0])
+    arrays = _pack(
+        [o[t, i] for i in range(n)],
+        [a[t, i] for i in range(n)],
+        [r[t]] * n,
+        [o[t + 1, i] for i in range(n)],
+        terminals,
+        truncations,
+        s[t, 0],
+        s[t + 1, 0],
+    )
     m = re.fullmatch(r"(.+-v\d+-\d+x\d+)-(.+)", os.path.splitext(os.path.basename(path))[0])
-    return arrays, {"task": task or (m.group(1) if m else None) or expect_task, "quality": m.group(2) if m else None,
-                    "dataset_seed": 0}
+    return arrays, {
+        "task": task or (m.group(1) if m else None) or expect_task,
+        "quality": m.group(2) if m else None,
+        "dataset_seed": 0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +471,10 @@ def _load_vault(path, dataset_seed, task, expect_task):
     meta_path = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_path):
         uids = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, "metadata.json")))
-        raise DatasetError(f"{path} is a Vault holding the datasets {', '.join(uids) or '(none)'}; "
-                           f"give the path of one of them, e.g. {os.path.join(path, uids[0] if uids else '<uid>')}")
+        raise DatasetError(
+            f"{path} is a Vault holding the datasets {', '.join(uids) or '(none)'}; "
+            f"give the path of one of them, e.g. {os.path.join(path, uids[0] if uids else '<uid>')}"
+        )
     try:
         with open(meta_path) as f:
             vmeta = json.load(f)
@@ -402,15 +483,22 @@ def _load_vault(path, dataset_seed, task, expect_task):
         raise DatasetError(f"{meta_path} is not a flashbax Vault metadata file ({type(e).__name__}: {e})") from None
     missing = [k for k in ("observations.", "actions.", "rewards.", "terminals.", "truncations.") if k not in leaves]
     if missing:
-        raise DatasetError(f"{path}: the Vault has no {', '.join(k[:-1] for k in missing)}; leaves: {', '.join(leaves)}")
+        raise DatasetError(
+            f"{path}: the Vault has no {', '.join(k[:-1] for k in missing)}; leaves: {', '.join(leaves)}"
+        )
 
     def open_leaf(name):
-        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": "file://" + os.path.abspath(path), "path": name}}
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": "file://" + os.path.abspath(path), "path": name},
+        }
         try:
             return ts.open(spec, open=True, read=True, write=False).result()
         except ValueError as e:
-            raise DatasetError(f"{path}: cannot open the Vault's '{name}' store ({str(e).split(' [')[0]}); "
-                               f"the Vault is incomplete or damaged, download it again") from None
+            raise DatasetError(
+                f"{path}: cannot open the Vault's '{name}' store ({str(e).split(' [')[0]}); "
+                f"the Vault is incomplete or damaged, download it again"
+            ) from None
 
     T = int(open_leaf("vault_index").read().result()[0])  # filled length of the time axis
     if T <= 0:
@@ -419,7 +507,9 @@ def _load_vault(path, dataset_seed, task, expect_task):
     def read(name):
         store = open_leaf(name)
         if dataset_seed >= store.shape[0] or dataset_seed < 0:
-            raise DatasetError(f"{path}: dataset_seed {dataset_seed} does not exist; this Vault holds seeds 0..{store.shape[0] - 1}")
+            raise DatasetError(
+                f"{path}: dataset_seed {dataset_seed} does not exist; this Vault holds seeds 0..{store.shape[0] - 1}"
+            )
         return np.asarray(store[dataset_seed, :T].read().result())
 
     obs_all, act_all = read("observations."), read("actions.")
@@ -441,15 +531,22 @@ def _load_vault(path, dataset_seed, task, expect_task):
     else:
         state = np.concatenate(obs, 1)
     arrays = _from_steps(obs, acts, rews, term_end, end & ~term_end, state.reshape(T, -1), n_ctrl)
-    info = {"task": task, "quality": uid, "dataset_seed": dataset_seed, "vault_version": vmeta.get("version"),
-            "source_agents": n_file, "state_only_agents": list(range(n_ctrl, n_file))}
+    info = {
+        "task": task,
+        "quality": uid,
+        "dataset_seed": dataset_seed,
+        "vault_version": vmeta.get("version"),
+        "source_agents": n_file,
+        "state_only_agents": list(range(n_ctrl, n_file)),
+    }
     # <source>/<env>/<scenario>.vlt/<uid>: og-marl's scores belong to its v0 data (env "mamujoco"), not to
     # its newer gymnasium_mamujoco data; under omar/ the 2halfcheetah Vault is OMAR's HalfCheetah
     env_dir = os.path.basename(os.path.dirname(os.path.dirname(path)))
     source = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(path))))
     if task not in TASKS:
-        info["normalization_key"] = (OMAR_MUJOCO if (source, scenario) == ("omar", "2halfcheetah")
-                                     else task if env_dir == "mamujoco" else None)
+        info["normalization_key"] = (
+            OMAR_MUJOCO if (source, scenario) == ("omar", "2halfcheetah") else task if env_dir == "mamujoco" else None
+        )
     return arrays, info
 
 
@@ -470,22 +567,35 @@ def _load_madiff(path, dataset_seed, task, expect_task):
     missing = [f"{k}.npy" for k in ("obs", "actions", "rewards", "path_lengths") if not os.path.isfile(f(k))]
     if missing:
         raise DatasetError(f"{path}: missing {', '.join(missing)}; expected {LAYOUTS['madiff']}")
-    obs, acts, rew, lengths = _npy(f("obs")), _npy(f("actions")), _npy(f("rewards")), _npy(f("path_lengths")).astype(int)
+    obs, acts, rew, lengths = (
+        _npy(f("obs")),
+        _npy(f("actions")),
+        _npy(f("rewards")),
+        _npy(f("path_lengths")).astype(int),
+    )
     N = len(obs)
     if obs.ndim != 3 or acts.ndim != 3:
-        raise DatasetError(f"{f('obs')}: obs and actions must be (steps, agents, dim), got {obs.shape} and {acts.shape}")
+        raise DatasetError(
+            f"{f('obs')}: obs and actions must be (steps, agents, dim), got {obs.shape} and {acts.shape}"
+        )
     n = obs.shape[1]
     _rows(acts, N, f("actions"))
     _rows(rew, N, f("rewards"))
     if acts.shape[1] != n:
-        raise DatasetError(f"{f('actions')} has {acts.shape[1]} agents but obs.npy has {n}; the files are from different datasets")
+        raise DatasetError(
+            f"{f('actions')} has {acts.shape[1]} agents but obs.npy has {n}; the files are from different datasets"
+        )
     if lengths.sum() != N or (lengths <= 0).any():
-        raise DatasetError(f"{f('path_lengths')}: the episode lengths add up to {lengths.sum()} but obs.npy has {N} rows; "
-                           f"the files are from different datasets or cut short")
+        raise DatasetError(
+            f"{f('path_lengths')}: the episode lengths add up to {lengths.sum()} but obs.npy has {N} rows; "
+            f"the files are from different datasets or cut short"
+        )
     # MADiff prepends each agent's one-hot id; strip it, but only if it is really there
     if obs.shape[2] <= n or not np.array_equal(obs[:, :, :n], np.broadcast_to(np.eye(n, dtype=obs.dtype), (N, n, n))):
-        raise DatasetError(f"{f('obs')}: the first {n} columns are not the one-hot agent ids MADiff prepends; "
-                           f"this is not a MADiff-converted file")
+        raise DatasetError(
+            f"{f('obs')}: the first {n} columns are not the one-hot agent ids MADiff prepends; "
+            f"this is not a MADiff-converted file"
+        )
     obs = obs[:, :, n:]
     _finite_obs(obs, f("obs"))
     rew = rew.reshape(N, -1)
@@ -499,11 +609,17 @@ def _load_madiff(path, dataset_seed, task, expect_task):
         term_end[last] = lengths < MUJOCO_TIME_LIMIT
     trunc_end = np.zeros(N, bool)
     trunc_end[last] = ~term_end[last]
-    state = _rows(_npy(f("states")), N, f("states")).reshape(N, -1) if os.path.isfile(f("states")) \
-        else obs.reshape(N, -1)
-    arrays = _from_steps([obs[:, i] for i in range(n)], [acts[:, i] for i in range(n)], rews, term_end, trunc_end, state, n)
-    return arrays, {"task": task or os.path.basename(os.path.dirname(path)) or expect_task,
-                    "quality": os.path.basename(path), "dataset_seed": 0}
+    state = (
+        _rows(_npy(f("states")), N, f("states")).reshape(N, -1) if os.path.isfile(f("states")) else obs.reshape(N, -1)
+    )
+    arrays = _from_steps(
+        [obs[:, i] for i in range(n)], [acts[:, i] for i in range(n)], rews, term_end, trunc_end, state, n
+    )
+    return arrays, {
+        "task": task or os.path.basename(os.path.dirname(path)) or expect_task,
+        "quality": os.path.basename(path),
+        "dataset_seed": 0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,9 +634,16 @@ def _load_madiff(path, dataset_seed, task, expect_task):
 PREY_FORMAT = "omsd-omar-prey"
 PREY_HIDDEN = 64
 PREY_SHAPES = {  # OMAR's MLPNetwork(obs, 2, hidden_dim=64, constrain_out=True); d = the prey's observation size
-    "in_fn.weight": ("d",), "in_fn.bias": ("d",), "in_fn.running_mean": ("d",), "in_fn.running_var": ("d",),
-    "fc1.weight": (PREY_HIDDEN, "d"), "fc1.bias": (PREY_HIDDEN,), "fc2.weight": (PREY_HIDDEN, PREY_HIDDEN),
-    "fc2.bias": (PREY_HIDDEN,), "fc3.weight": (2, PREY_HIDDEN), "fc3.bias": (2,),
+    "in_fn.weight": ("d",),
+    "in_fn.bias": ("d",),
+    "in_fn.running_mean": ("d",),
+    "in_fn.running_var": ("d",),
+    "fc1.weight": (PREY_HIDDEN, "d"),
+    "fc1.bias": (PREY_HIDDEN,),
+    "fc2.weight": (PREY_HIDDEN, PREY_HIDDEN),
+    "fc2.bias": (PREY_HIDDEN,),
+    "fc3.weight": (2, PREY_HIDDEN),
+    "fc3.bias": (2,),
 }
 BATCHNORM_EPS = 1e-5  # nn.BatchNorm1d's default, which OMAR's MLPNetwork keeps
 
@@ -554,8 +677,10 @@ def prey_file_kind(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04" and not _is_torch_zip(path):
-        raise DatasetError(f"{path} is a zip archive but not a torch file (a dataset .npz?); --prey-path takes OMAR's "
-                           f"pretrained_adv_model.pt or a converted prey file")
+        raise DatasetError(
+            f"{path} is a zip archive but not a torch file (a dataset .npz?); --prey-path takes OMAR's "
+            f"pretrained_adv_model.pt or a converted prey file"
+        )
     if head == b"PK\x03\x04":  # torch's zip format: a converted file loads with the weights-only loader
         try:
             import torch
@@ -584,9 +709,11 @@ def convert_omar_prey(src: str, dst: str, trust_pickle: bool = False, *, task: s
     if kind == "converted":
         raise DatasetError(f"{src} is already a converted prey file; use it as it is")
     if not trust_pickle:
-        raise DatasetError(f"{src} is a torch pickle (OMAR's pretrained prey is a legacy, pre-1.6 one); loading it can "
-                           f"run arbitrary code, so it is refused unless you trust its source: pass --trust-pickle "
-                           f"(trust_pickle=True) to convert it once into a plain-tensor file")
+        raise DatasetError(
+            f"{src} is a torch pickle (OMAR's pretrained prey is a legacy, pre-1.6 one); loading it can "
+            f"run arbitrary code, so it is refused unless you trust its source: pass --trust-pickle "
+            f"(trust_pickle=True) to convert it once into a plain-tensor file"
+        )
     if task is not None and task not in PREY_OBS_DIMS:
         raise DatasetError(f"{task} has no prey; the pretrained prey is for {' and '.join(PREY_OBS_DIMS)}")
     if os.path.exists(dst):
@@ -600,10 +727,17 @@ def convert_omar_prey(src: str, dst: str, trust_pickle: bool = False, *, task: s
         raise DatasetError(f"{src} cannot be unpickled by torch ({type(e).__name__}: {e}); download it again") from None
     params = obj.get("agent_params") if isinstance(obj, dict) else None
     if not isinstance(params, (list, tuple)) or len(params) != 4:
-        have = f"{len(params)} entries" if isinstance(params, (list, tuple)) else \
-            f"keys {sorted(map(str, obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise DatasetError(f"{src}: expected OMAR's dict with an 'agent_params' list of 4 agents (3 predators, then "
-                           f"the prey), found {have}")
+        have = (
+            f"{len(params)} entries"
+            if isinstance(params, (list, tuple))
+            else f"keys {sorted(map(str, obj))}"
+            if isinstance(obj, dict)
+            else f"a {type(obj).__name__}"
+        )
+        raise DatasetError(
+            f"{src}: expected OMAR's dict with an 'agent_params' list of 4 agents (3 predators, then "
+            f"the prey), found {have}"
+        )
     policy = params[-1].get("policy") if isinstance(params[-1], dict) else None
     if not hasattr(policy, "items"):
         raise DatasetError(f"{src}: the prey's entry agent_params[3] has no 'policy' state dict")
@@ -611,15 +745,26 @@ def convert_omar_prey(src: str, dst: str, trust_pickle: bool = False, *, task: s
     d = tensors["in_fn.weight"].shape[0]
     by_dim = {v: k for k, v in PREY_OBS_DIMS.items()}
     if task is None and d not in by_dim:
-        raise DatasetError(f"{src}: the prey's policy takes {d} inputs, but the prey observes "
-                           f"{', '.join(f'{v} values in {k}' for k, v in PREY_OBS_DIMS.items())}")
+        raise DatasetError(
+            f"{src}: the prey's policy takes {d} inputs, but the prey observes "
+            f"{', '.join(f'{v} values in {k}' for k, v in PREY_OBS_DIMS.items())}"
+        )
     task = task or by_dim[d]
     if d != PREY_OBS_DIMS[task]:
-        raise DatasetError(f"{src}: the prey's policy takes {d} inputs, but the prey of {task} observes "
-                           f"{PREY_OBS_DIMS[task]} values; this is the prey of {by_dim.get(d, 'another task')}")
-    info = {"format": PREY_FORMAT, "version": 1, "task": task, "obs_dim": d, "batchnorm_eps": BATCHNORM_EPS,
-            "source": os.path.basename(src), "source_sha256": _sha256_file(src),
-            "source_entry": "agent_params[3]['policy']"}
+        raise DatasetError(
+            f"{src}: the prey's policy takes {d} inputs, but the prey of {task} observes "
+            f"{PREY_OBS_DIMS[task]} values; this is the prey of {by_dim.get(d, 'another task')}"
+        )
+    info = {
+        "format": PREY_FORMAT,
+        "version": 1,
+        "task": task,
+        "obs_dim": d,
+        "batchnorm_eps": BATCHNORM_EPS,
+        "source": os.path.basename(src),
+        "source_sha256": _sha256_file(src),
+        "source_entry": "agent_params[3]['policy']",
+    }
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = f"{dst}.tmp{os.getpid()}"
     try:
@@ -639,20 +784,26 @@ def _check_prey_policy(sd: dict, where: str) -> dict:
 
     missing = [k for k in PREY_SHAPES if k not in sd]
     if missing:
-        raise DatasetError(f"{where} lacks {', '.join(missing)}; expected OMAR's prey network (BatchNorm1d in_fn with "
-                           f"running stats, then Linear fc1, fc2, fc3)")
+        raise DatasetError(
+            f"{where} lacks {', '.join(missing)}; expected OMAR's prey network (BatchNorm1d in_fn with "
+            f"running stats, then Linear fc1, fc2, fc3)"
+        )
     if not all(isinstance(sd[k], torch.Tensor) for k in PREY_SHAPES):
-        raise DatasetError(f"{where}: {', '.join(k for k in PREY_SHAPES if not isinstance(sd[k], torch.Tensor))} "
-                           f"is not a tensor")
+        raise DatasetError(
+            f"{where}: {', '.join(k for k in PREY_SHAPES if not isinstance(sd[k], torch.Tensor))} is not a tensor"
+        )
     d = sd["in_fn.weight"].shape[0] if sd["in_fn.weight"].dim() == 1 else -1
     for k, shape in PREY_SHAPES.items():
         want = tuple(d if s == "d" else s for s in shape)
         if tuple(sd[k].shape) != want:
-            raise DatasetError(f"{where}: {k} has shape {tuple(sd[k].shape)}, expected {want} (BatchNorm1d({d}), "
-                               f"Linear({d}, {PREY_HIDDEN}), Linear({PREY_HIDDEN}, {PREY_HIDDEN}), Linear({PREY_HIDDEN}, 2))")
+            raise DatasetError(
+                f"{where}: {k} has shape {tuple(sd[k].shape)}, expected {want} (BatchNorm1d({d}), "
+                f"Linear({d}, {PREY_HIDDEN}), Linear({PREY_HIDDEN}, {PREY_HIDDEN}), Linear({PREY_HIDDEN}, 2))"
+            )
     out = {k: sd[k].detach().to("cpu", torch.float32).clone().contiguous() for k in PREY_SHAPES}
-    bad = [k for k, v in out.items() if not torch.isfinite(v).all()] + \
-          (["in_fn.running_var (negative)"] if (out["in_fn.running_var"] < 0).any() else [])
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()] + (
+        ["in_fn.running_var (negative)"] if (out["in_fn.running_var"] < 0).any() else []
+    )
     if bad:
         raise DatasetError(f"{where}: {', '.join(bad)} holds non-finite or invalid values; the file is damaged")
     return out
@@ -687,17 +838,21 @@ def load_prey(path: str, task: str | None = None) -> OmarPrey:
     import torch
 
     if prey_file_kind(path) != "converted":
-        raise DatasetError(f"{path} is not a converted prey file but a torch pickle (e.g. OMAR's original "
-                           f"pretrained_adv_model.pt); convert it with `python -m envs.published --convert-prey "
-                           f"{path} --out <file> --task <task> --trust-pickle` if you trust its source")
+        raise DatasetError(
+            f"{path} is not a converted prey file but a torch pickle (e.g. OMAR's original "
+            f"pretrained_adv_model.pt); convert it with `python -m envs.published --convert-prey "
+            f"{path} --out <file> --task <task> --trust-pickle` if you trust its source"
+        )
     obj = torch.load(path, map_location="cpu", weights_only=True)
     info = json.loads(obj["info"])
     tensors = _check_prey_policy(obj.get("policy", {}), f"{path}: the prey's policy")
     if tensors["in_fn.weight"].shape[0] != info.get("obs_dim") or not info.get("task"):
         raise DatasetError(f"{path}: its info does not match its tensors; convert the original file again")
     if task is not None and task != info["task"]:
-        raise DatasetError(f"{path} holds the prey of {info['task']} (observation of {info['obs_dim']} values), "
-                           f"not of {task}; convert the {task} prey (<root>/{task}/pretrained_adv_model.pt)")
+        raise DatasetError(
+            f"{path} holds the prey of {info['task']} (observation of {info['obs_dim']} values), "
+            f"not of {task}; convert the {task} prey (<root>/{task}/pretrained_adv_model.pt)"
+        )
     return OmarPrey(tensors, info)
 
 
@@ -705,22 +860,31 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m envs.published --convert-prey SRC --out DST --task simple_tag [--trust-pickle]`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m envs.published", description=(
-        "Convert OMAR's pretrained prey (<root>/<task>/pretrained_adv_model.pt, a legacy torch pickle) once into "
-        "a plain-tensor file for `oma_sd_mpe.py --prey-path`."))
+    parser = argparse.ArgumentParser(
+        prog="python -m envs.published",
+        description=(
+            "Convert OMAR's pretrained prey (<root>/<task>/pretrained_adv_model.pt, a legacy torch pickle) once into "
+            "a plain-tensor file for `oma_sd_mpe.py --prey-path`."
+        ),
+    )
     parser.add_argument("--convert-prey", metavar="SRC", required=True, help="OMAR's pretrained_adv_model.pt")
     parser.add_argument("--out", metavar="DST", required=True, help="the converted file to write (must not exist)")
     parser.add_argument("--task", choices=tuple(PREY_OBS_DIMS), required=True, help="whose prey it is")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="unpickle SRC (this runs any code it contains): only for a file from a source you trust")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle SRC (this runs any code it contains): only for a file from a source you trust",
+    )
     a = parser.parse_args(argv)
     try:
         info = convert_omar_prey(a.convert_prey, a.out, a.trust_pickle, task=a.task)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{a.out}: the {info['task']} prey (observation {info['obs_dim']}), from {info['source']} "
-          f"sha256 {info['source_sha256']}")
+    print(
+        f"{a.out}: the {info['task']} prey (observation {info['obs_dim']}), from {info['source']} "
+        f"sha256 {info['source_sha256']}"
+    )
     return 0
 
 

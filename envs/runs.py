@@ -5,6 +5,7 @@ timings that span every process of a resumed run."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,8 +16,11 @@ import sys
 import time
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
+from envs.dataset import DatasetError
 from envs.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
+from envs.published import FORMATS
 
 SEED_RANGE = 2**32  # numpy's seeds are 0 .. 2**32 - 1
 
@@ -28,20 +32,66 @@ class RunError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Settings both scripts have
 # ---------------------------------------------------------------------------------------------
+# the option values both scripts accept (each script adds its own)
+CHOICES = {
+    "dataset_format": ("auto", "project", *FORMATS),
+    "decomposition": ("sequential", "independent"),
+    "condition": ("obs", "state"),
+    "prefix": ("start", "updated"),
+    "weighting": ("sigma2", "one", "alpha_over_sigma"),
+}
+POSITIVE = (
+    "diffusion_steps",
+    "critic_steps",
+    "policy_steps",
+    "eval_every",
+    "eval_episodes",
+    "dataset_transitions",
+    "diffusion_batch_size",
+    "critic_batch_size",
+    "policy_batch_size",
+    "diffusion_hidden",
+    "critic_hidden",
+    "actor_hidden",
+    "diffusion_blocks",
+    "checkpoint_every",
+)
+
+
+def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents: int | None = None):
+    """Reject bad settings before anything is written: the options with a fixed set of values (CHOICES and the
+    script's `choices`), beta, the counts that must be positive (POSITIVE and the script's `positive`), the
+    diffusion time range of the actor loss, then `check_common_args`."""
+    for k, allowed in {**CHOICES, **(choices or {})}.items():
+        if getattr(args, k) not in allowed:
+            raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
+    if not args.beta > 0:
+        raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
+    for k in POSITIVE + tuple(positive):
+        if getattr(args, k) <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
+    if not 0 < args.t_min < args.t_max < 1:
+        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
+    check_common_args(args, n_agents)
+
+
 def check_common_args(args, n_agents: int | None = None):
     """Reject values of the settings both scripts share that would fail later (or silently mislead).
     n_agents: the env's number of agents, to check --agent-order before any data are made."""
     for k in ("seed", "stage1_seed", "dataset_seed"):
         v = getattr(args, k)
         if not 0 <= v < SEED_RANGE:
-            raise RunError(f"--{k.replace('_', '-')} must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), "
-                           f"got {v}")
+            raise RunError(
+                f"--{k.replace('_', '-')} must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {v}"
+            )
     if args.threads < 0:
         raise RunError(f"--threads must be 0 (all cores) or a positive number of threads, got {args.threads}")
     name = args.exp_name
     if not name or "/" in name or "\0" in name or name in (".", "..") or len(name.encode()) > 100:
-        raise RunError(f"--exp-name must be a plain name of 1 to 100 bytes without '/' (it becomes part of the run "
-                       f"directory's name), got {name!r}")
+        raise RunError(
+            f"--exp-name must be a plain name of 1 to 100 bytes without '/' (it becomes part of the run "
+            f"directory's name), got {name!r}"
+        )
     for k in ("beta", "t_min", "t_max", "diffusion_lr", "critic_lr", "actor_lr", "expectile", "gamma", "polyak"):
         if not math.isfinite(getattr(args, k)):
             raise RunError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
@@ -49,24 +99,28 @@ def check_common_args(args, n_agents: int | None = None):
         if not getattr(args, k) > 0:
             raise RunError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     if not 0 < args.expectile < 1:
-        raise RunError(f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), "
-                       f"got {args.expectile}")
+        raise RunError(
+            f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), got {args.expectile}"
+        )
     if not 0 < args.gamma <= 1:
         raise RunError(f"--gamma must be in (0, 1] (the discount), got {args.gamma}")
     if not 0 < args.polyak <= 1:
         raise RunError(f"--polyak must be in (0, 1] (the target network's update rate), got {args.polyak}")
     order = list(args.agent_order)
     if order and n_agents is not None and sorted(order) != list(range(n_agents)):
-        raise RunError(f"--agent-order must be a permutation of 0..{n_agents - 1} ({args.env_id} has {n_agents} "
-                       f"agents), got {order}")
+        raise RunError(
+            f"--agent-order must be a permutation of 0..{n_agents - 1} ({args.env_id} has {n_agents} "
+            f"agents), got {order}"
+        )
 
 
 def check_dirs(args):
     """The run directory and --cache-dir can be written (checked without creating anything, before data are made)."""
     why = unwritable_dir("runs")
     if why:
-        raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({why}); "
-                       f"run from a writable directory")
+        raise RunError(
+            f"cannot create a run directory under {os.path.abspath('runs')} ({why}); run from a writable directory"
+        )
     why = unwritable_dir(args.cache_dir)
     if why:
         raise RunError(f"cannot write to --cache-dir {args.cache_dir} ({why}); give a writable directory")
@@ -103,8 +157,10 @@ class Progress:
 
 def check_finite(loss, stage: str, step: int):
     if not torch.isfinite(loss).all():
-        raise RunError(f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
-                       f"at step {step}; lower the learning rate or check the data")
+        raise RunError(
+            f"{stage}: loss became {loss.detach().flatten()[~torch.isfinite(loss.detach().flatten())][0].item()} "
+            f"at step {step}; lower the learning rate or check the data"
+        )
 
 
 def cache_path(args, kind: str, fields: dict) -> str:
@@ -127,10 +183,15 @@ def load_cached(path: str, fields: dict):
         raise RunError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it") from None
     fields = json.loads(json.dumps(fields))  # as stored: tuples become lists
     if saved != fields:
-        k = next(k for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
-                 if saved.get(k) != fields.get(k))
-        raise RunError(f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
-                       f"{fields.get(k)!r} here); delete it or use another --cache-dir")
+        k = next(
+            k
+            for k in sorted(set(saved) | set(fields), key=lambda k: (k != "stage", k))
+            if saved.get(k) != fields.get(k)
+        )
+        raise RunError(
+            f"{path} is a checkpoint of another configuration ({k}: {saved.get(k)!r} there, "
+            f"{fields.get(k)!r} here); delete it or use another --cache-dir"
+        )
     return ckpt
 
 
@@ -152,8 +213,10 @@ def save_atomic(obj, path: str, then: str = RERUN):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        raise RunError(f"cannot write {path} ({describe_write_error(e, d)}); free disk space or make the directory "
-                       f"writable, {then}") from None
+        raise RunError(
+            f"cannot write {path} ({describe_write_error(e, d)}); free disk space or make the directory "
+            f"writable, {then}"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -167,8 +230,10 @@ def write_json_atomic(obj, path: str):
             json.dump(obj, f, indent=1)
         os.replace(tmp, path)
     except OSError as e:
-        raise RunError(f"cannot write {path} ({describe_write_error(e, os.path.dirname(path) or '.')}); free disk "
-                       f"space or make the directory writable, {RERUN}") from None
+        raise RunError(
+            f"cannot write {path} ({describe_write_error(e, os.path.dirname(path) or '.')}); free disk "
+            f"space or make the directory writable, {RERUN}"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -207,20 +272,39 @@ def resume_stage(args, path: str, fields: dict, stage: str, objs: dict, g) -> tu
     return ckpt["step"], ckpt["seconds"], json.loads(ckpt["extra"])
 
 
-def checkpoint(args, path: str, fields: dict, stage: str, objs: dict, g, step: int, total: int,
-               seconds: float, extra: dict | None = None):
+def checkpoint(
+    args,
+    path: str,
+    fields: dict,
+    stage: str,
+    objs: dict,
+    g,
+    step: int,
+    total: int,
+    seconds: float,
+    extra: dict | None = None,
+):
     """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM. The open run's
     marker is saved first, with the run's time so far (see Run)."""
     stop = STOP["signal"] is not None
     if stop or (step % args.checkpoint_every == 0 and step < total):
         if _ACTIVE["run"] is not None:
             _ACTIVE["run"].save_marker()
-        save_atomic({**{k: o.state_dict() for k, o in objs.items()}, "rng": g.get_state(), "step": step,
-                     "seconds": seconds, "extra": json.dumps(extra or {}), "fields": json.dumps(fields)},
-                    partial_path(path))
+        save_atomic(
+            {
+                **{k: o.state_dict() for k, o in objs.items()},
+                "rng": g.get_state(),
+                "step": step,
+                "seconds": seconds,
+                "extra": json.dumps(extra or {}),
+                "fields": json.dumps(fields),
+            },
+            partial_path(path),
+        )
     if stop:
-        raise Interrupted(f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command "
-                          f"again to continue")
+        raise Interrupted(
+            f"{stage} stopped at step {step}/{total}; checkpoint saved, run the same command again to continue"
+        )
 
 
 def remove(path: str):
@@ -237,7 +321,11 @@ _ACTIVE = {"run": None}  # the run this process opened last (main() opens one pe
 
 
 def run_name(args) -> str:
-    dataset_name = args.dataset if not args.dataset_path else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
+    dataset_name = (
+        args.dataset
+        if not args.dataset_path
+        else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
+    )
     return f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
 
 
@@ -254,8 +342,15 @@ class Run:
         self.dir, self.stages, self.finished, self.stage_locks = None, {}, None, {}
 
     def save_marker(self):
-        save_atomic({"run_dir": self.dir, "fields": json.dumps(self.fields), "seconds": time.time() - self.t_start,
-                     "stages": json.dumps(self.stages)}, self.marker)
+        save_atomic(
+            {
+                "run_dir": self.dir,
+                "fields": json.dumps(self.fields),
+                "seconds": time.time() - self.t_start,
+                "stages": json.dumps(self.stages),
+            },
+            self.marker,
+        )
 
     def claim(self, path: str, fields: dict, stage: str):
         """The stage-1 model cached at `path` (load_cached), or None, and then this process holds its lock and
@@ -267,12 +362,18 @@ class Run:
                 raise Interrupted(f"{stage} stopped while waiting for another process; run the same command again")
 
         try:
-            lock.acquire(on_wait=lambda pid: print(f"[{stage}] waiting for process {pid or '(unknown)'}, which is "
-                                                   f"training the same model into {path}", file=sys.stderr, flush=True),
-                         on_poll=poll)
+            lock.acquire(
+                on_wait=lambda pid: print(
+                    f"[{stage}] waiting for process {pid or '(unknown)'}, which is training the same model into {path}",
+                    file=sys.stderr,
+                    flush=True,
+                ),
+                on_poll=poll,
+            )
         except OSError as e:
-            raise RunError(f"cannot write to --cache-dir {os.path.dirname(path)} ({e.strerror}); give a writable "
-                           f"directory") from None
+            raise RunError(
+                f"cannot write to --cache-dir {os.path.dirname(path)} ({e.strerror}); give a writable directory"
+            ) from None
         self.stage_locks[path] = lock
         for p in (path, partial_path(path)):
             remove_stale(os.path.dirname(p), _tmp_pattern(p))
@@ -285,6 +386,12 @@ class Run:
         """Record (in the marker, before the model is saved) that this run trained `stage`."""
         self.stages[stage] = timing
         self.save_marker()
+
+    def save_stage(self, path: str, obj: dict):
+        """Save a trained stage-1 model to its cache file, remove the stage's checkpoint, release its lock."""
+        save_atomic(obj, path)
+        remove(partial_path(path))
+        self.release(path)
 
     def release(self, path: str):
         lock = self.stage_locks.pop(path, None)
@@ -321,11 +428,15 @@ def open_run(args, fields: dict, t_start: float) -> Run:
         os.makedirs(os.path.dirname(marker) or ".", exist_ok=True)
         free = lock.acquire(blocking=False)
     except OSError as e:
-        raise RunError(f"cannot write to --cache-dir {args.cache_dir} ({e.strerror}); give a writable directory") from None
+        raise RunError(
+            f"cannot write to --cache-dir {args.cache_dir} ({e.strerror}); give a writable directory"
+        ) from None
     if not free:
-        raise RunError(f"this run (the same command on the same data) is already in progress in process "
-                       f"{lock.holder() or '(unknown)'}; wait for it to finish, or change --seed or --exp-name to "
-                       f"start another run")
+        raise RunError(
+            f"this run (the same command on the same data) is already in progress in process "
+            f"{lock.holder() or '(unknown)'}; wait for it to finish, or change --seed or --exp-name to "
+            f"start another run"
+        )
     run = Run(marker, fields, lock, t_start)
     _ACTIVE["run"] = run
     try:
@@ -340,9 +451,14 @@ def open_run(args, fields: dict, t_start: float) -> Run:
                     with open(results) as f:
                         run.finished = json.load(f)
                 except (OSError, ValueError) as e:
-                    raise RunError(f"{results} cannot be read ({e}); move the run directory away to run again") from None
-                print(f"the run {run.dir} had already finished (its results.json is complete); removed the "
-                      f"checkpoints it left behind", file=sys.stderr)
+                    raise RunError(
+                        f"{results} cannot be read ({e}); move the run directory away to run again"
+                    ) from None
+                print(
+                    f"the run {run.dir} had already finished (its results.json is complete); removed the "
+                    f"checkpoints it left behind",
+                    file=sys.stderr,
+                )
                 run.close()
                 return run
             run.t_start = t_start - float(previous.get("seconds", 0.0))
@@ -362,8 +478,10 @@ def open_run(args, fields: dict, t_start: float) -> Run:
                 except FileExistsError:
                     continue
         except OSError as e:
-            raise RunError(f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
-                           f"run from a writable directory") from None
+            raise RunError(
+                f"cannot create a run directory under {os.path.abspath('runs')} ({e.strerror}); "
+                f"run from a writable directory"
+            ) from None
         try:
             run.save_marker()
         except RunError:
@@ -375,6 +493,36 @@ def open_run(args, fields: dict, t_start: float) -> Run:
         raise
 
 
+NOT_IN_KEY = ("resume", "checkpoint_every", "threads")  # how a run is executed, not what it computes
+
+
+def start_run(args, t_start: float, exclude: tuple = (), **fields) -> Run:
+    """`open_run` for the run these arguments (all but NOT_IN_KEY and `exclude`) and `fields` (e.g. the data's
+    checksum) define: an interrupted run of the same command on the same data is continued in its directory."""
+    keyed = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY + tuple(exclude)}
+    return open_run(args, {**keyed, **fields}, t_start)
+
+
+def open_writer(args, run_dir: str):
+    """The run's TensorBoard writer (mirrored to Weights & Biases with --track), with every argument as text."""
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=os.path.basename(run_dir),
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    return writer
+
+
 def report_finished(run: Run) -> dict:
     """The results of a run `open_run` found finished, reported as the run itself would have."""
     res = run.finished
@@ -382,3 +530,18 @@ def report_finished(run: Run) -> dict:
         raise RunError(f"this run already ended with status {res.get('status')!r}; see {run.dir}/results.json")
     print(f"final return {res['final_return']:.2f} (finished earlier) -> {run.dir}/results.json")
     return res
+
+
+def run_command(main, args):
+    """A script's `__main__`: Ctrl-C / SIGTERM stop at the end of a step with a checkpoint; bad input and failed
+    runs print one line and exit with 2, an interrupted run exits with 130."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_stop_signal)
+    try:
+        main(args)
+    except (RunError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e or 'before the first checkpoint'}", file=sys.stderr)
+        sys.exit(130)

@@ -32,7 +32,6 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,10 +49,32 @@ from envs.runs import SEED_RANGE, RunError, save_atomic
 BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour")
 # Per family; MPE's are OMAR's generator settings, MaMuJoCo's a cheaper TD3 (half an update per transition).
 FAMILY_DEFAULTS = {
-    "mpe": dict(total_steps=500_000, learning_starts=10_000, update_every=32, batch_size=1024, lr=1e-3, gamma=0.95,
-                tau=0.01, actor_hidden=64, critic_hidden=64, eval_every=20_000, eval_episodes=40),
-    "mamujoco": dict(total_steps=1_000_000, learning_starts=25_000, update_every=2, batch_size=256, lr=1e-3,
-                     gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
+    "mpe": dict(
+        total_steps=500_000,
+        learning_starts=10_000,
+        update_every=32,
+        batch_size=1024,
+        lr=1e-3,
+        gamma=0.95,
+        tau=0.01,
+        actor_hidden=64,
+        critic_hidden=64,
+        eval_every=20_000,
+        eval_episodes=40,
+    ),
+    "mamujoco": dict(
+        total_steps=1_000_000,
+        learning_starts=25_000,
+        update_every=2,
+        batch_size=256,
+        lr=1e-3,
+        gamma=0.99,
+        tau=0.005,
+        actor_hidden=64,
+        critic_hidden=256,
+        eval_every=25_000,
+        eval_episodes=10,
+    ),
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
 # `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: README "Datasets".
@@ -80,21 +101,21 @@ class Args:
     HalfCheetah-6x1 (unset fields below take the family's value in FAMILY_DEFAULTS)"""
     seed: int = 0
     """seed of networks, exploration and envs; different seeds give independently trained experts"""
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     """environment transitions to collect"""
     num_envs: int = 8
     """envs stepped together (their actors run as one batch)"""
-    learning_starts: Optional[int] = None
+    learning_starts: int | None = None
     """transitions of uniform random actions before learning"""
-    update_every: Optional[int] = None
+    update_every: int | None = None
     """one gradient update per this many transitions"""
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     """minibatch size"""
-    lr: Optional[float] = None
+    lr: float | None = None
     """Adam learning rate of actors and critics"""
-    gamma: Optional[float] = None
+    gamma: float | None = None
     """discount (OMAR's generator used 0.95 on MPE; 0.99 on MaMuJoCo)"""
-    tau: Optional[float] = None
+    tau: float | None = None
     """Polyak rate of the target networks"""
     expl_noise: float = 0.1
     """std of the Gaussian exploration noise"""
@@ -104,19 +125,19 @@ class Args:
     """clip of the target-policy smoothing noise"""
     policy_delay: int = 2
     """critic updates per actor update"""
-    others_in_actor_update: Optional[str] = None
+    others_in_actor_update: str | None = None
     """'dataset': agent i's actor is updated at the other agents' replayed actions (MADDPG/MATD3);
     'policy': at their current policy actions (the joint deterministic policy gradient). Default 'dataset'"""
-    preact_penalty: Optional[float] = None
+    preact_penalty: float | None = None
     """weight of MADDPG's penalty on the squared pre-tanh actions in the actor loss (keeps the actors
     from saturating early). Default 0"""
-    actor_hidden: Optional[int] = None
+    actor_hidden: int | None = None
     """actor width (OMAR's generator used 64)"""
-    critic_hidden: Optional[int] = None
+    critic_hidden: int | None = None
     """critic width"""
-    eval_every: Optional[int] = None
+    eval_every: int | None = None
     """transitions between evaluations (each one is a snapshot)"""
-    eval_episodes: Optional[int] = None
+    eval_episodes: int | None = None
     """deterministic episodes per evaluation"""
     medium_fraction: float = 0.4
     """medium = first snapshot at this fraction of the way from random to expert return"""
@@ -164,10 +185,21 @@ def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, secon
     """
     policies, steps, returns = select_snapshots(snapshots, args.medium_fraction, args.max_replay_snapshots)
     env_version = mpe.ENV_VERSION if family == "mpe" else mamujoco.ENV_VERSION
-    info = {"task": args.task, "env_version": env_version, "seed": args.seed, "args": asdict(args), "curve": curve,
-            "seconds": seconds, "steps": steps, "eval_return": returns}
-    save_atomic({"policies": policies, "info_json": json.dumps(info)}, out_path(args, family),
-                then="then train again (the file keeps the snapshots of the last evaluation that was saved)")
+    info = {
+        "task": args.task,
+        "env_version": env_version,
+        "seed": args.seed,
+        "args": asdict(args),
+        "curve": curve,
+        "seconds": seconds,
+        "steps": steps,
+        "eval_return": returns,
+    }
+    save_atomic(
+        {"policies": policies, "info_json": json.dumps(info)},
+        out_path(args, family),
+        then="then train again (the file keeps the snapshots of the last evaluation that was saved)",
+    )
     return info
 
 
@@ -181,15 +213,29 @@ def check_args(args: Args, family: str):
         raise RunError(f"--others-in-actor-update must be 'dataset' or 'policy', got {args.others_in_actor_update!r}")
     if not 0 <= args.seed < SEED_RANGE:
         raise RunError(f"--seed must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {args.seed}")
-    for k in ("total_steps", "num_envs", "update_every", "batch_size", "policy_delay", "actor_hidden", "critic_hidden",
-              "eval_every", "eval_episodes", "max_replay_snapshots"):
+    for k in (
+        "total_steps",
+        "num_envs",
+        "update_every",
+        "batch_size",
+        "policy_delay",
+        "actor_hidden",
+        "critic_hidden",
+        "eval_every",
+        "eval_episodes",
+        "max_replay_snapshots",
+    ):
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if args.learning_starts < 0:
         raise RunError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    ranges = {"lr": (lambda v: v > 0, "> 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
-              "tau": (lambda v: 0 < v <= 1, "in (0, 1]"), "medium_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-              **{k: (lambda v: v >= 0, ">= 0") for k in ("expl_noise", "policy_noise", "noise_clip", "preact_penalty")}}
+    ranges = {
+        "lr": (lambda v: v > 0, "> 0"),
+        "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "medium_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("expl_noise", "policy_noise", "noise_clip", "preact_penalty")},
+    }
     for k, (ok, what) in ranges.items():
         v = getattr(args, k)
         if not (math.isfinite(v) and ok(v)):
@@ -207,9 +253,15 @@ def check_args(args: Args, family: str):
         except Exception:
             info, same = None, False
         if not same:
-            what = f"the checkpoint of {info.get('task')} seed {info.get('seed')}" if info else "not a behaviour checkpoint"
-            raise RunError(f"--out {out} exists and is {what}, not of {args.task} seed {args.seed}; delete it or "
-                           f"choose another --out")
+            what = (
+                f"the checkpoint of {info.get('task')} seed {info.get('seed')}"
+                if info
+                else "not a behaviour checkpoint"
+            )
+            raise RunError(
+                f"--out {out} exists and is {what}, not of {args.task} seed {args.seed}; delete it or "
+                f"choose another --out"
+            )
 
 
 def main(args: Args):
@@ -225,8 +277,10 @@ def main(args: Args):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     lock = LockFile(lock_path(out))  # one trainer per checkpoint file
     if not lock.acquire(blocking=False):
-        raise RunError(f"{out} is being trained by process {lock.holder() or '(unknown)'}; wait for it to finish or "
-                       f"choose another --out")
+        raise RunError(
+            f"{out} is being trained by process {lock.holder() or '(unknown)'}; wait for it to finish or "
+            f"choose another --out"
+        )
     try:
         remove_stale(os.path.dirname(os.path.abspath(out)), re.escape(os.path.basename(out)) + r"\.tmp\d*")
         _train(args, family)
@@ -282,10 +336,13 @@ def _train(args: Args, family: str):
         snapshots.append((step, {k: v.detach().clone() for k, v in actor.state_dict().items()}, ret))
         curve.append((step, ret))
         info = save_checkpoint(args, family, snapshots, curve, time.time() - t0)
-        print(f"[{args.task} seed {args.seed}] step {step:>8d}  eval return {ret:8.2f}  "
-              f"({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} transitions/s)  "
-              f"so far: medium {info['eval_return']['medium']:.1f} @ {info['steps']['medium']}, "
-              f"expert {info['eval_return']['expert']:.1f} @ {info['steps']['expert']}", flush=True)
+        print(
+            f"[{args.task} seed {args.seed}] step {step:>8d}  eval return {ret:8.2f}  "
+            f"({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} transitions/s)  "
+            f"so far: medium {info['eval_return']['medium']:.1f} @ {info['steps']['medium']}, "
+            f"expert {info['eval_return']['expert']:.1f} @ {info['steps']['expert']}",
+            flush=True,
+        )
 
     t0 = time.time()
     snapshot(0)
@@ -322,7 +379,9 @@ def _train(args: Args, family: str):
             B = len(idx)
             with torch.no_grad():
                 na = actor_t(nx.transpose(0, 1))  # (n, B, act)
-                na = (na + (torch.randn_like(na) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)).clamp(-1, 1)
+                na = (na + (torch.randn_like(na) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)).clamp(
+                    -1, 1
+                )
                 x_next = torch.cat([nx.reshape(B, -1), na.transpose(0, 1).reshape(B, -1)], 1)
                 q_next = critic_t(x_next.expand(2 * heads, B, in_dim)).min(0).values  # (heads, B)
                 y = rw + args.gamma * (1 - done) * q_next
@@ -338,8 +397,10 @@ def _train(args: Args, family: str):
                 a_loss.backward()
                 a_opt.step()
                 with torch.no_grad():
-                    for p, pt in zip(list(actor.parameters()) + list(critic.parameters()),
-                                     list(actor_t.parameters()) + list(critic_t.parameters())):
+                    for p, pt in zip(
+                        list(actor.parameters()) + list(critic.parameters()),
+                        list(actor_t.parameters()) + list(critic_t.parameters()),
+                    ):
                         pt.lerp_(p, args.tau)
         if step // args.eval_every > prev // args.eval_every:
             snapshot(step)
