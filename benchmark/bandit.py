@@ -98,16 +98,34 @@ def main(cfg: Cfg):
     for dec in ("sequential", "independent"):
         rows[dec] = []
         for seed in cfg.seeds:
-            res = om.main(om.Args(env_id="bandit", decomposition=dec, seed=seed, stage1_seed=0, beta=cfg.beta, z_baseline=False,
-                                  weighting=cfg.weighting, diffusion_steps=cfg.diffusion_steps, critic_steps=cfg.critic_steps,
-                                  policy_steps=cfg.policy_steps, diffusion_hidden=cfg.diffusion_hidden,
-                                  diffusion_batch_size=cfg.diffusion_batch_size, actor_hidden=cfg.actor_hidden,
-                                  threads=cfg.threads, save_model=False, exp_name="bandit_benchmark"))
+            res = om.main(
+                om.Args(
+                    env_id="bandit",
+                    decomposition=dec,
+                    seed=seed,
+                    stage1_seed=0,
+                    beta=cfg.beta,
+                    z_baseline=False,
+                    weighting=cfg.weighting,
+                    diffusion_steps=cfg.diffusion_steps,
+                    critic_steps=cfg.critic_steps,
+                    policy_steps=cfg.policy_steps,
+                    diffusion_hidden=cfg.diffusion_hidden,
+                    diffusion_batch_size=cfg.diffusion_batch_size,
+                    actor_hidden=cfg.actor_hidden,
+                    threads=cfg.threads,
+                    save_model=False,
+                    exp_name="bandit_benchmark",
+                )
+            )
             rows[dec].append({"seed": seed, "reward": res["final_return"], "actions": res["final_actions"]})
             cache = res["stage1_cache"]["diffusion"]
         r = np.array([x["reward"] for x in rows[dec]])
-        print(f"{dec:12s} beta {cfg.beta}: mean {r.mean():.3f} ± {r.std():.3f}; coordinated (> 0.5) {np.sum(r > 0.5)}/{len(r)}, "
-              f"miscoordinated (< 0) {np.sum(r < 0)}/{len(r)}; per seed {np.round(r, 3).tolist()}")
+        print(
+            f"{dec:12s} beta {cfg.beta}: mean {r.mean():.3f} ± {r.std():.3f}; "
+            f"coordinated (> 0.5) {np.sum(r > 0.5)}/{len(r)}, "
+            f"miscoordinated (< 0) {np.sum(r < 0)}/{len(r)}; per seed {np.round(r, 3).tolist()}"
+        )
         if dec == "independent" and cfg.figure:
             plot_field(cache, os.path.join(REPO, "benchmark", "figures", "bandit_score_field.png"))
     out = os.path.join(REPO, "benchmark", "results", f"bandit_{cfg.weighting}_beta{cfg.beta}.json")
@@ -118,8 +136,11 @@ def main(cfg: Cfg):
 
 
 def report():
-    rows = ["| w(t) | β | sequential: mean ± std | coordinated (> 0.5) | independent: mean ± std | miscoordinated (< 0) | per-seed rewards, sequential / independent |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| w(t) | β | sequential: mean ± std | coordinated (> 0.5) | independent: mean ± std | miscoordinated (< 0) "
+        "| per-seed rewards, sequential / independent |",
+        "|---|---|---|---|---|---|---|",
+    ]
     results_dir = os.path.join(REPO, "benchmark", "results")
     found = []
     for name in os.listdir(results_dir):
@@ -129,9 +150,11 @@ def report():
     for res in sorted(found, key=lambda r: (r["config"]["weighting"], r["config"]["beta"])):
         seq = np.array([x["reward"] for x in res["runs"]["sequential"]])
         ind = np.array([x["reward"] for x in res["runs"]["independent"]])
-        rows.append(f"| {res['config']['weighting']} | {res['config']['beta']} | {seq.mean():.3f} ± {seq.std():.3f} | "
-                    f"{np.sum(seq > 0.5)}/{len(seq)} | {ind.mean():.3f} ± {ind.std():.3f} | {np.sum(ind < 0)}/{len(ind)} | "
-                    f"{' '.join(f'{x:.2f}' for x in seq)} / {' '.join(f'{x:.2f}' for x in ind)} |")
+        rows.append(
+            f"| {res['config']['weighting']} | {res['config']['beta']} | {seq.mean():.3f} ± {seq.std():.3f} | "
+            f"{np.sum(seq > 0.5)}/{len(seq)} | {ind.mean():.3f} ± {ind.std():.3f} | {np.sum(ind < 0)}/{len(ind)} | "
+            f"{' '.join(f'{x:.2f}' for x in seq)} / {' '.join(f'{x:.2f}' for x in ind)} |"
+        )
     print("\n".join(rows))
 
 

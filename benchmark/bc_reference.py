@@ -41,7 +41,9 @@ class Cfg:
 def main(cfg: Cfg):
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    args = om.resolve_args(om.Args(env_id=cfg.env_id, dataset=cfg.dataset, eval_episodes=cfg.eval_episodes, seed=cfg.seed))
+    args = om.resolve_args(
+        om.Args(env_id=cfg.env_id, dataset=cfg.dataset, eval_episodes=cfg.eval_episodes, seed=cfg.seed)
+    )
     arrays, _, source = om.load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
     data = om.to_tensors(arrays, list(range(n)), args)
@@ -58,7 +60,10 @@ def main(cfg: Cfg):
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ret = om.evaluate(actors, args, list(range(n)), obs_max)["return"]
-            print(f"{source}: step {step}  mse {loss.item():.4f}  eval return {ret:.1f}  ({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"{source}: step {step}  mse {loss.item():.4f}  eval return {ret:.1f}  ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ rates = {}
 for fused in (False, True):
     net = om.ScoreNet(n, 2, 18 + 4, 64, 2)
     rates[fused] = (net, torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.01, fused=fused), [])
-for block in range(6):
-    for fused, (net, opt, out) in rates.items():
+for _block in range(6):
+    for _fused, (net, opt, out) in rates.items():
         t0 = time.perf_counter()
         for _ in range(200):
             loss = om.diffusion_loss(net, a0, cond, gen).sum()

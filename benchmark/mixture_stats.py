@@ -36,8 +36,10 @@ def policy_action_stats(arrays: dict, policies: list) -> dict:
     elif sum(counts) == len(ends):  # MPE: counts are episodes
         bounds = np.concatenate([[0], ends[np.cumsum(counts) - 1]])
     else:
-        raise DatasetError(f"the metadata's behaviour policies cover {sum(counts)} rows or episodes, the data has "
-                           f"{rows} rows in {len(ends)} episodes; this dataset was not made by this repo's generators")
+        raise DatasetError(
+            f"the metadata's behaviour policies cover {sum(counts)} rows or episodes, the data has "
+            f"{rows} rows in {len(ends)} episodes; this dataset was not made by this repo's generators"
+        )
     shares, means = [], {name: [] for name, _ in policies}
     for i in range(n_agents_of(arrays)):
         a = arrays[f"actions_{i}"].astype(np.float64)
@@ -62,8 +64,10 @@ def disagreement(arrays: dict, meta: dict, n_obs: int = 10_000) -> list[float]:
     now, then = md.plan_snapshots(meta["task"], plan), meta["behaviour"]["snapshots"]
     for name in now:  # the committed checkpoints must be the ones that made the data
         if then.get(name) != now[name]:
-            raise DatasetError(f"{name} of the committed checkpoints ({now[name]}) is not the policy that made this "
-                               f"dataset ({then.get(name)}); regenerate the dataset")
+            raise DatasetError(
+                f"{name} of the committed checkpoints ({now[name]}) is not the policy that made this "
+                f"dataset ({then.get(name)}); regenerate the dataset"
+            )
     n = n_agents_of(arrays)
     rows = np.random.default_rng(0).choice(len(arrays["obs_0"]), min(n_obs, len(arrays["obs_0"])), replace=False)
     obs_max = max(arrays[f"obs_{i}"].shape[1] for i in range(n))
@@ -75,7 +79,9 @@ def disagreement(arrays: dict, meta: dict, n_obs: int = 10_000) -> list[float]:
     out = []
     for i in range(n):
         pairs = [((acts[p][i] - acts[q][i]) ** 2).sum(1).mean() for p in range(len(acts)) for q in range(p)]
-        out.append(float(np.mean(pairs) / (2 * arrays[f"actions_{i}"].astype(np.float64).var(0).sum())) if pairs else 0.0)
+        out.append(
+            float(np.mean(pairs) / (2 * arrays[f"actions_{i}"].astype(np.float64).var(0).sum())) if pairs else 0.0
+        )
     return out
 
 
@@ -87,13 +93,17 @@ def main(paths: list[str]):
             arrays, meta = load_dataset(path)
             stats = policy_action_stats(arrays, meta["behaviour"]["policies"])
         except (DatasetError, KeyError) as e:
-            raise SystemExit(f"error: {path}: {e}")
+            raise SystemExit(f"error: {path}: {e}") from None
         print(f"{os.path.basename(path)}  ({meta['task']}, {meta['quality']})")
-        print("  marginal share (action variance explained by which policy acted), per agent: "
-              + ", ".join(f"{s:.2f}" for s in stats["shares"]))
+        print(
+            "  marginal share (action variance explained by which policy acted), per agent: "
+            + ", ".join(f"{s:.2f}" for s in stats["shares"])
+        )
         if meta.get("env_family") == "mamujoco":
-            print("  disagreement on the same observations, per agent: "
-                  + ", ".join(f"{d:.2f}" for d in disagreement(arrays, meta)))
+            print(
+                "  disagreement on the same observations, per agent: "
+                + ", ".join(f"{d:.2f}" for d in disagreement(arrays, meta))
+            )
         for name, m in stats["means"].items():
             print(f"  {name:>24s} mean action per agent: {m}")
 

@@ -77,8 +77,11 @@ def stages(n: int, obs: int, act: int, a: om.Args, per_agent: bool):
     mask = om.prefix_mask(n, "sequential")
     cond_dim = obs + mask.shape[1] * act
     a0, base = torch.rand(n, B1, act) * 2 - 1, torch.randn(n, B1, obs)
-    nets = [om.ScoreNet(1, act, cond_dim, a.diffusion_hidden, a.diffusion_blocks) for _ in range(n)] if per_agent \
+    nets = (
+        [om.ScoreNet(1, act, cond_dim, a.diffusion_hidden, a.diffusion_blocks) for _ in range(n)]
+        if per_agent
         else [om.ScoreNet(n, act, cond_dim, a.diffusion_hidden, a.diffusion_blocks)]
+    )
     d_opts = [torch.optim.AdamW(m.parameters(), lr=3e-4) for m in nets]
     cond = om.condition(base, a0, mask)
 
@@ -91,8 +94,11 @@ def stages(n: int, obs: int, act: int, a: om.Args, per_agent: bool):
             o.step()
 
     S = n * obs
-    q_net, q_target, v_net = om.TwinQ(S + n * act, a.critic_hidden), om.TwinQ(S + n * act, a.critic_hidden), \
-        om.mlp(S, a.critic_hidden, 1)
+    q_net, q_target, v_net = (
+        om.TwinQ(S + n * act, a.critic_hidden),
+        om.TwinQ(S + n * act, a.critic_hidden),
+        om.mlp(S, a.critic_hidden, 1),
+    )
     q_opt, v_opt = torch.optim.Adam(q_net.parameters()), torch.optim.Adam(v_net.parameters())
     s, joint, r = torch.randn(B2, S), torch.rand(B2, n * act), torch.randn(B2)
 
@@ -158,11 +164,15 @@ def main(cfg: Cfg):
     a = om.resolve_args(om.Args())  # the script's defaults (MPE)
     peak = matmul_peak(cfg.seconds)
     print(f"torch {torch.__version__}, {cfg.threads} thread(s); matmul peak (1024^3 fp32): {peak:.1f} GFLOP/s")
-    print(f"networks: diffusion hidden {a.diffusion_hidden} x {a.diffusion_blocks} blocks, batch "
-          f"{a.diffusion_batch_size}; critic hidden {a.critic_hidden}, batch {a.critic_batch_size}; actors hidden "
-          f"{a.actor_hidden}, batch {a.policy_batch_size}\n")
-    print("| shape | stage | batched steps/s | GFLOP/s | % of peak | per-agent loop steps/s | batched speed-up "
-          "| batched ms per agent-step |")
+    print(
+        f"networks: diffusion hidden {a.diffusion_hidden} x {a.diffusion_blocks} blocks, batch "
+        f"{a.diffusion_batch_size}; critic hidden {a.critic_hidden}, batch {a.critic_batch_size}; actors hidden "
+        f"{a.actor_hidden}, batch {a.policy_batch_size}\n"
+    )
+    print(
+        "| shape | stage | batched steps/s | GFLOP/s | % of peak | per-agent loop steps/s | batched speed-up "
+        "| batched ms per agent-step |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in cfg.shapes:
         n, obs, act = SHAPES[name]
@@ -175,8 +185,11 @@ def main(cfg: Cfg):
             else:
                 sps_loop, _ = timed(loop[stage], cfg.seconds)
                 cols = [f"{sps_loop:.0f}", f"{sps / sps_loop:.2f}×"]
-            print(f"| {name} | {stage} | {sps:.0f} | {gf:.1f} | {100 * gf / peak:.0f} % | {cols[0]} | {cols[1]} | "
-                  f"{1000 / sps / n:.2f} |", flush=True)
+            print(
+                f"| {name} | {stage} | {sps:.0f} | {gf:.1f} | {100 * gf / peak:.0f} % | {cols[0]} | {cols[1]} | "
+                f"{1000 / sps / n:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -29,21 +29,29 @@ BIG = "--diffusion-hidden 128 --diffusion-steps 30000"
 # study -> (datasets, decompositions, {setting name: flags})
 STUDIES = {
     "mode_selection": (
-        ("multimodal-2", "unimodal", "multimodal-3"), ("sequential", "independent"), {
+        ("multimodal-2", "unimodal", "multimodal-3"),
+        ("sequential", "independent"),
+        {
             "authors' extraction": "--actor-init random --weighting sigma2",
             "+ alpha_over_sigma, z-baseline": "--actor-init random --weighting alpha_over_sigma --z-baseline",
             "+ big behaviour models": f"--actor-init random --weighting sigma2 {BIG}",
-            "+ big, alpha_over_sigma, z-baseline": f"--actor-init random --weighting alpha_over_sigma --z-baseline {BIG}",
+            "+ big, alpha_over_sigma, z-baseline": (
+                f"--actor-init random --weighting alpha_over_sigma --z-baseline {BIG}"
+            ),
             "+ sample init": "--actor-init samples --weighting sigma2",
             "+ big, sample init": f"--actor-init samples --weighting sigma2 {BIG}",
-            "+ big, sample init, alpha_over_sigma, z-baseline":
-                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG}",
-            "the same, behaviour models trained 15,000 steps":
+            "+ big, sample init, alpha_over_sigma, z-baseline": (
+                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG}"
+            ),
+            "the same, behaviour models trained 15,000 steps": (
                 "--actor-init samples --weighting alpha_over_sigma --z-baseline --diffusion-hidden 128 "
-                "--diffusion-steps 15000",
-            "the same, 30,000 steps, 8 noise candidates picked by Q":
-                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG} --init-candidates 8",
-        }),
+                "--diffusion-steps 15000"
+            ),
+            "the same, 30,000 steps, 8 noise candidates picked by Q": (
+                f"--actor-init samples --weighting alpha_over_sigma --z-baseline {BIG} --init-candidates 8"
+            ),
+        },
+    ),
 }
 
 
@@ -106,9 +114,26 @@ def main(cfg):
             continue
         print(">>", cmd, flush=True)
         res = om.main(om.cli_args(shlex.split(cmd)[2:]))
-        row = {"command": cmd, "setting": name, "dataset": ds, "decomposition": dec, "seed": seed,
-               **{k: res[k] for k in ("beta", "final_return", "final_normalized_score", "eval_history", "total_seconds",
-                                      "stages", "actor_init", "diagnostics")}}
+        row = {
+            "command": cmd,
+            "setting": name,
+            "dataset": ds,
+            "decomposition": dec,
+            "seed": seed,
+            **{
+                k: res[k]
+                for k in (
+                    "beta",
+                    "final_return",
+                    "final_normalized_score",
+                    "eval_history",
+                    "total_seconds",
+                    "stages",
+                    "actor_init",
+                    "diagnostics",
+                )
+            },
+        }
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -132,8 +157,12 @@ def report(rows):
                     out.append("–")
                     continue
                 ret = np.array([r["final_return"] for r in rs])
-                agree = [((r.get("diagnostics") or {}).get("policy") or {}).get("final_assignment", {})
-                         .get("in_data_convention") for r in rs]
+                agree = [
+                    ((r.get("diagnostics") or {}).get("policy") or {})
+                    .get("final_assignment", {})
+                    .get("in_data_convention")
+                    for r in rs
+                ]
                 agree = [a for a in agree if a is not None]
                 txt = f"{ret.mean():.1f}" + (f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else "")
                 out.append(txt + (f" ({100 * np.mean(agree):.0f} %)" if agree else ""))
@@ -147,20 +176,29 @@ def diagnostics_table(rows):
     cells = defaultdict(list)
     for r in rows:
         cells[(r.get("quality") or r.get("dataset"), r["decomposition"])].append(r["diagnostics"])
-    print("| dataset | decomposition | episodes ending in a data convention | behaviour samples follow the data's "
-          "convention (agents 0/1/2) | held-out denoising loss | critic: Pearson r (Q, MC return) | support "
-          "distance: policy / data |")
+    print(
+        "| dataset | decomposition | episodes ending in a data convention | behaviour samples follow the data's "
+        "convention (agents 0/1/2) | held-out denoising loss | critic: Pearson r (Q, MC return) | support "
+        "distance: policy / data |"
+    )
     print("|---|---|---|---|---|---|---|")
     mean = lambda xs: np.mean(np.array(xs, dtype=float), 0)
     for (ds, dec), ds_rows in sorted(cells.items()):
         pol, beh = [d["policy"] for d in ds_rows], [d["behaviour"] for d in ds_rows]
         conv = [p["final_assignment"]["in_data_convention"] for p in pol if "final_assignment" in p]
         follow = [b["samples_follow_data_convention"] for b in beh if "samples_follow_data_convention" in b]
-        print(f"| {ds} | {dec} | " + (f"{100 * mean(conv):.0f} %" if conv else "–") + " | "
-              + ("/".join(f"{100 * x:.0f} %" for x in mean(follow)) if follow else "–") + " | "
-              + "/".join(f"{x:.3f}" for x in mean([b["heldout_denoising_loss"] for b in beh])) + " | "
-              + f"{mean([d['critic']['pearson_r'] for d in ds_rows]):.2f} | "
-              + f"{mean([p['support_distance'] for p in pol]):.3f} / {mean([p['support_distance_data'] for p in pol]):.3f} |")
+        print(
+            f"| {ds} | {dec} | "
+            + (f"{100 * mean(conv):.0f} %" if conv else "–")
+            + " | "
+            + ("/".join(f"{100 * x:.0f} %" for x in mean(follow)) if follow else "–")
+            + " | "
+            + "/".join(f"{x:.3f}" for x in mean([b["heldout_denoising_loss"] for b in beh]))
+            + " | "
+            + f"{mean([d['critic']['pearson_r'] for d in ds_rows]):.2f} | "
+            + f"{mean([p['support_distance'] for p in pol]):.3f} / "
+            + f"{mean([p['support_distance_data'] for p in pol]):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,28 @@ import numpy as np
 import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCALE10 = {"oma_sd_mpe.py": ["--diffusion-steps", "100000", "--critic-steps", "100000", "--policy-steps", "50000",
-                             "--eval-every", "5000"],
-           "oma_sd_mamujoco.py": ["--diffusion-steps", "300000", "--critic-steps", "100000", "--policy-steps", "50000",
-                                  "--eval-every", "10000"]}
+SCALE10 = {
+    "oma_sd_mpe.py": [
+        "--diffusion-steps",
+        "100000",
+        "--critic-steps",
+        "100000",
+        "--policy-steps",
+        "50000",
+        "--eval-every",
+        "5000",
+    ],
+    "oma_sd_mamujoco.py": [
+        "--diffusion-steps",
+        "300000",
+        "--critic-steps",
+        "100000",
+        "--policy-steps",
+        "50000",
+        "--eval-every",
+        "10000",
+    ],
+}
 
 
 @dataclass
@@ -77,10 +95,17 @@ def run(cfg: Cfg):
                     sys.exit(f"run failed (exit {r.returncode}): {' '.join(cmd)}")
                 with open(os.path.join(wd, r.stdout.strip().splitlines()[-1].split("-> ")[-1])) as f:
                     res = json.load(f)
-            row = {"setting": setting, "seed": seed, "command": " ".join(["python", cfg.script, "--seed", str(seed), *extra]),
-                   "final_return": res["final_return"], "final_normalized_score": res["final_normalized_score"],
-                   "eval_history": res["eval_history"], "eval_seconds": res["eval_seconds"],
-                   "total_seconds": res["total_seconds"], "stages": res["stages"]}
+            row = {
+                "setting": setting,
+                "seed": seed,
+                "command": " ".join(["python", cfg.script, "--seed", str(seed), *extra]),
+                "final_return": res["final_return"],
+                "final_normalized_score": res["final_normalized_score"],
+                "eval_history": res["eval_history"],
+                "eval_seconds": res["eval_seconds"],
+                "total_seconds": res["total_seconds"],
+                "stages": res["stages"],
+            }
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -95,8 +120,11 @@ def report(cfg: Cfg):
     with open(cfg.table_rows or results_file(cfg)) as f:
         rows = [json.loads(line) for line in f]
     if cfg.table_rows:
-        rows = [dict(r, setting="default") for r in rows
-                if r["decomposition"] == "sequential" and r["quality"] == cfg.table_quality]
+        rows = [
+            dict(r, setting="default")
+            for r in rows
+            if r["decomposition"] == "sequential" and r["quality"] == cfg.table_quality
+        ]
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, color in (("default", "C0"), ("10x", "C1")):
         rs = [r for r in rows if r["setting"] == setting]
@@ -104,18 +132,28 @@ def report(cfg: Cfg):
             continue
         score = np.array([r["final_normalized_score"] for r in rs], dtype=float)
         secs = np.array([r["total_seconds"] for r in rs])
-        print(f"{setting}: normalized score {score.mean():.1f} ± {score.std():.1f}, return "
-              f"{np.mean([r['final_return'] for r in rs]):.1f}, wall-clock {secs.mean() / 60:.1f} ± {secs.std() / 60:.1f} min "
-              f"(seeds {sorted(r['seed'] for r in rs)}; e.g. `{rs[0]['command']}`)")
+        print(
+            f"{setting}: normalized score {score.mean():.1f} ± {score.std():.1f}, return "
+            f"{np.mean([r['final_return'] for r in rs]):.1f}, "
+            f"wall-clock {secs.mean() / 60:.1f} ± {secs.std() / 60:.1f} min "
+            f"(seeds {sorted(r['seed'] for r in rs)}; e.g. `{rs[0]['command']}`)"
+        )
         for k, r in enumerate(rs):
-            ax.plot(r["eval_seconds"], [h["normalized_score"] for h in r["eval_history"]], color=color, alpha=0.8,
-                    label=f"{setting} ({len(rs)} seeds)" if k == 0 else None)
+            ax.plot(
+                r["eval_seconds"],
+                [h["normalized_score"] for h in r["eval_history"]],
+                color=color,
+                alpha=0.8,
+                label=f"{setting} ({len(rs)} seeds)" if k == 0 else None,
+            )
     if len({r["setting"] for r in rows}) > 1:
         ax.set_xscale("log")  # the 10x runs take ten times as long
     else:
         ax.set_xlim(left=0)  # the time before the first evaluation is stage 1
-    ax.set_xlabel("wall-clock seconds since start\n(stage 1 included; dataset generation "
-                  + ("not included)" if cfg.table_rows else "included)"))
+    ax.set_xlabel(
+        "wall-clock seconds since start\n(stage 1 included; dataset generation "
+        + ("not included)" if cfg.table_rows else "included)")
+    )
     ax.set_ylabel("normalized score")
     ax.set_title(f"{cfg.script}: time to score, 2 CPU cores")
     ax.legend()

@@ -104,9 +104,11 @@ def load_actors(mod, path: str, n: int, obs_max: int, act_dim: int, hidden: int,
     if want != have:
         diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
         k = diff[0]
-        raise VideoError(f"{path} does not fit {env_id} ({n} agents, observations padded to {obs_max}, actions of "
-                         f"{act_dim}, actor_hidden {hidden}): {k} is {have.get(k, 'missing')}, expected "
-                         f"{want.get(k, 'absent')}")
+        raise VideoError(
+            f"{path} does not fit {env_id} ({n} agents, observations padded to {obs_max}, actions of "
+            f"{act_dim}, actor_hidden {hidden}): {k} is {have.get(k, 'missing')}, expected "
+            f"{want.get(k, 'absent')}"
+        )
     if "order" in saved and saved["order"].tolist() != order:
         raise VideoError(f"{path} was saved for agent order {saved['order'].tolist()}, results.json says {order}")
     actors.load_state_dict(saved["actors"])
@@ -135,8 +137,9 @@ def padded(obs: dict, names: list[str], order: list[int], obs_max: int) -> np.nd
     return o
 
 
-def replay_policy(steps: list[tuple[np.ndarray, np.ndarray]], names: list[str], order: list[int], obs_max: int,
-                  episode: int):
+def replay_policy(
+    steps: list[tuple[np.ndarray, np.ndarray]], names: list[str], order: list[int], obs_max: int, episode: int
+):
     """A policy that gives, step by step, the actions the evaluation took in this episode, after checking that the
     replayed episode sees exactly the observations the evaluation saw."""
     t = iter(range(len(steps) + 1))
@@ -175,8 +178,9 @@ def main(cfg: Cfg) -> list[float]:
     if sorted(order) != list(range(len(names))):
         raise VideoError(f"results.json's agent_order {order} is not a permutation of {env_id}'s {len(names)} agents")
     obs_max = max(obs_dims)
-    actors = load_actors(mod, os.path.join(cfg.run_dir, "actors.pt"), len(names), obs_max, act_dim,
-                         args.actor_hidden, order, env_id)
+    actors = load_actors(
+        mod, os.path.join(cfg.run_dir, "actors.pt"), len(names), obs_max, act_dim, args.actor_hidden, order, env_id
+    )
 
     # The script's own evaluation (all episodes stepped together, one batched actor call per step, as in the run),
     # recorded; then each episode is replayed on its own with its recorded actions and drawn.
@@ -194,8 +198,10 @@ def main(cfg: Cfg) -> list[float]:
     def steps_of(e: int) -> list:
         out = []
         for t, (o, a) in enumerate(rec.calls, start=1):
-            live = sorted({j for j, n in enumerate(lengths) if n >= t} |
-                          {f["episode"] for f in failed.values() if f["env_step"] == t})
+            live = sorted(
+                {j for j, n in enumerate(lengths) if n >= t}
+                | {f["episode"] for f in failed.values() if f["env_step"] == t}
+            )
             if len(live) != o.shape[1]:
                 raise VideoError(f"step {t}: {o.shape[1]} observations in the evaluation's batch, {len(live)} expected")
             if e in live and (e not in failed or t <= lengths[e]):
@@ -211,8 +217,10 @@ def main(cfg: Cfg) -> list[float]:
         seed = args.seed + 100 + k
         if k in failed:
             f = failed[k]
-            print(f"episode {k} (env seed {seed}): failed in the evaluation at step {f['env_step']}: {f['what']}; "
-                  f"no video")
+            print(
+                f"episode {k} (env seed {seed}): failed in the evaluation at step {f['env_step']}: {f['what']}; "
+                f"no video"
+            )
             returns.append(float("nan"))
             continue
         rewards: list[dict] = []
@@ -223,29 +231,38 @@ def main(cfg: Cfg) -> list[float]:
         else:
             env.close()
             env = mod.make_env(env_id)  # a fresh env per episode, as the script's evaluation
-            frames = render.mamujoco_frames(env, policy, seed, size=size, every=every, rewards=rewards,
-                                            video_steps=cfg.video_steps or None)
+            frames = render.mamujoco_frames(
+                env, policy, seed, size=size, every=every, rewards=rewards, video_steps=cfg.video_steps or None
+            )
             ret = 0.0
             for r in rewards:
                 ret += float(r[names[0]])  # the team reward, summed in the evaluation's order
             if len(rewards) != lengths[k] or ret != ev_returns[k]:
-                raise VideoError(f"episode {k}: the replay ({len(rewards)} steps, return {ret}) differs from the "
-                                 f"evaluation ({lengths[k]} steps, return {ev_returns[k]})")
+                raise VideoError(
+                    f"episode {k}: the replay ({len(rewards)} steps, return {ret}) differs from the "
+                    f"evaluation ({lengths[k]} steps, return {ev_returns[k]})"
+                )
         path = os.path.join(out, f"episode_{k}.gif")
         nbytes = render.save_gif(frames, path, fps)
         returns.append(ret)
         score = f", normalized score {normalized_score(env_id, ret):.1f}" if is_mpe else ""
-        print(f"episode {k} (env seed {seed}): {len(rewards)} steps, return {ret:.4f}{score}; "
-              f"{len(frames)} frames, {nbytes / 1024:.0f} KiB -> {path}")
+        print(
+            f"episode {k} (env seed {seed}): {len(rewards)} steps, return {ret:.4f}{score}; "
+            f"{len(frames)} frames, {nbytes / 1024:.0f} KiB -> {path}"
+        )
     env.close()
     final = results.get("final_return")
     if run_args.eval_episodes == E:
         same = "the same" if mean == final else "DIFFERENT"
-        print(f"evaluation of the saved actors ({E} episodes, as the run's final one): mean return {mean}; "
-              f"results.json final_return: {final} ({same})")
+        print(
+            f"evaluation of the saved actors ({E} episodes, as the run's final one): mean return {mean}; "
+            f"results.json final_return: {final} ({same})"
+        )
     else:
-        print(f"evaluation of the saved actors over {run_args.eval_episodes} episodes: mean return {mean} (the run's "
-              f"final evaluation averages {E}: {final})")
+        print(
+            f"evaluation of the saved actors over {run_args.eval_episodes} episodes: mean return {mean} (the run's "
+            f"final evaluation averages {E}: {final})"
+        )
     return returns
 
 

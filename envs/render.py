@@ -43,9 +43,16 @@ def _mpe_canvas(env):
     pygame.freetype.init()
     font = pygame.freetype.Font(os.path.join(os.path.dirname(simple_env.__file__), "secrcode.ttf"), 24)
     label_font = pygame.freetype.Font(None, 44)  # pygame's own bold sans: readable after downscaling
-    canvas = types.SimpleNamespace(world=env.world, width=700, height=700, screen=pygame.Surface([700, 700]),
-                                   game_font=font, label_font=label_font, dynamic_rescaling=True,
-                                   continuous_actions=True)
+    canvas = types.SimpleNamespace(
+        world=env.world,
+        width=700,
+        height=700,
+        screen=pygame.Surface([700, 700]),
+        game_font=font,
+        label_font=label_font,
+        dynamic_rescaling=True,
+        continuous_actions=True,
+    )
     return canvas, simple_env.SimpleEnv.draw
 
 
@@ -85,8 +92,16 @@ def mpe_frames(env, policy, seed: int, size: int = MPE_SIZE, rewards: list | Non
     return frames
 
 
-def mamujoco_frames(env, policy, seed: int, size: int = MAMUJOCO_SIZE, every: int = 1, rewards: list | None = None,
-                    video_steps: int | None = None, step_check=None) -> list[np.ndarray]:
+def mamujoco_frames(
+    env,
+    policy,
+    seed: int,
+    size: int = MAMUJOCO_SIZE,
+    every: int = 1,
+    rewards: list | None = None,
+    video_steps: int | None = None,
+    step_check=None,
+) -> list[np.ndarray]:
     """One episode of an `envs.mamujoco.make_env` env from env.reset(seed=seed), until termination or truncation:
     the first frame and one after every `every`-th step of the first `video_steps` steps (all if None; size x size
     x 3 uint8). The whole episode is played whatever `every` and `video_steps` are, so `rewards` gets every step.
@@ -135,7 +150,14 @@ def save_gif(frames: list[np.ndarray], path: str, fps: float) -> int:
     images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(100 / fps) * 10,
-                   loop=0, optimize=True)
+    images[0].save(
+        tmp,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=round(100 / fps) * 10,
+        loop=0,
+        optimize=True,
+    )
     os.replace(tmp, path)
     return os.path.getsize(path)

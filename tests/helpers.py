@@ -7,17 +7,42 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MPE_TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
-            "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
-            "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32",
-            "--policy-batch-size", "32", "--threads", "1"]
+MPE_TINY = [
+    "--diffusion-steps",
+    "20",
+    "--critic-steps",
+    "20",
+    "--policy-steps",
+    "20",
+    "--eval-every",
+    "10",
+    "--eval-episodes",
+    "2",
+    "--dataset-transitions",
+    "250",
+    "--diffusion-hidden",
+    "16",
+    "--critic-hidden",
+    "16",
+    "--actor-hidden",
+    "16",
+    "--diffusion-batch-size",
+    "32",
+    "--critic-batch-size",
+    "32",
+    "--policy-batch-size",
+    "32",
+    "--threads",
+    "1",
+]
 
 
 def run_script(script: str, workdir, *args, check: bool = True):
     """`python <script> args` in workdir, datasets under workdir/data; check: assert it succeeded."""
     env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data"), "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, script, *args], cwd=workdir, capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, script, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=300
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

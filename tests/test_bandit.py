@@ -9,9 +9,21 @@ import pytest
 import oma_sd_mpe as om
 
 SEEDS = (0, 37, 42, 99, 400, 1000, 32987, 50000, 77777, 9000000)
-BUDGET = dict(env_id="bandit", beta=0.05, weighting="alpha_over_sigma", stage1_seed=0, diffusion_steps=3000,
-              critic_steps=500, policy_steps=800, diffusion_hidden=64, diffusion_batch_size=512, actor_hidden=64,
-              threads=1, save_model=False, eval_every=800)
+BUDGET = dict(
+    env_id="bandit",
+    beta=0.05,
+    weighting="alpha_over_sigma",
+    stage1_seed=0,
+    diffusion_steps=3000,
+    critic_steps=500,
+    policy_steps=800,
+    diffusion_hidden=64,
+    diffusion_batch_size=512,
+    actor_hidden=64,
+    threads=1,
+    save_model=False,
+    eval_every=800,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,12 @@ def rewards(tmp_path_factory):
     try:
         out = {}
         for dec in ("sequential", "independent"):
-            out[dec] = np.array([om.main(om.Args(decomposition=dec, seed=s, exp_name=f"t{dec}", **BUDGET))["final_return"]
-                                 for s in SEEDS])
+            out[dec] = np.array(
+                [
+                    om.main(om.Args(decomposition=dec, seed=s, exp_name=f"t{dec}", **BUDGET))["final_return"]
+                    for s in SEEDS
+                ]
+            )
         return out
     finally:
         os.chdir(cwd)

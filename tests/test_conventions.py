@@ -35,8 +35,10 @@ def test_controller_steers_each_agent_to_its_landmark():
     assert act[0, 0] == pytest.approx([3.0 * 0.1 - 0.1, -0.1], abs=1e-6)
 
 
-@pytest.mark.parametrize("quality,K,joint", [("unimodal", 1, True), ("multimodal-2", 2, True),
-                                             ("multimodal-3", 3, True), ("miscoordinated", 3, False)])
+@pytest.mark.parametrize(
+    "quality,K,joint",
+    [("unimodal", 1, True), ("multimodal-2", 2, True), ("multimodal-3", 3, True), ("miscoordinated", 3, False)],
+)
 def test_episode_conventions(quality, K, joint):
     conv = mpe_data.episode_conventions(quality, np.arange(600))
     assert conv.shape == (600, 3) and set(np.unique(conv)) == set(range(K))
@@ -56,7 +58,6 @@ def test_controlled_data_follow_their_conventions():
     obs = np.stack([arrays[f"obs_{i}"] for i in range(3)])
     act = np.stack([arrays[f"actions_{i}"] for i in range(3)])
     table = om.convention_table(obs, [0, 1, 2])
-    d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, N)
     first = np.arange(0, 500, 25)  # first steps, where the conventions' actions are far apart
     s = om.convention_stats(act[:, first], table[:, :, first])
     assert s["joint_in_one"] >= 0.9  # all agents of an episode follow one convention (up to the action noise)
@@ -223,8 +224,9 @@ def test_behaviour_fit_of_an_exact_model():
     held = torch.arange(0, N, 2)
     args = om.resolve_args(om.Args(sample_steps=20))
     mask = om.prefix_mask(n, "sequential")
-    out = om.behaviour_fit(GaussianScore(), data, held, lambda idx: data["obs"][idx].transpose(0, 1), mask, args,
-                           [0, 1, 2])
+    out = om.behaviour_fit(
+        GaussianScore(), data, held, lambda idx: data["obs"][idx].transpose(0, 1), mask, args, [0, 1, 2]
+    )
     d = out["sample_to_data_distance"]
     assert d[1] < 0.06 and d[2] < 0.06  # the conditionals follow the prefix
     assert d[0] == pytest.approx(GaussianScore.s * (4 / np.pi) ** 0.5, rel=0.3)  # |x - y| of two N(0.5, s^2) draws

@@ -14,8 +14,12 @@ def toy_arrays(obs_dims=(8, 9, 8), act_dims=(1, 1, 1), episodes=3, T=5, seed=0):
     """A tiny dataset with heterogeneous agents (like Hopper 3x1), written by hand."""
     rng = np.random.default_rng(seed)
     N = episodes * T
-    a = {"terminals": np.zeros(N, bool), "truncations": np.zeros(N, bool),
-         "state": rng.normal(size=(N, 11)).astype(np.float32), "next_state": rng.normal(size=(N, 11)).astype(np.float32)}
+    a = {
+        "terminals": np.zeros(N, bool),
+        "truncations": np.zeros(N, bool),
+        "state": rng.normal(size=(N, 11)).astype(np.float32),
+        "next_state": rng.normal(size=(N, 11)).astype(np.float32),
+    }
     a["truncations"][T - 1 :: T] = True
     a["terminals"][T - 1] = True  # first episode ends in a terminal state instead
     a["truncations"][T - 1] = False
@@ -34,7 +38,9 @@ def test_round_trip_heterogeneous_agents(tmp_path):
     a = toy_arrays()
     p = str(tmp_path / "d.npz")
     meta = save_dataset(p, a, META)
-    b, m = load_dataset(p, expect={"task": "toy", "n_agents": 3, "obs_dims": [8, 9, 8], "act_dims": [1, 1, 1], "state_dim": 11})
+    b, m = load_dataset(
+        p, expect={"task": "toy", "n_agents": 3, "obs_dims": [8, 9, 8], "act_dims": [1, 1, 1], "state_dim": 11}
+    )
     assert set(b) == set(a)
     assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert m["sha256"] == meta["sha256"] == checksum(a)
@@ -131,15 +137,24 @@ def test_cut_short(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "envs.mpe_data", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "envs.mpe_data", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--task", "simple_world_comm"], "unknown --task 'simple_world_comm'"),
-    (["--quality", "best"], "unknown --quality 'best'"),
-    (["--n-transitions", "30"], "multiple of the episode length"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--task", "simple_world_comm"], "unknown --task 'simple_world_comm'"),
+        (["--quality", "best"], "unknown --quality 'best'"),
+        (["--n-transitions", "30"], "multiple of the episode length"),
+    ],
+)
 def test_cli_bad_input(tmp_path, args, msg):
     r = _cli(*args, "--out", str(tmp_path / "x.npz"))
     assert r.returncode == 2

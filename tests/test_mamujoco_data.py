@@ -10,7 +10,8 @@ import torch
 from envs import mamujoco_data as md
 from envs.dataset import DatasetError, checksum, load_dataset, save_dataset, validate
 from envs.mamujoco import ENV_IDS, env_spec
-from envs.train_behaviour import Args, main as train
+from envs.train_behaviour import Args
+from envs.train_behaviour import main as train
 
 
 def _episodes_are_consistent(a):
@@ -50,8 +51,11 @@ def test_same_seed_same_data_whatever_the_workers():
 
 def test_missing_behaviour_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(md, "BEHAVIOUR_DIR", str(tmp_path))
-    with pytest.raises(DatasetError, match="behaviour checkpoint .*HalfCheetah-2x3_seed0.pt is missing.*"
-                                           "python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0"):
+    with pytest.raises(
+        DatasetError,
+        match="behaviour checkpoint .*HalfCheetah-2x3_seed0.pt is missing.*"
+        "python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0",
+    ):
         md.generate("HalfCheetah-2x3", "expert", 300, workers=1, verbose=False)
     assert md.reference_returns("HalfCheetah-2x3") is None
 
@@ -67,9 +71,20 @@ def test_trainer_checkpoints_feed_every_quality(tmp_path, monkeypatch):
     """Three tiny training runs (seeds 0-2) on Hopper 3x1, then every quality made from them."""
     monkeypatch.setattr(md, "BEHAVIOUR_DIR", str(tmp_path))
     for seed in md.MIXTURE_SEEDS:
-        train(Args(task="Hopper-3x1", seed=seed, total_steps=480, learning_starts=160, eval_every=80,
-                   eval_episodes=2, batch_size=32, critic_hidden=32, num_envs=4,
-                   out=str(tmp_path / f"Hopper-3x1_seed{seed}.pt")))
+        train(
+            Args(
+                task="Hopper-3x1",
+                seed=seed,
+                total_steps=480,
+                learning_starts=160,
+                eval_every=80,
+                eval_episodes=2,
+                batch_size=32,
+                critic_hidden=32,
+                num_envs=4,
+                out=str(tmp_path / f"Hopper-3x1_seed{seed}.pt"),
+            )
+        )
     policies, info = md.load_behaviour("Hopper-3x1", 0)
     assert {"random", "medium", "expert", "replay_0"} <= set(policies)
     assert [s for s, _ in info["curve"]] == list(range(0, 481, 80))
@@ -84,7 +99,10 @@ def test_trainer_checkpoints_feed_every_quality(tmp_path, monkeypatch):
         if quality == "mixture":
             assert names == ["seed0/expert", "seed1/expert", "seed2/expert"]
         if quality == "medium-expert":
-            assert names == ["seed0/medium", "seed0/expert"] and [k for _, k in meta["behaviour"]["policies"]] == [100, 100]
+            assert names == ["seed0/medium", "seed0/expert"] and [k for _, k in meta["behaviour"]["policies"]] == [
+                100,
+                100,
+            ]
 
 
 COMMITTED = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(md.BEHAVIOUR_DIR, "*_seed*.pt")))
@@ -125,13 +143,18 @@ def test_mixture_stats_measures_how_the_behaviour_policies_differ():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "mixture_stats", os.path.join(os.path.dirname(__file__), "..", "benchmark", "mixture_stats.py"))
+        "mixture_stats", os.path.join(os.path.dirname(__file__), "..", "benchmark", "mixture_stats.py")
+    )
     ms = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ms)
     # two policies, one action dim: actions -1/+1 half each -> between variance 1 of total 1 (share 1);
     # within each block +-1 around 0 -> share 0
-    a = {"obs_0": np.zeros((4, 1), np.float32), "actions_0": np.array([[-1], [-1], [1], [1]], np.float32),
-         "terminals": np.zeros(4, bool), "truncations": np.array([0, 1, 0, 1], bool)}
+    a = {
+        "obs_0": np.zeros((4, 1), np.float32),
+        "actions_0": np.array([[-1], [-1], [1], [1]], np.float32),
+        "terminals": np.zeros(4, bool),
+        "truncations": np.array([0, 1, 0, 1], bool),
+    }
     assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [1.0]
     a["actions_0"] = np.array([[-1], [1], [-1], [1]], np.float32)
     assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [0.0]

@@ -36,7 +36,7 @@ def test_one_team_reward_and_episode_ends(env_id):
     env = make_env(env_id)
     env.reset(seed=1)
     rng = np.random.default_rng(1)
-    for t in range(1, EPISODE_LEN + 1):
+    for t in range(1, EPISODE_LEN + 1):  # noqa: B007 (t is read after the loop)
         acts = {a: rng.uniform(-1, 1, env.action_space(a).shape).astype(np.float32) for a in env.agents}
         _, rew, term, trunc, _ = env.step(acts)
         assert len(set(rew.values())) == 1  # every agent gets the same team reward

@@ -13,7 +13,9 @@ def test_parallel_api(task):
     parallel_api_test(MPEEnv(task), num_cycles=30)
 
 
-@pytest.mark.parametrize("task,n,obs,state", [("simple_spread", 3, 18, 54), ("simple_tag", 3, 16, 62), ("simple_world", 3, 24, 94)])
+@pytest.mark.parametrize(
+    "task,n,obs,state", [("simple_spread", 3, 18, 54), ("simple_tag", 3, 16, 62), ("simple_world", 3, 24, 94)]
+)
 def test_spaces(task, n, obs, state):
     env = MPEEnv(task)
     o, _ = env.reset(seed=0)

@@ -21,10 +21,36 @@ from tests.helpers import results_of, run_script
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
 N_DATA = 200  # transitions of the tiny random datasets
-TINY = ["--diffusion-steps", "20", "--critic-steps", "20", "--policy-steps", "20", "--eval-every", "10",
-        "--eval-episodes", "2", "--dataset", "random", "--dataset-transitions", str(N_DATA), "--diffusion-hidden", "16",
-        "--critic-hidden", "16", "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32",
-        "--policy-batch-size", "32", "--threads", "1"]
+TINY = [
+    "--diffusion-steps",
+    "20",
+    "--critic-steps",
+    "20",
+    "--policy-steps",
+    "20",
+    "--eval-every",
+    "10",
+    "--eval-episodes",
+    "2",
+    "--dataset",
+    "random",
+    "--dataset-transitions",
+    str(N_DATA),
+    "--diffusion-hidden",
+    "16",
+    "--critic-hidden",
+    "16",
+    "--actor-hidden",
+    "16",
+    "--diffusion-batch-size",
+    "32",
+    "--critic-batch-size",
+    "32",
+    "--policy-batch-size",
+    "32",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +63,25 @@ def run(workdir, *args, check=True, script=SCRIPT):
 
 
 def check_results(res, env_id, steps, episodes):
-    for k in ("env_id", "dataset", "dataset_sha256", "decomposition", "agent_order", "beta", "seed", "status",
-              "final_return", "final_normalized_score", "normalization", "metric", "failed_episodes", "eval_history",
-              "stages", "stage1_cache", "args"):
+    for k in (
+        "env_id",
+        "dataset",
+        "dataset_sha256",
+        "decomposition",
+        "agent_order",
+        "beta",
+        "seed",
+        "status",
+        "final_return",
+        "final_normalized_score",
+        "normalization",
+        "metric",
+        "failed_episodes",
+        "eval_history",
+        "stages",
+        "stage1_cache",
+        "args",
+    ):
         assert k in res
     assert res["env_id"] == env_id and res["dataset"] == "random" and res["status"] == "ok"
     assert res["failed_episodes"] == []
@@ -47,7 +89,9 @@ def check_results(res, env_id, steps, episodes):
     assert res["args"]["bootstrap_truncation"] is True  # the MaMuJoCo default
     assert [h["step"] for h in res["eval_history"]] == steps
     secs = res["eval_seconds"]
-    assert len(secs) == len(steps) and all(0 < a < b for a, b in zip(secs, secs[1:])) and secs[-1] < res["total_seconds"]
+    assert (
+        len(secs) == len(steps) and all(0 < a < b for a, b in zip(secs, secs[1:])) and secs[-1] < res["total_seconds"]
+    )
     for h in res["eval_history"]:
         assert len(h["episode_returns"]) == len(h["episode_lengths"]) == episodes
         assert all(1 <= t <= EPISODE_LEN for t in h["episode_lengths"])
@@ -61,7 +105,8 @@ def check_results(res, env_id, steps, episodes):
     else:
         assert res["normalization"]["random"] == ref["random"] and res["normalization"]["expert"] == ref["expert"]
         assert res["final_normalized_score"] == pytest.approx(
-            100 * (res["final_return"] - ref["random"]) / (ref["expert"] - ref["random"]))
+            100 * (res["final_return"] - ref["random"]) / (ref["expert"] - ref["random"])
+        )
     for stage in ("diffusion", "critic", "policy"):
         assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
 
@@ -78,10 +123,13 @@ def test_smoke_every_env(workdir, env_id):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
 
 
-@pytest.mark.parametrize("env_id,extra", [
-    ("Ant-2x4-nocf", ["--decomposition", "independent", "--condition", "state", "--regq"]),
-    ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4", "--no-z-baseline"]),
-])
+@pytest.mark.parametrize(
+    "env_id,extra",
+    [
+        ("Ant-2x4-nocf", ["--decomposition", "independent", "--condition", "state", "--regq"]),
+        ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4", "--no-z-baseline"]),
+    ],
+)
 def test_variants(workdir, env_id, extra):
     r = run(workdir, "--env-id", env_id, *TINY, "--eval-every", "20", "--eval-episodes", "1", *extra)
     res = results_of(workdir, r.stdout)
@@ -94,14 +142,33 @@ def test_variants(workdir, env_id, extra):
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
-    args = ["--env-id", "HalfCheetah-2x3", *TINY, "--policy-steps", "40", "--checkpoint-every", "10",
-            "--eval-episodes", "1", "--exp-name", "resume"]
+    args = [
+        "--env-id",
+        "HalfCheetah-2x3",
+        *TINY,
+        "--policy-steps",
+        "40",
+        "--checkpoint-every",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--exp-name",
+        "resume",
+    ]
     reference = results_of(workdir, run(workdir, *args, "--cache-dir", "cache_ref").stdout)
     env = {**os.environ, "OMSD_DATA_DIR": str(workdir / "data")}
-    p = subprocess.Popen([sys.executable, SCRIPT, *args, "--cache-dir", "cache_int"], cwd=workdir, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, SCRIPT, *args, "--cache-dir", "cache_int"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while not glob.glob(str(workdir / "cache_int" / "*-run-*.partial.pt")) and p.poll() is None and time.time() < deadline:
+    while (
+        not glob.glob(str(workdir / "cache_int" / "*-run-*.partial.pt")) and p.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -131,15 +198,18 @@ def _bad(workdir, *args):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--env-id", "Walker-2x3"], "unknown --env-id"),
-    (["--dataset", "good"], "unknown --dataset"),
-    (["--beta", "0"], "--beta must be > 0"),
-    (["--beta", "-1"], "--beta must be > 0"),
-    (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
-    (["--critic-steps", "0"], "--critic-steps must be a positive integer"),
-    (["--agent-order", "0", "0"], "--agent-order must be a permutation"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--env-id", "Walker-2x3"], "unknown --env-id"),
+        (["--dataset", "good"], "unknown --dataset"),
+        (["--beta", "0"], "--beta must be > 0"),
+        (["--beta", "-1"], "--beta must be > 0"),
+        (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
+        (["--critic-steps", "0"], "--critic-steps must be a positive integer"),
+        (["--agent-order", "0", "0"], "--agent-order must be a permutation"),
+    ],
+)
 def test_bad_input(workdir, args, msg):
     assert msg in _bad(workdir, *TINY, *args)
 
@@ -183,10 +253,14 @@ def tiny_args(**kw):
     return om.resolve_args(om.Args(**{"env_id": "HalfCheetah-2x3", "eval_episodes": 3, "seed": 1, **kw}))
 
 
-@pytest.mark.parametrize("what,expect", [
-    ("obs", "non-finite observation of agent_1"), ("reward", "non-finite reward inf"),
-    ("qvel", "unstable simulation (MuJoCo warning mjWARN_BADQVEL; MuJoCo reset it)"),
-])
+@pytest.mark.parametrize(
+    "what,expect",
+    [
+        ("obs", "non-finite observation of agent_1"),
+        ("reward", "non-finite reward inf"),
+        ("qvel", "unstable simulation (MuJoCo warning mjWARN_BADQVEL; MuJoCo reset it)"),
+    ],
+)
 def test_evaluate_records_a_diverged_episode(monkeypatch, tmp_path, what, expect):
     monkeypatch.chdir(tmp_path)  # MUJOCO_LOG.TXT
     real = om.make_env
@@ -244,8 +318,18 @@ runpy.run_path({script!r}, run_name="__main__")
 def test_diverged_evaluation_stops_the_run_and_is_recorded(workdir):
     wrapper = workdir / "diverging.py"
     wrapper.write_text(WRAPPER.format(tests=os.path.dirname(os.path.abspath(__file__)), script=SCRIPT))
-    r = run(workdir, "--env-id", "HalfCheetah-2x3", *TINY, "--exp-name", "diverged", "--cache-dir", "cache_div",
-            check=False, script=str(wrapper))
+    r = run(
+        workdir,
+        "--env-id",
+        "HalfCheetah-2x3",
+        *TINY,
+        "--exp-name",
+        "diverged",
+        "--cache-dir",
+        "cache_div",
+        check=False,
+        script=str(wrapper),
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "evaluation at policy step 10" in lines[0] and "diverged" in lines[0], r.stderr[-2000:]
@@ -254,8 +338,9 @@ def test_diverged_evaluation_stops_the_run_and_is_recorded(workdir):
     with open(workdir / path) as f:
         res = json.load(f)
     assert res["status"] == "failed" and res["final_return"] is None and res["final_normalized_score"] is None
-    assert res["failed_episodes"] == [{"episode": 1, "env_seed": 102, "env_step": 5, "policy_step": 10,
-                                       "what": "non-finite observation of agent_1"}]
+    assert res["failed_episodes"] == [
+        {"episode": 1, "env_seed": 102, "env_step": 5, "policy_step": 10, "what": "non-finite observation of agent_1"}
+    ]
     assert [h["step"] for h in res["eval_history"]] == [0, 10]
     assert np.isfinite(res["eval_history"][0]["return"]) and res["eval_history"][1]["return"] is None
     assert not glob.glob(str(workdir / "cache_div" / "*-run-*"))  # the run is over: nothing left to resume

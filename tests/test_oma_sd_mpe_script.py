@@ -22,17 +22,31 @@ def run(workdir, *args, check=True):
     return run_script(SCRIPT, workdir, *args, check=check)
 
 
-@pytest.mark.parametrize("env_id,extra", [
-    ("simple_spread", []), ("simple_tag", ["--dataset", "medium"]), ("simple_world", ["--dataset", "random"]),
-    ("simple_spread", ["--decomposition", "independent", "--dataset", "mixture"]),
-    ("simple_tag", ["--prefix", "updated", "--agent-order", "2", "0", "1", "--dataset", "medium-replay"]),
-    ("simple_world", ["--condition", "state", "--weighting", "alpha_over_sigma", "--regq", "--z-baseline"]),
-])
+@pytest.mark.parametrize(
+    "env_id,extra",
+    [
+        ("simple_spread", []),
+        ("simple_tag", ["--dataset", "medium"]),
+        ("simple_world", ["--dataset", "random"]),
+        ("simple_spread", ["--decomposition", "independent", "--dataset", "mixture"]),
+        ("simple_tag", ["--prefix", "updated", "--agent-order", "2", "0", "1", "--dataset", "medium-replay"]),
+        ("simple_world", ["--condition", "state", "--weighting", "alpha_over_sigma", "--regq", "--z-baseline"]),
+    ],
+)
 def test_smoke_every_task(workdir, env_id, extra):
     r = run(workdir, "--env-id", env_id, *TINY, *extra)
     res = results_of(workdir, r.stdout)
-    for k in ("env_id", "dataset", "decomposition", "beta", "seed", "final_return", "final_normalized_score",
-              "eval_history", "stages"):
+    for k in (
+        "env_id",
+        "dataset",
+        "decomposition",
+        "beta",
+        "seed",
+        "final_return",
+        "final_normalized_score",
+        "eval_history",
+        "stages",
+    ):
         assert k in res
     assert res["env_id"] == env_id
     assert [h["step"] for h in res["eval_history"]] == [0, 10, 20]
@@ -85,17 +99,20 @@ def _bad(workdir, *args, creates_run=False):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--env-id", "simple_world_comm"], "unknown --env-id"),
-    (["--dataset", "best"], "unknown --dataset"),
-    (["--beta", "0"], "--beta must be > 0"),
-    (["--beta", "-1"], "--beta must be > 0"),
-    (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
-    (["--diffusion-steps", "-5"], "--diffusion-steps must be a positive integer"),
-    (["--decomposition", "joint"], "--decomposition must be one of"),
-    (["--agent-order", "0", "0", "1"], "--agent-order must be a permutation"),
-    (["--dataset-path", "/nonexistent/x.npz"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--env-id", "simple_world_comm"], "unknown --env-id"),
+        (["--dataset", "best"], "unknown --dataset"),
+        (["--beta", "0"], "--beta must be > 0"),
+        (["--beta", "-1"], "--beta must be > 0"),
+        (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
+        (["--diffusion-steps", "-5"], "--diffusion-steps must be a positive integer"),
+        (["--decomposition", "joint"], "--decomposition must be one of"),
+        (["--agent-order", "0", "0", "1"], "--agent-order must be a permutation"),
+        (["--dataset-path", "/nonexistent/x.npz"], "does not exist"),
+    ],
+)
 def test_bad_input(workdir, args, msg):
     assert msg in _bad(workdir, *TINY, *args)
 
@@ -129,8 +146,20 @@ def test_nan_loss_stops_with_stage_and_step(workdir):
 def test_sample_init_and_diagnostics_on_controlled_data(workdir):
     """--actor-init samples fits the actors to joint behaviour samples before stage 2; the diagnostics of a run on
     controlled data report the behaviour fit, the critic and the policy's conventions."""
-    r = run(workdir, *TINY, "--dataset", "multimodal-3", "--actor-init", "samples", "--init-steps", "20",
-            "--init-candidates", "2", "--sample-steps", "4")
+    r = run(
+        workdir,
+        *TINY,
+        "--dataset",
+        "multimodal-3",
+        "--actor-init",
+        "samples",
+        "--init-steps",
+        "20",
+        "--init-candidates",
+        "2",
+        "--sample-steps",
+        "4",
+    )
     assert "actors initialised from behaviour samples" in r.stderr
     res = results_of(workdir, r.stdout)
     assert res["actor_init"]["candidate"] in (0, 1) and len(res["actor_init"]["regression_loss"]) == 3
@@ -141,10 +170,14 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
     first = d["policy"]["conventions_first_step"]
     assert 0 <= first["joint_in_one"] <= 1 and len(first["per_convention"]) == 3
     end = d["policy"]["final_assignment"]
-    assert end["in_data_convention"] == pytest.approx(sum(end["per_convention"])) and end["distinct"] >= \
-        end["in_data_convention"] - 1e-9  # a convention's assignment has the agents at three different landmarks
+    assert (
+        end["in_data_convention"] == pytest.approx(sum(end["per_convention"]))
+        and end["distinct"] >= end["in_data_convention"] - 1e-9
+    )  # a convention's assignment has the agents at three different landmarks
     # an ordinary quality has no conventions; --no-diagnostics skips them all
     res = results_of(workdir, run(workdir, *TINY, "--dataset", "medium").stdout)
-    assert "conventions_first_step" not in res["diagnostics"]["policy"] and "samples_near_a_convention" not in \
-        res["diagnostics"]["behaviour"]
+    assert (
+        "conventions_first_step" not in res["diagnostics"]["policy"]
+        and "samples_near_a_convention" not in res["diagnostics"]["behaviour"]
+    )
     assert results_of(workdir, run(workdir, *TINY, "--no-diagnostics").stdout)["diagnostics"] is None

@@ -130,9 +130,9 @@ def test_one_pass_equals_per_agent_loop():
         g_k = torch.autograd.grad(q_val, a_var)[0]
         prefix = [cur[j] for j in range(k)] + [torch.zeros(B, act)] * (n - 1 - k)
         cond_k = torch.cat([obs[k]] + prefix, -1)
-        eps_k = score_net(
-            (alpha_t * cur + sigma_t * z), t, torch.stack([cond_k] * n)
-        )[k].detach()  # the stacked net's slot k is position k's own model
+        eps_k = score_net((alpha_t * cur + sigma_t * z), t, torch.stack([cond_k] * n))[
+            k
+        ].detach()  # the stacked net's slot k is position k's own model
         loss_k = ((sigma_t[k] ** 2).squeeze(-1) * (eps_k * a_k).sum(-1) - beta * (g_k * a_k).sum(-1)).mean()
         per_agent.append(torch.autograd.grad(loss_k, list(actors.nets[k].parameters())))
     # batched grads are ordered net0 params, net1 params, ...

@@ -28,14 +28,21 @@ PRED_OBS = {"simple_tag": 16, "simple_world": 24}
 def _net(rng, d_in, d_out, out_scale=0.5):
     """State dict of OMAR's MLPNetwork (BatchNorm1d in_fn, fc1..fc3) with non-trivial running statistics."""
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return OrderedDict([
-        ("in_fn.weight", t(rng.uniform(0.5, 1.5, d_in))), ("in_fn.bias", t(rng.normal(0, 0.2, d_in))),
-        ("in_fn.running_mean", t(rng.normal(0, 0.5, d_in))), ("in_fn.running_var", t(rng.uniform(0.05, 3.0, d_in))),
-        ("in_fn.num_batches_tracked", torch.tensor(12345)),
-        ("fc1.weight", t(rng.normal(0, 1 / np.sqrt(d_in), (64, d_in)))), ("fc1.bias", t(rng.normal(0, 0.1, 64))),
-        ("fc2.weight", t(rng.normal(0, 1 / 8, (64, 64)))), ("fc2.bias", t(rng.normal(0, 0.1, 64))),
-        ("fc3.weight", t(rng.normal(0, out_scale, (d_out, 64)))), ("fc3.bias", t(rng.normal(0, 0.1, d_out))),
-    ])
+    return OrderedDict(
+        [
+            ("in_fn.weight", t(rng.uniform(0.5, 1.5, d_in))),
+            ("in_fn.bias", t(rng.normal(0, 0.2, d_in))),
+            ("in_fn.running_mean", t(rng.normal(0, 0.5, d_in))),
+            ("in_fn.running_var", t(rng.uniform(0.05, 3.0, d_in))),
+            ("in_fn.num_batches_tracked", torch.tensor(12345)),
+            ("fc1.weight", t(rng.normal(0, 1 / np.sqrt(d_in), (64, d_in)))),
+            ("fc1.bias", t(rng.normal(0, 0.1, 64))),
+            ("fc2.weight", t(rng.normal(0, 1 / 8, (64, 64)))),
+            ("fc2.bias", t(rng.normal(0, 0.1, 64))),
+            ("fc3.weight", t(rng.normal(0, out_scale, (d_out, 64)))),
+            ("fc3.bias", t(rng.normal(0, 0.1, d_out))),
+        ]
+    )
 
 
 def fake_omar_file(path, task="simple_tag", seed=0, n_agents=4, drop=()):
@@ -46,16 +53,27 @@ def fake_omar_file(path, task="simple_tag", seed=0, n_agents=4, drop=()):
     agents = []
     for i in range(n_agents):
         d = obs[min(i, 3)]
-        entry = {"policy": _net(rng, d, 2), "critic": _net(rng, critic_in, 1),
-                 "target_policy": _net(rng, d, 2), "target_critic": _net(rng, critic_in, 1),
-                 "policy_optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": list(range(10))}]},
-                 "critic_optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": list(range(10))}]}}
+        entry = {
+            "policy": _net(rng, d, 2),
+            "critic": _net(rng, critic_in, 1),
+            "target_policy": _net(rng, d, 2),
+            "target_critic": _net(rng, critic_in, 1),
+            "policy_optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": list(range(10))}]},
+            "critic_optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": list(range(10))}]},
+        }
         agents.append(entry)
     for k in drop:
         del agents[-1]["policy"][k]
-    init_dict = {"gamma": 0.95, "tau": 0.01, "lr": 0.01, "hidden_dim": 64, "alg_types": ["MADDPG"] * 3 + ["DDPG"],
-                 "agent_init_params": [{"num_in_pol": d, "num_out_pol": 2, "num_in_critic": critic_in} for d in obs],
-                 "discrete_action": False, "gaussian_noise_std": 0.1}
+    init_dict = {
+        "gamma": 0.95,
+        "tau": 0.01,
+        "lr": 0.01,
+        "hidden_dim": 64,
+        "alg_types": ["MADDPG"] * 3 + ["DDPG"],
+        "agent_init_params": [{"num_in_pol": d, "num_out_pol": 2, "num_in_critic": critic_in} for d in obs],
+        "discrete_action": False,
+        "gaussian_noise_std": 0.1,
+    }
     torch.save({"init_dict": init_dict, "agent_params": agents}, path, _use_new_zipfile_serialization=False)
     return agents[-1]["policy"] if n_agents else None
 
@@ -134,10 +152,13 @@ def test_conversion_keeps_only_tensors(files, tmp_path, capsys):
         convert_omar_prey(str(out), str(tmp_path / "x.pt"), trust_pickle=True)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(drop=("fc2.bias", "in_fn.running_var")), "lacks in_fn.running_var, fc2.bias"),
-    (dict(n_agents=3), "found 3 entries"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(drop=("fc2.bias", "in_fn.running_var")), "lacks in_fn.running_var, fc2.bias"),
+        (dict(n_agents=3), "found 3 entries"),
+    ],
+)
 def test_bad_prey_network(tmp_path, kw, msg):
     fake_omar_file(tmp_path / "adv.pt", **kw)
     with pytest.raises(DatasetError, match=msg):
@@ -147,8 +168,11 @@ def test_bad_prey_network(tmp_path, kw, msg):
 
 def test_bad_prey_shapes(tmp_path):
     src = tmp_path / "adv.pt"
-    torch.save({"init_dict": {}, "agent_params": [{}] * 3 + [{"policy": _net(np.random.default_rng(0), 14, 3)}]}, src,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"init_dict": {}, "agent_params": [{}] * 3 + [{"policy": _net(np.random.default_rng(0), 14, 3)}]},
+        src,
+        _use_new_zipfile_serialization=False,
+    )
     with pytest.raises(DatasetError, match=r"fc3.weight has shape \(3, 64\), expected \(2, 64\)"):
         convert_omar_prey(str(src), str(tmp_path / "out.pt"), trust_pickle=True)
 
@@ -221,13 +245,21 @@ def test_wrong_task_refused(files, tmp_path):
         MPEEnv("simple_spread", prey=load_prey(world))
     MPEEnv("simple_world", prey=load_prey(world, task="simple_world")).reset(seed=0)
     with pytest.raises(DatasetError, match="takes 22 inputs, but the prey of simple_tag observes 14"):
-        convert_omar_prey(str(files["dir"] / "world_adv.pt"), str(tmp_path / "x.pt"), trust_pickle=True, task="simple_tag")
+        convert_omar_prey(
+            str(files["dir"] / "world_adv.pt"), str(tmp_path / "x.pt"), trust_pickle=True, task="simple_tag"
+        )
     assert not (tmp_path / "x.pt").exists()
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "envs.published", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "envs.published", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=120,
+    )
 
 
 def test_cli(files, tmp_path):
@@ -236,8 +268,9 @@ def test_cli(files, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and "--trust-pickle" in lines[0], r.stderr
     assert not (tmp_path / "p.pt").exists()
-    r = _cli("--convert-prey", src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle",
-             cwd=tmp_path)
+    r = _cli(
+        "--convert-prey", src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "warning: unpickling" in r.stderr and "simple_tag prey" in r.stdout
     assert load_prey(str(tmp_path / "p.pt"), task="simple_tag").obs_dim == 14
@@ -278,10 +311,15 @@ def test_script_with_omar_prey(files, workdir):
     assert "warning: unpickling" not in r.stderr and results_of(workdir, r)["eval_history"] == first["eval_history"]
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("pickle", "--trust-pickle"), ("spread", "--prey-path is for simple_tag and simple_world"),
-    ("world", "holds the prey of simple_world"), ("missing", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case,msg",
+    [
+        ("pickle", "--trust-pickle"),
+        ("spread", "--prey-path is for simple_tag and simple_world"),
+        ("world", "holds the prey of simple_world"),
+        ("missing", "does not exist"),
+    ],
+)
 def test_script_prey_errors(files, workdir, case, msg):
     path = {"pickle": "tag_adv.pt", "spread": "tag_prey.pt", "world": "world_prey.pt", "missing": "nope.pt"}[case]
     env_id = "simple_spread" if case == "spread" else "simple_tag"

@@ -20,8 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tree_state(root):
     """Every file under root with its size and mtime: loading must leave this unchanged."""
-    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
-            for d, _, fs in os.walk(root) for f in fs}
+    return {
+        os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +62,12 @@ def write_omiga(path, obs_dim, n_agents, episode_rows, cut_rows=0, act_dim=1):
     rng = np.random.default_rng(3)
     d = np.concatenate([np.r_[np.zeros(L), 1.0] for L in episode_rows] + [np.zeros(cut_rows)])[:, None]
     N = len(d)
-    data = {"o": rng.normal(size=(N, n_agents, obs_dim)), "a": rng.uniform(-1, 1, (N, n_agents, act_dim)),
-            "r": rng.normal(size=(N, 1)), "d": d}
+    data = {
+        "o": rng.normal(size=(N, n_agents, obs_dim)),
+        "a": rng.uniform(-1, 1, (N, n_agents, act_dim)),
+        "r": rng.normal(size=(N, 1)),
+        "d": d,
+    }
     data["s"] = data["o"] + np.arange(n_agents)[None, :, None]  # per-agent copies that differ
     with h5py.File(path, "w") as f:
         for k, v in data.items():
@@ -76,16 +83,25 @@ def write_vault(uid_dir, leaves, vault_index):
     base = "file://" + str(uid_dir)
     shapes, dtypes = {}, {}
     for name, arr in leaves.items():
-        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name + "."},
-                "metadata": {"compressor": {"id": "gzip", "level": 5}}}
-        store = ts.open(spec, shape=(arr.shape[0], int(10e12), *arr.shape[2:]), dtype=arr.dtype.name, create=True).result()
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": base, "path": name + "."},
+            "metadata": {"compressor": {"id": "gzip", "level": 5}},
+        }
+        store = ts.open(
+            spec, shape=(arr.shape[0], int(10e12), *arr.shape[2:]), dtype=arr.dtype.name, create=True
+        ).result()
         store[:, : arr.shape[1]].write(arr).result()
         node_s, node_d, *path = shapes, dtypes, *name.split(".")
         for p in path[:-1]:
             node_s, node_d = node_s.setdefault(p, {}), node_d.setdefault(p, {})
         node_s[path[-1]], node_d[path[-1]] = str((arr.shape[0], 5000, *arr.shape[2:])), arr.dtype.name
-    vi = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": "vault_index"}},
-                 dtype=np.int32, shape=(1,), create=True).result()
+    vi = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": "vault_index"}},
+        dtype=np.int32,
+        shape=(1,),
+        create=True,
+    ).result()
     vi.write(vault_index).result()
     with open(os.path.join(uid_dir, "metadata.json"), "w") as f:
         json.dump({"version": 1.2, "structure_shape": shapes, "structure_dtype": dtypes}, f)
@@ -102,9 +118,14 @@ def tag_vault_leaves(B=2, T=75, extra=25, seed=0):
     trunc = np.zeros((B, T + extra, 4), np.float32)
     term[:, [24, 74]] = 1.0
     trunc[:, 49] = 1.0
-    return {"observations": obs, "actions": rng.uniform(-1, 1, (B, T + extra, 4, 2)).astype(np.float32),
-            "rewards": rng.normal(size=(B, T + extra, 4)).astype(np.float32), "terminals": term, "truncations": trunc,
-            "infos.state": obs.reshape(B, T + extra, 64)}
+    return {
+        "observations": obs,
+        "actions": rng.uniform(-1, 1, (B, T + extra, 4, 2)).astype(np.float32),
+        "rewards": rng.normal(size=(B, T + extra, 4)).astype(np.float32),
+        "terminals": term,
+        "truncations": trunc,
+        "infos.state": obs.reshape(B, T + extra, 64),
+    }
 
 
 def write_madiff(d, n_agents, obs_dim, lengths, end_discounts, act_dim=3, ids=True):
@@ -116,10 +137,18 @@ def write_madiff(d, n_agents, obs_dim, lengths, end_discounts, act_dim=3, ids=Tr
     obs = rng.normal(size=(N, n_agents, obs_dim)).astype(np.float32)
     disc = np.ones((N, n_agents), np.float32)
     disc[np.cumsum(lengths) - 1] = np.asarray(end_discounts, np.float32)[:, None]
-    full = np.concatenate([np.broadcast_to(np.eye(n_agents, dtype=np.float32), (N, n_agents, n_agents)), obs], 2) if ids else obs
-    data = {"obs": full, "actions": rng.uniform(-1, 1, (N, n_agents, act_dim)).astype(np.float32),
-            "rewards": rng.normal(size=(N, n_agents)).astype(np.float32), "discounts": disc,
-            "path_lengths": np.asarray(lengths)}
+    full = (
+        np.concatenate([np.broadcast_to(np.eye(n_agents, dtype=np.float32), (N, n_agents, n_agents)), obs], 2)
+        if ids
+        else obs
+    )
+    data = {
+        "obs": full,
+        "actions": rng.uniform(-1, 1, (N, n_agents, act_dim)).astype(np.float32),
+        "rewards": rng.normal(size=(N, n_agents)).astype(np.float32),
+        "discounts": disc,
+        "path_lengths": np.asarray(lengths),
+    }
     for k, v in data.items():
         np.save(os.path.join(d, f"{k}.npy"), v)
     return obs, data
@@ -190,8 +219,9 @@ def test_omar_tag_prey_feeds_only_the_state(tmp_path):
 
 def test_omar_halfcheetah_time_limit_and_states(tmp_path):
     # one early termination (done at row 29), then a 1000-step episode with done at its time limit
-    seed_dir, src = write_omar(tmp_path, "HalfCheetah-v2", "expert", 0, [6, 6], n_eps=1, T=1030, act_dim=3,
-                               states=17, done_rows=(29, 1029))
+    seed_dir, src = write_omar(
+        tmp_path, "HalfCheetah-v2", "expert", 0, [6, 6], n_eps=1, T=1030, act_dim=3, states=17, done_rows=(29, 1029)
+    )
     a, m = load_published(seed_dir)
     assert list(np.flatnonzero(a["terminals"])) == [29]
     assert list(np.flatnonzero(a["truncations"])) == [1029]
@@ -201,15 +231,24 @@ def test_omar_halfcheetah_time_limit_and_states(tmp_path):
     assert m["normalization"]["expert"] == 3568.81
 
 
-@pytest.mark.parametrize("damage,msg", [
-    (lambda d: os.remove(os.path.join(d, "acs_1.npy")), r"missing acs_1\.npy"),
-    (lambda d: [os.remove(os.path.join(d, f"{k}_2.npy")) for k in ("acs", "rews")], r"missing acs_2\.npy, rews_2\.npy"),
-    (lambda d: np.save(os.path.join(d, "rews_2.npy"), np.zeros(199, np.float32)), r"rews_2\.npy has 199 rows"),
-    (lambda d: np.save(os.path.join(d, "dones_0.npy"), np.zeros((200, 2), np.float32)), r"dones_0\.npy has shape \(200, 2\)"),
-    (lambda d: _poke(os.path.join(d, "obs_1.npy"), 7, np.nan), r"obs_1\.npy: observation row 7 holds -inf/NaN"),
-    (lambda d: _poke(os.path.join(d, "next_obs_0.npy"), 3, -np.inf), r"next_obs_0\.npy: observation row 3"),
-    (lambda d: open(os.path.join(d, "obs_2.npy"), "wb").write(b"not numpy"), r"obs_2\.npy cannot be read"),
-])
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        (lambda d: os.remove(os.path.join(d, "acs_1.npy")), r"missing acs_1\.npy"),
+        (
+            lambda d: [os.remove(os.path.join(d, f"{k}_2.npy")) for k in ("acs", "rews")],
+            r"missing acs_2\.npy, rews_2\.npy",
+        ),
+        (lambda d: np.save(os.path.join(d, "rews_2.npy"), np.zeros(199, np.float32)), r"rews_2\.npy has 199 rows"),
+        (
+            lambda d: np.save(os.path.join(d, "dones_0.npy"), np.zeros((200, 2), np.float32)),
+            r"dones_0\.npy has shape \(200, 2\)",
+        ),
+        (lambda d: _poke(os.path.join(d, "obs_1.npy"), 7, np.nan), r"obs_1\.npy: observation row 7 holds -inf/NaN"),
+        (lambda d: _poke(os.path.join(d, "next_obs_0.npy"), 3, -np.inf), r"next_obs_0\.npy: observation row 3"),
+        (lambda d: open(os.path.join(d, "obs_2.npy"), "wb").write(b"not numpy"), r"obs_2\.npy cannot be read"),
+    ],
+)
 def test_omar_bad_files(tmp_path, damage, msg):
     d, _ = write_omar(tmp_path, "simple_spread", "expert", 0, [18] * 3, n_eps=8, T=25)
     damage(d)
@@ -279,17 +318,25 @@ def test_omiga_transitions_and_ends(tmp_path):
     assert list(np.flatnonzero(a["terminals"])) == [1005]  # the 6-step episode
     assert list(np.flatnonzero(a["truncations"])) == [999, 1008]  # the 1000-step limit, the unfinished tail
     assert (m["task"], m["quality"], m["obs_dims"], m["act_dims"], m["state_dim"]) == (
-        "Hopper-v2-3x1", "medium", [14] * 3, [1] * 3, 14)
+        "Hopper-v2-3x1",
+        "medium",
+        [14] * 3,
+        [1] * 3,
+        14,
+    )
     assert m["n_episodes"] == 3 and m["normalization"] is None
     json.dumps(m)
     assert tree_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("edit,msg", [
-    (lambda f: f.__delitem__("d"), r"missing dataset\(s\) d"),
-    (lambda f: (f.__delitem__("a"), f.create_dataset("a", data=np.zeros((20, 3, 1)))), r":a has 20 rows"),
-    (lambda f: f["o"].__setitem__((5, 1, 0), np.nan), r":o: observation row 5 holds -inf/NaN"),
-])
+@pytest.mark.parametrize(
+    "edit,msg",
+    [
+        (lambda f: f.__delitem__("d"), r"missing dataset\(s\) d"),
+        (lambda f: (f.__delitem__("a"), f.create_dataset("a", data=np.zeros((20, 3, 1)))), r":a has 20 rows"),
+        (lambda f: f["o"].__setitem__((5, 1, 0), np.nan), r":o: observation row 5 holds -inf/NaN"),
+    ],
+)
 def test_omiga_bad_files(tmp_path, edit, msg):
     p = str(tmp_path / "Ant-v2-2x4-expert.hdf5")
     write_omiga(p, obs_dim=14, n_agents=3, episode_rows=[10, 10])
@@ -341,10 +388,14 @@ def test_ogmarl_mamujoco_vault_state_per_agent_and_cut(tmp_path):
     term = np.zeros((1, T, 2), bool)
     term[0, 14] = True
     state = np.repeat(rng.normal(size=(1, T, 1, 17)).astype(np.float32), 2, axis=2)
-    leaves = {"observations": rng.normal(size=(1, T, 2, 6)).astype(np.float32),
-              "actions": rng.uniform(-1, 1, (1, T, 2, 3)).astype(np.float32),
-              "rewards": rng.normal(size=(1, T, 2)).astype(np.float32), "terminals": term,
-              "truncations": np.zeros((1, T, 2), bool), "infos.state": state}
+    leaves = {
+        "observations": rng.normal(size=(1, T, 2, 6)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (1, T, 2, 3)).astype(np.float32),
+        "rewards": rng.normal(size=(1, T, 2)).astype(np.float32),
+        "terminals": term,
+        "truncations": np.zeros((1, T, 2), bool),
+        "infos.state": state,
+    }
     uid = tmp_path / "prior_work" / "omar" / "mamujoco" / "2halfcheetah.vlt" / "Medium"
     write_vault(uid, leaves, vault_index=T)
     a, m = load_published(str(uid))
@@ -369,8 +420,10 @@ def _vault_damage_nan(leaves):
 
 
 def test_ogmarl_bad_vaults(tmp_path):
-    for name, damage, msg in [("inf", _vault_damage_inf, r"agent 3 after removing the -inf padding: observation row 5"),
-                              ("nan", _vault_damage_nan, r"agent 0 after removing the -inf padding: observation row 9")]:
+    for name, damage, msg in [
+        ("inf", _vault_damage_inf, r"agent 3 after removing the -inf padding: observation row 5"),
+        ("nan", _vault_damage_nan, r"agent 0 after removing the -inf padding: observation row 9"),
+    ]:
         leaves = tag_vault_leaves()
         damage(leaves)
         write_vault(tmp_path / name / "simple_tag.vlt" / "Expert", leaves, vault_index=75)
@@ -452,7 +505,10 @@ def test_unknown_layouts(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
     for p in (tmp_path / "empty", tmp_path / "notes.txt"):
-        with pytest.raises(DatasetError, match=r"no known published dataset layout; expected one of: omar: .*omiga: .*ogmarl: .*madiff: "):
+        with pytest.raises(
+            DatasetError,
+            match=r"no known published dataset layout; expected one of: omar: .*omiga: .*ogmarl: .*madiff: ",
+        ):
             detect_format(str(p))
     with pytest.raises(DatasetError, match="does not exist"):
         load_published(str(tmp_path / "nope"))
@@ -480,14 +536,42 @@ def test_missing_optional_packages(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # The training script on published layouts (tiny settings)
 # ---------------------------------------------------------------------------------------------
-TINY = ["--diffusion-steps", "10", "--critic-steps", "10", "--policy-steps", "10", "--eval-every", "10",
-        "--eval-episodes", "1", "--diffusion-hidden", "16", "--critic-hidden", "16", "--actor-hidden", "16",
-        "--diffusion-batch-size", "16", "--critic-batch-size", "16", "--policy-batch-size", "16", "--threads", "1"]
+TINY = [
+    "--diffusion-steps",
+    "10",
+    "--critic-steps",
+    "10",
+    "--policy-steps",
+    "10",
+    "--eval-every",
+    "10",
+    "--eval-episodes",
+    "1",
+    "--diffusion-hidden",
+    "16",
+    "--critic-hidden",
+    "16",
+    "--actor-hidden",
+    "16",
+    "--diffusion-batch-size",
+    "16",
+    "--critic-batch-size",
+    "16",
+    "--policy-batch-size",
+    "16",
+    "--threads",
+    "1",
+]
 
 
 def _train(cwd, *args):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mpe.py"), *TINY, *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "oma_sd_mpe.py"), *TINY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return r
 
 
@@ -518,7 +602,9 @@ def test_oma_sd_mpe_trains_on_published_layouts(tmp_path, layout):
 
 def test_oma_sd_mpe_rejects_published_data_of_another_env(tmp_path):
     write_omar(tmp_path / "data", "simple_spread", "expert", 0, [18] * 3, n_eps=8, T=25)
-    r = _train(tmp_path, "--env-id", "simple_tag", "--dataset-path", str(tmp_path / "data" / "simple_spread" / "expert"))
+    r = _train(
+        tmp_path, "--env-id", "simple_tag", "--dataset-path", str(tmp_path / "data" / "simple_spread" / "expert")
+    )
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert "simple_tag data must hold 4 agents" in errors[0] and not (tmp_path / "runs").exists()
@@ -529,17 +615,34 @@ def test_oma_sd_mamujoco_trains_on_an_ogmarl_vault_made_on_mamujoco_v1(tmp_path)
     rng = np.random.default_rng(4)
     T = 60
     term = np.zeros((1, T, 2), bool)
-    leaves = {"observations": rng.normal(size=(1, T, 2, 12)).astype(np.float32),
-              "actions": rng.uniform(-1, 1, (1, T, 2, 3)).astype(np.float32),
-              "rewards": np.repeat(rng.normal(size=(1, T, 1)), 2, axis=2).astype(np.float32), "terminals": term,
-              "truncations": np.zeros((1, T, 2), bool),
-              "infos.state": np.repeat(rng.normal(size=(1, T, 1, 17)), 2, axis=2).astype(np.float32)}
+    leaves = {
+        "observations": rng.normal(size=(1, T, 2, 12)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (1, T, 2, 3)).astype(np.float32),
+        "rewards": np.repeat(rng.normal(size=(1, T, 1)), 2, axis=2).astype(np.float32),
+        "terminals": term,
+        "truncations": np.zeros((1, T, 2), bool),
+        "infos.state": np.repeat(rng.normal(size=(1, T, 1, 17)), 2, axis=2).astype(np.float32),
+    }
     uid = tmp_path / "data" / "core" / "gymnasium_mamujoco" / "2halfcheetah.vlt" / "Good"
     write_vault(uid, leaves, vault_index=T)
     before = tree_state(tmp_path / "data")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mamujoco.py"), *TINY, "--eval-episodes", "1",
-                        "--env-id", "HalfCheetah-2x3", "--dataset-path", str(uid)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "oma_sd_mamujoco.py"),
+            *TINY,
+            "--eval-episodes",
+            "1",
+            "--env-id",
+            "HalfCheetah-2x3",
+            "--dataset-path",
+            str(uid),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("-> ")[-1]).read_text())
     assert res["dataset_path"] == f"{uid} (ogmarl)" and res["eval_history"][-1]["episode_lengths"] == [1000]
@@ -550,8 +653,21 @@ def test_oma_sd_mamujoco_refuses_omiga_data_of_the_old_port(tmp_path):
     # OMIGA's Hopper observations are the 11-d state plus a one-hot id (14), mamujoco_v1's are 8, 9, 8
     p = str(tmp_path / "Hopper-v2-3x1-expert.hdf5")
     write_omiga(p, obs_dim=14, n_agents=3, episode_rows=[30])
-    r = subprocess.run([sys.executable, os.path.join(REPO, "oma_sd_mamujoco.py"), *TINY, "--env-id", "Hopper-3x1",
-                        "--dataset-path", p], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "oma_sd_mamujoco.py"),
+            *TINY,
+            "--env-id",
+            "Hopper-3x1",
+            "--dataset-path",
+            p,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert "obs_dims=[14, 14, 14] but the env needs obs_dims=[8, 9, 8]" in errors[0]

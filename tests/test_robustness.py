@@ -20,10 +20,36 @@ from envs import dataset as ds
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
 # long enough that a stage is still running a moment after its first checkpoint, short enough for CI
-SMALL = ["--diffusion-steps", "600", "--critic-steps", "600", "--policy-steps", "600", "--eval-every", "200",
-         "--eval-episodes", "2", "--dataset-transitions", "250", "--diffusion-hidden", "16", "--critic-hidden", "16",
-         "--actor-hidden", "16", "--diffusion-batch-size", "32", "--critic-batch-size", "32",
-         "--policy-batch-size", "32", "--threads", "1", "--checkpoint-every", "50"]
+SMALL = [
+    "--diffusion-steps",
+    "600",
+    "--critic-steps",
+    "600",
+    "--policy-steps",
+    "600",
+    "--eval-every",
+    "200",
+    "--eval-episodes",
+    "2",
+    "--dataset-transitions",
+    "250",
+    "--diffusion-hidden",
+    "16",
+    "--critic-hidden",
+    "16",
+    "--actor-hidden",
+    "16",
+    "--diffusion-batch-size",
+    "32",
+    "--critic-batch-size",
+    "32",
+    "--policy-batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +62,9 @@ def env_of(workdir):
 
 
 def run(workdir, *args, check=True):
-    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True,
-                       env=env_of(workdir), timeout=300)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=workdir, capture_output=True, text=True, env=env_of(workdir), timeout=300
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -76,15 +103,28 @@ def test_same_command_from_scratch_gives_identical_results(workdir, reference):
                 assert all(torch.equal(a[k][p], b[k][p]) for p in a[k])
 
 
-@pytest.mark.parametrize("stage,sig", [
-    ("diffusion", signal.SIGKILL), ("critic", signal.SIGKILL), ("run", signal.SIGKILL),  # run = stage 2
-    ("critic", signal.SIGINT), ("run", signal.SIGTERM),
-], ids=["diffusion-SIGKILL", "critic-SIGKILL", "policy-SIGKILL", "critic-Ctrl-C", "policy-SIGTERM"])
+@pytest.mark.parametrize(
+    "stage,sig",
+    [
+        ("diffusion", signal.SIGKILL),
+        ("critic", signal.SIGKILL),
+        ("run", signal.SIGKILL),  # run = stage 2
+        ("critic", signal.SIGINT),
+        ("run", signal.SIGTERM),
+    ],
+    ids=["diffusion-SIGKILL", "critic-SIGKILL", "policy-SIGKILL", "critic-Ctrl-C", "policy-SIGTERM"],
+)
 def test_resume_after_interruption_gives_the_uninterrupted_result(workdir, reference, stage, sig):
     cache = f"cache_{stage}_{sig.name}"
     args = [*SMALL, "--cache-dir", cache]
-    p = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env_of(workdir))
+    p = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_of(workdir),
+    )
     pattern = str(workdir / cache / f"*-{stage}-*.partial.pt")
     deadline = time.time() + 240
     while not glob.glob(pattern) and p.poll() is None and time.time() < deadline:
@@ -112,8 +152,13 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(workdir, refer
 
 def test_no_resume_starts_over(workdir, reference):
     cache = "cache_noresume"
-    p = subprocess.Popen([sys.executable, SCRIPT, *SMALL, "--cache-dir", cache], cwd=workdir, env=env_of(workdir),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, SCRIPT, *SMALL, "--cache-dir", cache],
+        cwd=workdir,
+        env=env_of(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not glob.glob(str(workdir / cache / "*-diffusion-*.partial.pt")) and p.poll() is None:
         time.sleep(0.01)
     p.kill()
@@ -186,8 +231,9 @@ def test_unwritable_run_and_cache_directories(workdir, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "runs").write_text("a file where the runs/ directory should be")
-    r = subprocess.run([sys.executable, SCRIPT, *SMALL], cwd=blocked, capture_output=True, text=True,
-                       env=env_of(workdir), timeout=300)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, *SMALL], cwd=blocked, capture_output=True, text=True, env=env_of(workdir), timeout=300
+    )
     assert r.returncode == 2 and "cannot create a run directory" in r.stderr and "writable" in r.stderr
     assert (blocked / "runs").read_text().startswith("a file")
     line = _error(workdir, *SMALL, "--cache-dir", str(blocked / "runs" / "cache"))
@@ -206,9 +252,14 @@ def test_wrong_agent_count(workdir, reference):
     assert "n_agents" in line and "2" in line and "3" in line
 
 
-@pytest.mark.parametrize("damage,msg", [
-    ("truncate", "truncated or corrupted"), ("flip", "truncated or corrupted"), ("edit", "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        ("truncate", "truncated or corrupted"),
+        ("flip", "truncated or corrupted"),
+        ("edit", "checksum mismatch"),
+    ],
+)
 def test_damaged_dataset_file(workdir, reference, damage, msg):
     src = glob.glob(str(workdir / "data" / "mpe" / "simple_spread-expert-*.npz"))[0]
     bad = workdir / f"{damage}.npz"
@@ -233,18 +284,40 @@ def test_same_seed_gives_byte_identical_dataset_files(tmp_path):
     for k, p in enumerate(paths):
         if k:
             time.sleep(2.1)  # zip members carry a time stamp with 2 s resolution: it must not leak in
-        r = subprocess.run([sys.executable, "-m", "envs.mpe_data", "--task", "simple_world", "--quality", "random",
-                            "--n-transitions", "250", "--workers", str(k + 1), "--out", p], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "envs.mpe_data",
+                "--task",
+                "simple_world",
+                "--quality",
+                "random",
+                "--n-transitions",
+                "250",
+                "--workers",
+                str(k + 1),
+                "--out",
+                p,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     assert filecmp.cmp(paths[0], paths[1], shallow=False)
 
 
 def test_dataset_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
     arrays = {f"{k}_0": np.zeros((25, 2), np.float32) for k in ("obs", "actions", "next_obs")}
-    arrays.update(rewards_0=np.zeros(25, np.float32), terminals=np.zeros(25, bool),
-                  truncations=np.eye(1, 25, 24, dtype=bool)[0], state=np.zeros((25, 3), np.float32),
-                  next_state=np.zeros((25, 3), np.float32))
+    arrays.update(
+        rewards_0=np.zeros(25, np.float32),
+        terminals=np.zeros(25, bool),
+        truncations=np.eye(1, 25, 24, dtype=bool)[0],
+        state=np.zeros((25, 3), np.float32),
+        next_state=np.zeros((25, 3), np.float32),
+    )
     path = str(tmp_path / "d.npz")
     ds.save_dataset(path, arrays, {"task": "t"})
     before = open(path, "rb").read()
@@ -258,8 +331,11 @@ def test_dataset_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
 
     real = np.lib.format.write_array
     monkeypatch.setattr(np.lib.format, "write_array", crash)
-    with pytest.raises(ds.DatasetError, match=r"cannot write .*d\.npz \(No space left on device\); the dataset needs "
-                                              r"about 0 MiB: free disk space or set OMSD_DATA_DIR"):
+    with pytest.raises(
+        ds.DatasetError,
+        match=r"cannot write .*d\.npz \(No space left on device\); the dataset needs "
+        r"about 0 MiB: free disk space or set OMSD_DATA_DIR",
+    ):
         ds.save_dataset(path, {**arrays, "rewards_0": np.ones(25, np.float32)}, {"task": "t"}, overwrite=True)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["d.npz"]  # the temporary file is gone
@@ -284,8 +360,23 @@ def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
 def test_unwritable_dataset_directory_fails_before_generating(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "envs.mpe_data", "--task", "simple_spread", "--quality", "expert",
-                        "--out", str(tmp_path / "file" / "x.npz")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "envs.mpe_data",
+            "--task",
+            "simple_spread",
+            "--quality",
+            "expert",
+            "--out",
+            str(tmp_path / "file" / "x.npz"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: cannot write to") and r.stderr.count("\n") == 1
     assert time.time() - t0 < 30  # rejected before the (100k-transition) rollouts
     assert (tmp_path / "file").read_text() == "not a directory"
@@ -311,8 +402,9 @@ def _mj_error(cwd, *args, creates_run=False):
     """One error line, exit 2; nothing in runs/ changed (a run that fails mid-way keeps its new run directory)."""
     runs = cwd / "runs"
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
-    r = subprocess.run([sys.executable, MJ_SCRIPT, "--threads", "1", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, MJ_SCRIPT, "--threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
@@ -320,10 +412,17 @@ def _mj_error(cwd, *args, creates_run=False):
     return lines[0]
 
 
-@pytest.mark.parametrize("damage,msg", [
-    ("missing", "does not exist"), ("truncate", "truncated or corrupted"), ("edit", "checksum mismatch"),
-    ("nan", "non-finite"), ("agents", "n_agents"), ("shapes", "obs_dims"),
-])
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        ("missing", "does not exist"),
+        ("truncate", "truncated or corrupted"),
+        ("edit", "checksum mismatch"),
+        ("nan", "non-finite"),
+        ("agents", "n_agents"),
+        ("shapes", "obs_dims"),
+    ],
+)
 def test_mamujoco_script_bad_dataset_files(mj_dataset, damage, msg):
     d, src, arrays, meta = mj_dataset
     bad = d / f"{damage}.npz"
@@ -352,17 +451,43 @@ def test_mamujoco_script_bad_dataset_files(mj_dataset, damage, msg):
 def test_mamujoco_script_unwritable_run_directory(mj_dataset, tmp_path):
     _, src, _, _ = mj_dataset
     (tmp_path / "runs").write_text("a file where the runs/ directory should be")
-    r = subprocess.run([sys.executable, MJ_SCRIPT, "--threads", "1", "--dataset-path", src], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, MJ_SCRIPT, "--threads", "1", "--dataset-path", src],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "cannot create a run directory" in r.stderr
     assert (tmp_path / "runs").read_text().startswith("a file")
 
 
 def test_mamujoco_script_checkpoint_of_another_configuration(mj_dataset, tmp_path):
     _, src, _, _ = mj_dataset
-    tiny = ["--diffusion-steps", "5", "--critic-steps", "5", "--policy-steps", "5", "--eval-every", "5",
-            "--eval-episodes", "1", "--diffusion-hidden", "16", "--critic-hidden", "16", "--actor-hidden", "16",
-            "--threads", "1", "--dataset-path", src, "--cache-dir", "cache"]
+    tiny = [
+        "--diffusion-steps",
+        "5",
+        "--critic-steps",
+        "5",
+        "--policy-steps",
+        "5",
+        "--eval-every",
+        "5",
+        "--eval-episodes",
+        "1",
+        "--diffusion-hidden",
+        "16",
+        "--critic-hidden",
+        "16",
+        "--actor-hidden",
+        "16",
+        "--threads",
+        "1",
+        "--dataset-path",
+        src,
+        "--cache-dir",
+        "cache",
+    ]
     r = subprocess.run([sys.executable, MJ_SCRIPT, *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     critic = glob.glob(str(tmp_path / "cache" / "*-critic-*.pt"))[0]

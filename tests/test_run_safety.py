@@ -21,23 +21,44 @@ import pytest
 import torch
 import tyro
 
-import oma_sd_mamujoco as omj
 import oma_sd_mpe as om
 from envs import dataset as ds
 from envs import files, generation, mamujoco_data, mpe_data, runs
 from envs.files import LockFile, lock_path
 from envs.mpe import ENV_VERSION as MPE_VERSION
 from envs.published import prey_file_kind
-from envs.train_behaviour import Args as BehaviourArgs, main as train_behaviour
+from envs.train_behaviour import Args as BehaviourArgs
+from envs.train_behaviour import main as train_behaviour
 from tests.helpers import MPE_TINY
 from tests.test_dataset import toy_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
 MJ = os.path.join(REPO, "oma_sd_mamujoco.py")
-MJ_TINY = ["--diffusion-steps", "5", "--critic-steps", "5", "--policy-steps", "5", "--eval-every", "5",
-           "--eval-episodes", "1", "--diffusion-hidden", "16", "--critic-hidden", "16", "--actor-hidden", "16",
-           "--threads", "1", "--dataset", "random", "--dataset-transitions", "200"]
+MJ_TINY = [
+    "--diffusion-steps",
+    "5",
+    "--critic-steps",
+    "5",
+    "--policy-steps",
+    "5",
+    "--eval-every",
+    "5",
+    "--eval-episodes",
+    "1",
+    "--diffusion-hidden",
+    "16",
+    "--critic-hidden",
+    "16",
+    "--actor-hidden",
+    "16",
+    "--threads",
+    "1",
+    "--dataset",
+    "random",
+    "--dataset-transitions",
+    "200",
+]
 
 
 @pytest.fixture
@@ -46,8 +67,13 @@ def here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for m in (mpe_data, mamujoco_data):
         monkeypatch.setattr(m, "DATA_DIR", str(tmp_path / "data"))
-    state = (torch.get_rng_state(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
-             np.random.get_state(), random.getstate())
+    state = (
+        torch.get_rng_state(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        np.random.get_state(),
+        random.getstate(),
+    )
     yield tmp_path
     torch.set_rng_state(state[0])
     torch.use_deterministic_algorithms(state[1])
@@ -119,17 +145,24 @@ def test_bad_settings_fail_at_once_and_leave_nothing(here, script, argv, msg):
     assert tree(here) == []  # no run directory, no cache, no data
 
 
-@pytest.mark.parametrize("script,argv", [
-    (MPE, ["--agent-order", "0", "0", "1"]), (MJ, ["--agent-order", "0", "0"]),
-    (MPE, ["--cache-dir", "a-file"]), (MJ, ["--cache-dir", "a-file"]),
-], ids=["mpe-order", "mamujoco-order", "mpe-cache-file", "mamujoco-cache-file"])
+@pytest.mark.parametrize(
+    "script,argv",
+    [
+        (MPE, ["--agent-order", "0", "0", "1"]),
+        (MJ, ["--agent-order", "0", "0"]),
+        (MPE, ["--cache-dir", "a-file"]),
+        (MJ, ["--cache-dir", "a-file"]),
+    ],
+    ids=["mpe-order", "mamujoco-order", "mpe-cache-file", "mamujoco-cache-file"],
+)
 def test_checked_before_the_dataset_is_made(here, script, argv):
     (here / "a-file").write_text("x")
     tiny = MPE_TINY if script == MPE else MJ_TINY
     t0 = time.time()
     line = one_error(*as_main(script, *tiny, *argv)[::2])
-    assert ("--agent-order must be a permutation" in line and "has" in line) or \
-           ("cannot write to --cache-dir a-file" in line and "is a file, not a directory" in line)
+    assert ("--agent-order must be a permutation" in line and "has" in line) or (
+        "cannot write to --cache-dir a-file" in line and "is a file, not a directory" in line
+    )
     assert time.time() - t0 < 10 and tree(here) == ["a-file"]  # no dataset made, no run directory
 
 
@@ -148,8 +181,10 @@ def test_cache_dir_where_torch_cannot_write_leaves_no_run_directory(here, monkey
 
     def save(obj, f, *a, **k):
         if "-run-" in str(f):
-            raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed because of errno 13 on "
-                               "fopen: Permission denied, file path: x")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:747] . open file failed because of errno 13 on "
+                "fopen: Permission denied, file path: x"
+            )
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
@@ -221,14 +256,27 @@ def _with(arrays, **changes):
     return {**{k: v.copy() for k, v in arrays.items()}, **changes}
 
 
-@pytest.mark.parametrize("change,msg", [
-    (lambda a: {"terminals": a["terminals"].astype(np.float32)}, "array terminals has dtype float32, expected bool"),
-    (lambda a: {"truncations": a["truncations"].astype(np.float32)}, "array truncations has dtype float32, expected bool"),
-    (lambda a: {"rewards_0": a["rewards_0"].astype(str)}, "array rewards_0 has dtype <U"),
-    (lambda a: {"actions_1": np.round(a["actions_1"]).astype(np.int64)}, "array actions_1 has dtype int64, expected floating"),
-    (lambda a: {"actions_0": a["actions_0"] * 10}, "array actions_0 has a value outside [-1, 1]"),
-    (lambda a: {"obs_2": a["obs_2"] + 1j}, "array obs_2 has dtype complex64, expected floating"),
-], ids=["terminals-float32", "truncations-float32", "rewards-str", "actions-int", "actions-x10", "obs-complex"])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (
+            lambda a: {"terminals": a["terminals"].astype(np.float32)},
+            "array terminals has dtype float32, expected bool",
+        ),
+        (
+            lambda a: {"truncations": a["truncations"].astype(np.float32)},
+            "array truncations has dtype float32, expected bool",
+        ),
+        (lambda a: {"rewards_0": a["rewards_0"].astype(str)}, "array rewards_0 has dtype <U"),
+        (
+            lambda a: {"actions_1": np.round(a["actions_1"]).astype(np.int64)},
+            "array actions_1 has dtype int64, expected floating",
+        ),
+        (lambda a: {"actions_0": a["actions_0"] * 10}, "array actions_0 has a value outside [-1, 1]"),
+        (lambda a: {"obs_2": a["obs_2"] + 1j}, "array obs_2 has dtype complex64, expected floating"),
+    ],
+    ids=["terminals-float32", "truncations-float32", "rewards-str", "actions-int", "actions-x10", "obs-complex"],
+)
 def test_wrong_dtypes_and_action_range_are_refused(tmp_path, change, msg):
     a = toy_arrays()
     bad = _with(a, **change(a))
@@ -282,27 +330,63 @@ def test_metadata_that_disagrees_with_the_name_or_the_env(here, spread, what):
 def test_generator_refuses_an_existing_file_of_another_dataset(here, spread):
     path, _, _ = spread
     before = path.read_bytes()
-    line = one_error(*as_main("envs.mpe_data", "--task", "simple_spread", "--quality", "random", "--n-transitions", "250",
-                              "--out", str(path), module=True)[::2])
+    line = one_error(
+        *as_main(
+            "envs.mpe_data",
+            "--task",
+            "simple_spread",
+            "--quality",
+            "random",
+            "--n-transitions",
+            "250",
+            "--out",
+            str(path),
+            module=True,
+        )[::2]
+    )
     assert f"{path} exists but holds another dataset (quality 'expert', not 'random')" in line
     assert path.read_bytes() == before
-    code, _, err = as_main("envs.mpe_data", "--task", "simple_spread", "--quality", "expert", "--n-transitions", "250",
-                           "--out", str(path), module=True)
+    code, _, err = as_main(
+        "envs.mpe_data",
+        "--task",
+        "simple_spread",
+        "--quality",
+        "expert",
+        "--n-transitions",
+        "250",
+        "--out",
+        str(path),
+        module=True,
+    )
     assert code == 0 and "already holds this dataset; nothing to do" in err
 
 
 def test_mamujoco_generator_refuses_an_existing_file_of_another_dataset(here):
     arrays, meta = mamujoco_data.generate("HalfCheetah-2x3", "random", 200, workers=1, verbose=False)
     ds.save_dataset("hc.npz", arrays, meta)
-    line = one_error(*as_main("envs.mamujoco_data", "--task", "HalfCheetah-2x3", "--quality", "random",
-                              "--n-transitions", "400", "--out", "hc.npz", module=True)[::2])
+    line = one_error(
+        *as_main(
+            "envs.mamujoco_data",
+            "--task",
+            "HalfCheetah-2x3",
+            "--quality",
+            "random",
+            "--n-transitions",
+            "400",
+            "--out",
+            "hc.npz",
+            module=True,
+        )[::2]
+    )
     assert "hc.npz exists but holds another dataset (n_transitions 200, not 400)" in line
 
 
 def test_messages_name_the_real_problem(here, spread, monkeypatch):
     path, _, _ = spread
     (here / "x.npz").mkdir()
-    assert "x.npz is a directory, not a dataset file" in one_error(*as_main(MPE, *MPE_TINY, "--dataset-path", "x.npz")[::2])
+    assert "x.npz is a directory, not a dataset file" in one_error(
+        *as_main(MPE, *MPE_TINY, "--dataset-path", "x.npz")[::2]
+    )
     with pytest.raises(ds.DatasetError, match="is a zip archive but not a torch file"):
         prey_file_kind(str(path))
     with pytest.raises(ds.DatasetError, match="x.npz is a directory; give OMAR's pretrained_adv_model.pt"):
@@ -385,8 +469,9 @@ def test_a_live_writer_is_waited_for_and_its_temporary_left_alone(tmp_path):
     src, p = str(tmp_path / "src.npz"), str(tmp_path / "d.npz")
     ds.save_dataset(src, toy_arrays(), {})
     tmp = str(tmp_path / f".tmp-d.npz-{os.getpid() + 1}-0123abcd.part")  # the writer's, in save_dataset's pattern
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, p, src, tmp], cwd=REPO, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, p, src, tmp], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         ds.save_dataset(str(tmp_path / "e.npz"), toy_arrays(), {})  # a write in the same directory meanwhile
@@ -476,8 +561,9 @@ def test_same_command_twice_at_once_and_shared_stage1(tmp_path):
         b = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         line = one_error(b.returncode, b.stderr)
         assert f"this run (the same command on the same data) is already in progress in process {a.pid}" in line
-        c = subprocess.Popen(cmd + ["--beta", "0.5"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=logs["c"])
+        c = subprocess.Popen(
+            cmd + ["--beta", "0.5"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=logs["c"]
+        )
         while f"waiting for process {a.pid}" not in (tmp_path / "c.err").read_text() and time.time() < deadline:
             assert c.poll() is None
             time.sleep(0.05)
@@ -496,15 +582,30 @@ def test_same_command_twice_at_once_and_shared_stage1(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the behaviour trainer
-TB_TINY = dict(task="simple_spread", total_steps=16, learning_starts=8, eval_every=8, eval_episodes=1, batch_size=8,
-               num_envs=2, actor_hidden=8, critic_hidden=8)
+TB_TINY = dict(
+    task="simple_spread",
+    total_steps=16,
+    learning_starts=8,
+    eval_every=8,
+    eval_episodes=1,
+    batch_size=8,
+    num_envs=2,
+    actor_hidden=8,
+    critic_hidden=8,
+)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(seed=-1), "--seed must be an integer in 0..4294967295"), (dict(gamma=2.0), "--gamma must be finite and in (0, 1]"),
-    (dict(num_envs=0), "--num-envs must be a positive integer"), (dict(lr=float("nan")), "--lr must be finite and > 0"),
-    (dict(out="."), "is a directory"), (dict(out="f/b.pt"), "cannot write the checkpoint f/b.pt"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(seed=-1), "--seed must be an integer in 0..4294967295"),
+        (dict(gamma=2.0), "--gamma must be finite and in (0, 1]"),
+        (dict(num_envs=0), "--num-envs must be a positive integer"),
+        (dict(lr=float("nan")), "--lr must be finite and > 0"),
+        (dict(out="."), "is a directory"),
+        (dict(out="f/b.pt"), "cannot write the checkpoint f/b.pt"),
+    ],
+)
 def test_behaviour_trainer_bad_settings(tmp_path, monkeypatch, kw, msg):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "f").write_text("a file where a directory is needed")

@@ -7,10 +7,19 @@ import torch
 
 from envs.policies import StackedActor
 from envs.runs import RunError
-from envs.train_behaviour import FAMILY_DEFAULTS, TASK_DEFAULTS, Args, StackedTwinCritic, actor_loss, main as train
+from envs.train_behaviour import FAMILY_DEFAULTS, TASK_DEFAULTS, Args, StackedTwinCritic, actor_loss
+from envs.train_behaviour import main as train
 
-TINY = dict(total_steps=480, learning_starts=160, eval_every=160, eval_episodes=2, batch_size=32, num_envs=4,
-            actor_hidden=16, critic_hidden=16)
+TINY = dict(
+    total_steps=480,
+    learning_starts=160,
+    eval_every=160,
+    eval_episodes=2,
+    batch_size=32,
+    num_envs=4,
+    actor_hidden=16,
+    critic_hidden=16,
+)
 
 
 def _run(tmp_path, name, **kw):
@@ -27,8 +36,11 @@ def test_task_defaults_are_applied_and_recorded(tmp_path):
     _, info = _run(tmp_path, "spread4", update_every=4)
     assert info["args"]["update_every"] == 4  # an explicit value beats the task's default
     _, info = _run(tmp_path, "tag", task="simple_tag")
-    assert (info["args"]["update_every"], info["args"]["preact_penalty"], info["args"]["others_in_actor_update"]) \
-        == (FAMILY_DEFAULTS["mpe"]["update_every"], 0.0, "dataset")
+    assert (info["args"]["update_every"], info["args"]["preact_penalty"], info["args"]["others_in_actor_update"]) == (
+        FAMILY_DEFAULTS["mpe"]["update_every"],
+        0.0,
+        "dataset",
+    )
 
 
 def _loss_setup(heads):
@@ -50,8 +62,10 @@ def test_actor_loss_penalty_and_other_agents_actions(heads):
         ac2 = torch.rand_like(ac) * 2 - 1
         # 'dataset': the other agents' replayed actions enter the loss; 'policy': they do not
         assert not torch.isclose(l0, actor_loss(actor, critic, ob, ac2, "dataset", 0.0, heads))
-        torch.testing.assert_close(actor_loss(actor, critic, ob, ac, "policy", 0.0, heads),
-                                   actor_loss(actor, critic, ob, ac2, "policy", 0.0, heads))
+        torch.testing.assert_close(
+            actor_loss(actor, critic, ob, ac, "policy", 0.0, heads),
+            actor_loss(actor, critic, ob, ac2, "policy", 0.0, heads),
+        )
 
 
 def test_policy_mode_gradient_is_the_joint_policy_gradient():

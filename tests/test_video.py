@@ -20,16 +20,23 @@ VIDEO = os.path.join(REPO, "benchmark", "video.py")
 def mpe_run(tmp_path_factory):
     """A finished tiny MPE run (2 evaluation episodes), its directory and results."""
     work = tmp_path_factory.mktemp("video_mpe")
-    r = run_script(os.path.join(REPO, "oma_sd_mpe.py"), work, "--env-id", "simple_spread", "--dataset", "expert",
-                   *MPE_TINY)
+    r = run_script(
+        os.path.join(REPO, "oma_sd_mpe.py"), work, "--env-id", "simple_spread", "--dataset", "expert", *MPE_TINY
+    )
     run_dir = work / r.stdout.strip().splitlines()[-1].split("-> ")[-1].rsplit("/", 1)[0]
     with open(run_dir / "results.json") as f:
         return work, run_dir, json.load(f)
 
 
 def video(workdir, *args):
-    return subprocess.run([sys.executable, VIDEO, *args], cwd=workdir, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMSD_DATA_DIR": str(workdir / "data")})
+    return subprocess.run(
+        [sys.executable, VIDEO, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMSD_DATA_DIR": str(workdir / "data")},
+    )
 
 
 def test_gifs_of_the_evaluation_episodes_reproduce_the_final_return(mpe_run):
@@ -41,8 +48,10 @@ def test_gifs_of_the_evaluation_episodes_reproduce_the_final_return(mpe_run):
     printed = [float(x) for x in re.findall(r"^episode \d \(env seed \d+\): 25 steps, return (\S+?),", r.stdout, re.M)]
     assert len(printed) == 2, r.stdout
     # the same episodes as the run's final evaluation (seeds seed + 100 + k, the same batched actor calls)
-    assert f"mean return {res['final_return']!r}; results.json final_return: {res['final_return']!r} (the same)" \
-        in r.stdout, r.stdout
+    assert (
+        f"mean return {res['final_return']!r}; results.json final_return: {res['final_return']!r} (the same)"
+        in r.stdout
+    ), r.stdout
     assert np.mean(printed) == pytest.approx(res["final_return"], abs=1e-3)
     for k in range(2):
         with Image.open(out / f"episode_{k}.gif") as im:
@@ -85,8 +94,14 @@ print(len(frames), len(rewards), frames[0].shape, frames[0].dtype, float(np.std(
 
 def test_mamujoco_frames_of_a_random_policy():
     # in a process of its own: MUJOCO_GL and PyOpenGL's platform are fixed once per process
-    r = subprocess.run([sys.executable, "-c", MAMUJOCO_FRAMES], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")})
+    r = subprocess.run(
+        [sys.executable, "-c", MAMUJOCO_FRAMES],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")},
+    )
     if r.returncode != 0 and re.search(r"EGL|OpenGL|GL context|glGetError", r.stderr):
         pytest.skip(f"no headless OpenGL here (MUJOCO_GL=egl): {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
