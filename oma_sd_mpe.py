@@ -594,36 +594,24 @@ def behaviour_fit(score_net, data, held, cond_base, mask, args, order, early=Non
     their distance to the dataset action; on controlled data, at the rows `early`, whether they lie near a
     convention's action and whether it is the convention the data's action is nearest to."""
     g = torch.Generator(held.device).manual_seed(12345)
+
+    def given_prefix(rows):  # the dataset actions of `rows` and DDIM samples given the dataset's prefix actions
+        a0 = data["act"][rows].transpose(0, 1)
+        z = torch.randn(a0.shape, generator=g, device=a0.device)
+        return a0, sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps, a_prev=a0)
+
     idx = held[:2048]
     a0 = data["act"][idx].transpose(0, 1)
     cond = condition(cond_base(idx), a0, mask)
     loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
-    samples = sample_actions(
-        score_net,
-        cond_base(idx),
-        mask,
-        torch.randn(a0.shape, generator=g, device=a0.device),
-        args.sample_steps,
-        a_prev=a0,
-    )
+    a0, samples = given_prefix(idx)
     out = {
         "heldout_denoising_loss": loss.tolist(),
         "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist(),
     }
     if early is not None:  # the first steps of the held-out episodes, where the conventions' actions are far apart
-        a0 = data["act"][early].transpose(0, 1)
-        samples = (
-            sample_actions(
-                score_net,
-                cond_base(early),
-                mask,
-                torch.randn(a0.shape, generator=g, device=a0.device),
-                args.sample_steps,
-                a_prev=a0,
-            )
-            .cpu()
-            .numpy()
-        )
+        a0, samples = given_prefix(early)
+        samples = samples.cpu().numpy()
         table = convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
         d_s = np.linalg.norm(samples[None] - table, axis=-1)
         d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
