@@ -52,6 +52,11 @@ STUDIES = {
             ),
         },
     ),
+    "three_conventions": (
+        ("multimodal-3",),
+        ("sequential", "independent"),
+        {"behaviour models trained 30,000 steps": "--diffusion-steps 30000"},
+    ),
 }
 
 
