@@ -461,7 +461,7 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
 # ---------------------------------------------------------------------------------------------
 def load_data(args: Args) -> tuple[dict, dict, str]:
     """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
-    committed behaviour policies (cached under data/), or read from --dataset-path."""
+    committed behaviour policies (cached under datasets/ or $OMSD_DATA_DIR), or read from --dataset-path."""
     if args.env_id == "bandit":
         spec = {"n_agents": bandit.N_AGENTS, "obs_dims": [bandit.OBS_DIM] * 2, "act_dims": [bandit.ACT_DIM] * 2}
         return read_dataset(args, bandit_data, lambda env_id: spec, published=False)
