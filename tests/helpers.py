@@ -7,34 +7,11 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MPE_TINY = [
-    "--diffusion-steps",
-    "20",
-    "--critic-steps",
-    "20",
-    "--policy-steps",
-    "20",
-    "--eval-every",
-    "10",
-    "--eval-episodes",
-    "2",
-    "--dataset-transitions",
-    "250",
-    "--diffusion-hidden",
-    "16",
-    "--critic-hidden",
-    "16",
-    "--actor-hidden",
-    "16",
-    "--diffusion-batch-size",
-    "32",
-    "--critic-batch-size",
-    "32",
-    "--policy-batch-size",
-    "32",
-    "--threads",
-    "1",
-]
+MPE_TINY = (
+    "--diffusion-steps 20 --critic-steps 20 --policy-steps 20 --eval-every 10 --eval-episodes 2 "
+    "--dataset-transitions 250 --diffusion-hidden 16 --critic-hidden 16 --actor-hidden 16 "
+    "--diffusion-batch-size 32 --critic-batch-size 32 --policy-batch-size 32 --threads 1"
+).split()
 
 
 def run_script(script: str, workdir, *args, check: bool = True):

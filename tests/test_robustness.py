@@ -20,36 +20,12 @@ from envs import dataset as ds
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
 # long enough that a stage is still running a moment after its first checkpoint, short enough for CI
-SMALL = [
-    "--diffusion-steps",
-    "600",
-    "--critic-steps",
-    "600",
-    "--policy-steps",
-    "600",
-    "--eval-every",
-    "200",
-    "--eval-episodes",
-    "2",
-    "--dataset-transitions",
-    "250",
-    "--diffusion-hidden",
-    "16",
-    "--critic-hidden",
-    "16",
-    "--actor-hidden",
-    "16",
-    "--diffusion-batch-size",
-    "32",
-    "--critic-batch-size",
-    "32",
-    "--policy-batch-size",
-    "32",
-    "--threads",
-    "1",
-    "--checkpoint-every",
-    "50",
-]
+SMALL = (
+    "--diffusion-steps 600 --critic-steps 600 --policy-steps 600 --eval-every 200 --eval-episodes 2 "
+    "--dataset-transitions 250 --diffusion-hidden 16 --critic-hidden 16 --actor-hidden 16 "
+    "--diffusion-batch-size 32 --critic-batch-size 32 --policy-batch-size 32 --threads 1 "
+    "--checkpoint-every 50"
+).split()
 
 
 @pytest.fixture(scope="module")
