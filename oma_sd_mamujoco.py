@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
+from envs import render, saved
+from envs.files import unwritable_dir
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
 from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
 from envs.runs import (
@@ -169,6 +171,18 @@ class Args:
     """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
+
+    # Videos and evaluation of a saved run
+    capture_video: bool = False
+    """draw --video-episodes episodes of the final evaluation to runs/<run_name>/videos/episode_<k>.gif (MuJoCo's
+    renderer, headless with MUJOCO_GL=egl); uploaded with --track"""
+    video_episodes: int = 2
+    """episodes of the evaluation drawn by --capture-video (k = 0.., env seed seed + 100 + k)"""
+    video_every: int = 5
+    """--capture-video: one frame every this many env steps (GIF at 20 frames per second: 4x real time at 5)"""
+    eval_from: str = ""
+    """a finished run's directory: evaluate its actors.pt with its settings (--eval-episodes episodes, drawn with
+    --capture-video) into <run>/eval_<E>_episodes.json, training nothing"""
 
 
 # beta per --dataset, in the authors' convention (small = strong constraint): starting values from the authors'
@@ -482,6 +496,105 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
     }
 
 
+def capture_video(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict:
+    """--capture-video: the evaluation of `actors` again, recorded, and GIFs of its first --video-episodes episodes
+    in `out` (envs/saved.py checks that each drawn episode is the evaluation's own, return included)."""
+    E = max(args.eval_episodes, args.video_episodes)
+    run_args = Args(**{**asdict(args), "eval_episodes": E})
+    names = make_env(args.env_id).possible_agents
+
+    def draw(policy, seed, rewards):
+        env = make_env(args.env_id)  # a fresh env per episode, as the evaluation's
+        frames = render.mamujoco_frames(env, policy, seed, every=args.video_every, rewards=rewards)
+        env.close()
+        ret = 0.0
+        for r in rewards:
+            ret += float(r[names[0]])  # the team reward, summed in the evaluation's order
+        return frames, ret
+
+    rec = saved.record_evaluation(
+        lambda a: evaluate(a, run_args, order, obs_max),
+        actors,
+        draw,
+        names,
+        args,
+        order,
+        obs_max,
+        out,
+        args.video_episodes,
+        fps=20,
+    )
+    rec["eval_episodes"] = E
+    if args.track:
+        saved.upload_videos(rec["episodes"])
+    return rec
+
+
+def evaluate_saved(args: Args) -> dict:
+    """--eval-from RUN: RUN's actors.pt (weights only) evaluated with RUN's settings over --eval-episodes episodes
+    (env seeds seed + 100 + k, as its evaluations), drawn with --capture-video; nothing is trained."""
+    run_dir = args.eval_from
+    saved_args, res = saved.read_run(run_dir, Args, resolve_args)
+    why = unwritable_dir(run_dir)
+    if why:
+        raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
+    ev_args = Args(
+        **{
+            **asdict(saved_args),
+            "eval_episodes": args.eval_episodes,
+            "capture_video": args.capture_video,
+            "video_episodes": args.video_episodes,
+            "video_every": args.video_every,
+            "track": False,
+        }
+    )
+    env = make_env(ev_args.env_id)
+    names = env.possible_agents
+    obs_max = max(env.observation_space(a).shape[0] for a in names)
+    act_dim = env.action_space(names[0]).shape[0]
+    env.close()
+    order = list(res["agent_order"])
+    actors = saved.load_actors(
+        Actors(len(names), obs_max, act_dim, ev_args.actor_hidden),
+        os.path.join(run_dir, "actors.pt"),
+        order,
+        f"{ev_args.env_id} ({len(names)} agents, observations padded to {obs_max}, actions of {act_dim}, "
+        f"actor_hidden {ev_args.actor_hidden})",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    ev = evaluate(actors, ev_args, order, obs_max)
+    videos = (
+        capture_video(actors, ev_args, order, obs_max, os.path.join(run_dir, "videos")) if args.capture_video else None
+    )
+    E = args.eval_episodes
+    same = E == saved_args.eval_episodes
+    out = {
+        "eval_from": os.path.abspath(run_dir),
+        "env_id": ev_args.env_id,
+        "eval_episodes": E,
+        "env_seeds": [ev_args.seed + 100 + k for k in range(E)],
+        "return": ev["return"],
+        "normalized_score": normalized_score(ev["return"], res.get("normalization")),
+        "episode_returns": ev["episode_returns"],
+        "episode_lengths": ev["episode_lengths"],
+        "failed_episodes": ev["failed_episodes"],
+        "run_final_return": res.get("final_return"),
+        "same_protocol_as_run": same,
+        "videos": videos,
+        "seconds": time.time() - t0,
+    }
+    path = os.path.join(run_dir, f"eval_{E}_episodes.json")
+    write_json_atomic(out, path)
+    mean = "no mean (failed episodes)" if ev["return"] is None else f"{ev['return']:.2f}"
+    check = f"; the run's final evaluation: {res.get('final_return')}" + (
+        " (the same episodes)" if same else f" over {saved_args.eval_episodes} episodes"
+    )
+    print(f"return {mean} over {E} episodes{check} -> {path}")
+    return out
+
+
 def normalized_score(ret, ref: dict | None):
     """100 * (R - R_random) / (R_expert - R_random) with the behaviour policies' returns; None without them."""
     if ret is None or ref is None:
@@ -527,13 +640,19 @@ def resolve_args(args: Args) -> Args:
     if args.stage1_seed is None:
         args.stage1_seed = args.seed
     env_defaults(args)
-    check_args(args, n_agents=env_spec(args.env_id)["n_agents"] if args.agent_order else None)
+    check_args(
+        args,
+        positive=("video_episodes", "video_every"),
+        n_agents=env_spec(args.env_id)["n_agents"] if args.agent_order else None,
+    )
     return args
 
 
 def main(args: Args) -> dict:
     t_start = time.time()  # wall-clock of the whole run: open_run moves it back by earlier processes' time
     args = resolve_args(args)
+    if args.eval_from:
+        return evaluate_saved(args)
     check_dirs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -873,6 +992,9 @@ def main(args: Args) -> dict:
 
     # ------------------------------------------------------------------ Results
     results = finish(eval_history, "ok")
+    if args.capture_video:
+        results["videos"] = capture_video(actors, args, order, obs_max, os.path.join(run_dir, "videos"))
+        write_json_atomic(results, os.path.join(run_dir, "results.json"))
     final = results["final_return"]
     if norm:
         score = (

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-from envs import bandit
+from envs import bandit, render, saved
 from envs.dataset import checksum, episode_ends
+from envs.files import unwritable_dir
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
 from envs.mpe_data import (
     CONVENTIONS,
@@ -194,6 +195,16 @@ class Args:
     """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
     checkpoint_every: int = 1000
     """steps between checkpoints of the stage in progress (in --cache-dir; a kill loses at most this many steps)"""
+
+    # Videos and evaluation of a saved run
+    capture_video: bool = False
+    """draw --video-episodes episodes of the final evaluation to runs/<run_name>/videos/episode_<k>.gif (mpe2's
+    renderer, headless); uploaded with --track"""
+    video_episodes: int = 2
+    """episodes of the evaluation drawn by --capture-video (k = 0.., env seed seed + 100 + k)"""
+    eval_from: str = ""
+    """a finished run's directory: evaluate its actors.pt with its settings (--eval-episodes episodes, drawn with
+    --capture-video) into <run>/eval_<E>_episodes.json, training nothing"""
 
 
 # Per --env-id (docs/results.md: "Multimodal data and mode selection"); the paper's scale is in docs/omsd.md.
@@ -549,6 +560,94 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
     return float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
 
 
+def capture_video(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -> dict:
+    """--capture-video: the evaluation of `actors` again, recorded, and GIFs of its first --video-episodes episodes
+    in `out` (envs/saved.py checks that each drawn episode is the evaluation's own)."""
+    env = MPEEnv(args.env_id, prey=prey)
+    E = max(args.eval_episodes, args.video_episodes)
+    run_args = Args(**{**asdict(args), "eval_episodes": E})
+
+    def run_eval(rec):
+        return {"return": evaluate(rec, run_args, order, obs_max, prey), "episode_lengths": [env.max_cycles] * E}
+
+    def draw(policy, seed, rewards):
+        frames = render.mpe_frames(env, policy, seed, rewards=rewards)
+        return frames, paper_metric(args.env_id, np.array([[r[a] for a in env.possible_agents] for r in rewards]))
+
+    rec = saved.record_evaluation(
+        run_eval, actors, draw, env.possible_agents, args, order, obs_max, out, args.video_episodes, fps=10
+    )  # mpe2's render_fps
+    rec["eval_episodes"] = E
+    if args.track:
+        saved.upload_videos(rec["episodes"])
+    return rec
+
+
+def evaluate_saved(args: Args) -> dict:
+    """--eval-from RUN: RUN's actors.pt (weights only) evaluated with RUN's settings over --eval-episodes episodes
+    (env seeds seed + 100 + k, as its evaluations), drawn with --capture-video; nothing is trained."""
+    run_dir = args.eval_from
+    saved_args, res = saved.read_run(run_dir, Args, resolve_args)
+    if saved_args.env_id == "bandit":
+        raise RunError(f"--eval-from {run_dir}: a bandit run; its final actions are in its results.json")
+    why = unwritable_dir(run_dir)
+    if why:
+        raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
+    ev_args = Args(
+        **{
+            **asdict(saved_args),
+            "eval_episodes": args.eval_episodes,
+            "trust_pickle": args.trust_pickle,
+            "capture_video": args.capture_video,
+            "video_episodes": args.video_episodes,
+            "track": False,
+        }
+    )
+    prey, prey_record = load_prey_arg(ev_args)
+    if isinstance(res.get("prey"), dict) and prey_record["source_sha256"] != res["prey"]["source_sha256"]:
+        raise RunError(f"--eval-from {run_dir}: the prey at {ev_args.prey_path} is not the one the run trained with")
+    env = MPEEnv(ev_args.env_id, prey=prey)
+    obs_max = max(env.observation_space(a).shape[0] for a in env.possible_agents)
+    act_dim = env.action_space(env.possible_agents[0]).shape[0]
+    order = list(res["agent_order"])
+    n = len(env.possible_agents)
+    actors = saved.load_actors(
+        Actors(n, obs_max, act_dim, ev_args.actor_hidden),
+        os.path.join(run_dir, "actors.pt"),
+        order,
+        f"{ev_args.env_id} ({n} agents, observations padded to {obs_max}, actions of {act_dim}, actor_hidden "
+        f"{ev_args.actor_hidden})",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    mean = evaluate(actors, ev_args, order, obs_max, prey)
+    videos = None
+    if args.capture_video:
+        videos = capture_video(actors, ev_args, order, obs_max, prey, os.path.join(run_dir, "videos"))
+    E = args.eval_episodes
+    same = E == saved_args.eval_episodes
+    out = {
+        "eval_from": os.path.abspath(run_dir),
+        "env_id": ev_args.env_id,
+        "eval_episodes": E,
+        "env_seeds": [ev_args.seed + 100 + k for k in range(E)],
+        "return": mean,
+        "normalized_score": normalized_score(ev_args.env_id, mean) if ev_args.env_id in PAPER_NORMALIZATION else None,
+        "run_final_return": res.get("final_return"),
+        "same_protocol_as_run": same,
+        "videos": videos,
+        "seconds": time.time() - t0,
+    }
+    path = os.path.join(run_dir, f"eval_{E}_episodes.json")
+    write_json_atomic(out, path)
+    check = f"; the run's final evaluation: {res.get('final_return')}" + (
+        " (the same episodes)" if same else f" over {saved_args.eval_episodes} episodes"
+    )
+    print(f"return {mean:.2f} over {E} episodes{check} -> {path}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Diagnostics: which part limits a score (behaviour models, critic or extraction)
 # ---------------------------------------------------------------------------------------------
@@ -776,15 +875,19 @@ def resolve_args(args: Args) -> Args:
     check_args(
         args,
         {"team_reward": ("agent0", "mean"), "actor_init": ("random", "samples")},
-        ("init_steps", "init_candidates", "init_states", "sample_steps"),
+        ("init_steps", "init_candidates", "init_states", "sample_steps", "video_episodes"),
         n_agents,
     )
+    if args.capture_video and args.env_id == "bandit":
+        raise RunError("--capture-video: the bandit has no episodes to draw")
     return args
 
 
 def main(args: Args) -> dict:
     t_start = time.time()  # wall-clock of the whole run: open_run moves it back by earlier processes' time
     args = resolve_args(args)
+    if args.eval_from:
+        return evaluate_saved(args)
     check_dirs(args)
     prey, prey_record = load_prey_arg(args)
     if args.threads:
@@ -1100,6 +1203,9 @@ def main(args: Args) -> dict:
     if args.save_model:
         save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run_dir, "actors.pt"))
     write_json_atomic(results, os.path.join(run_dir, "results.json"))
+    if args.capture_video:
+        results["videos"] = capture_video(actors, args, order, obs_max, prey, os.path.join(run_dir, "videos"))
+        write_json_atomic(results, os.path.join(run_dir, "results.json"))
     writer.close()
     run.close()  # removes the run's checkpoint and marker
     score = f", normalized score {results['final_normalized_score']:.1f} (paper constants {norm})" if norm else ""

@@ -19,12 +19,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import warnings
 
 import mujoco
 
-with warnings.catch_warnings():  # gymnasium_robotics warns about unrelated Adroit envs on import
+# gymnasium_robotics warns, and prints a notice to stderr, about its Adroit envs (not used here) on import: an
+# error of the scripts stays the one line on stderr
+with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
     warnings.simplefilter("ignore")
     from gymnasium_robotics import mamujoco_v1
 

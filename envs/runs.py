@@ -493,7 +493,8 @@ def open_run(args, fields: dict, t_start: float) -> Run:
         raise
 
 
-NOT_IN_KEY = ("resume", "checkpoint_every", "threads")  # how a run is executed, not what it computes
+# how a run is executed or shown, not what it computes
+NOT_IN_KEY = ("resume", "checkpoint_every", "threads", "capture_video", "video_episodes", "video_every", "eval_from")
 
 
 def start_run(args, t_start: float, exclude: tuple = (), **fields) -> Run:
@@ -501,6 +502,12 @@ def start_run(args, t_start: float, exclude: tuple = (), **fields) -> Run:
     checksum) define: an interrupted run of the same command on the same data is continued in its directory."""
     keyed = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY + tuple(exclude)}
     return open_run(args, {**keyed, **fields}, t_start)
+
+
+def wandb_id(run_dir: str) -> str:
+    """The W&B run id of a run directory: its name's hash (W&B ids are short and may not contain every character
+    a directory name can), so every process of one run logs to one W&B run."""
+    return hashlib.sha256(os.path.basename(os.path.normpath(run_dir)).encode()).hexdigest()[:16]
 
 
 def open_writer(args, run_dir: str):
@@ -514,6 +521,8 @@ def open_writer(args, run_dir: str):
             sync_tensorboard=True,
             config=vars(args),
             name=os.path.basename(run_dir),
+            id=wandb_id(run_dir),  # a resumed run (same directory) continues the same W&B run
+            resume="allow",
             save_code=True,
         )
     writer = SummaryWriter(run_dir)

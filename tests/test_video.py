@@ -1,4 +1,5 @@
-"""benchmark/video.py and envs/render.py: GIFs of a saved run's evaluation episodes, headless."""
+"""--capture-video and --eval-from in both scripts (envs/saved.py, envs/render.py): GIFs of evaluation episodes,
+headless, that are the evaluation's own episodes; a saved run evaluated again without training."""
 
 import json
 import os
@@ -6,77 +7,156 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import MPE_TINY, REPO, run_script
+from envs import runs
+from tests.helpers import MPE_TINY, REPO, results_of, run_script
 
-VIDEO = os.path.join(REPO, "benchmark", "video.py")
+MPE = os.path.join(REPO, "oma_sd_mpe.py")
+MAMUJOCO = os.path.join(REPO, "oma_sd_mamujoco.py")
+MAMUJOCO_TINY = (
+    "--diffusion-steps 20 --critic-steps 20 --policy-steps 20 --eval-every 10 --eval-episodes 2 --dataset random "
+    "--dataset-transitions 200 --diffusion-hidden 16 --critic-hidden 16 --actor-hidden 16 --diffusion-batch-size 32 "
+    "--critic-batch-size 32 --policy-batch-size 32 --threads 1"
+).split()
+NO_GL = r"EGL|OpenGL|GL context|glGetError"
 
 
 @pytest.fixture(scope="module")
 def mpe_run(tmp_path_factory):
-    """A finished tiny MPE run (2 evaluation episodes), its directory and results."""
+    """A finished tiny MPE run with --capture-video (2 evaluation episodes, both drawn)."""
     work = tmp_path_factory.mktemp("video_mpe")
-    r = run_script(
-        os.path.join(REPO, "oma_sd_mpe.py"), work, "--env-id", "simple_spread", "--dataset", "expert", *MPE_TINY
-    )
-    run_dir = work / r.stdout.strip().splitlines()[-1].split("-> ")[-1].rsplit("/", 1)[0]
-    with open(run_dir / "results.json") as f:
-        return work, run_dir, json.load(f)
+    r = run_script(MPE, work, "--env-id", "simple_spread", "--dataset", "expert", *MPE_TINY, "--capture-video")
+    res = results_of(work, r.stdout)
+    return work, work / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1]), res, r.stdout
 
 
-def video(workdir, *args):
-    return subprocess.run(
-        [sys.executable, VIDEO, *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMSD_DATA_DIR": str(workdir / "data")},
-    )
-
-
-def test_gifs_of_the_evaluation_episodes_reproduce_the_final_return(mpe_run):
-    work, run_dir, res = mpe_run
-    assert res["args"]["eval_episodes"] == 2
-    out = work / "gifs"
-    r = video(work, "--run-dir", str(run_dir), "--episodes", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    printed = [float(x) for x in re.findall(r"^episode \d \(env seed \d+\): 25 steps, return (\S+?),", r.stdout, re.M)]
-    assert len(printed) == 2, r.stdout
-    # the same episodes as the run's final evaluation (seeds seed + 100 + k, the same batched actor calls)
-    assert (
-        f"mean return {res['final_return']!r}; results.json final_return: {res['final_return']!r} (the same)"
-        in r.stdout
-    ), r.stdout
-    assert np.mean(printed) == pytest.approx(res["final_return"], abs=1e-3)
+def test_capture_video_draws_the_final_evaluations_episodes(mpe_run):
+    work, run_dir, res, stdout = mpe_run
+    videos = res["videos"]
+    assert videos["eval_episodes"] == 2 and videos["return"] == res["final_return"]
+    printed = [float(x) for x in re.findall(r"^episode \d \(env seed \d+\): 25 steps, return (\S+?);", stdout, re.M)]
+    assert len(printed) == 2, stdout
+    # the drawn episodes are the final evaluation's (env seeds seed + 100 + k, the same actions)
+    assert printed == [round(v["return"], 4) for v in videos["episodes"]]
+    assert np.mean([v["return"] for v in videos["episodes"]]) == pytest.approx(res["final_return"], abs=1e-9)
+    assert [v["env_seed"] for v in videos["episodes"]] == [101, 102]
     for k in range(2):
-        with Image.open(out / f"episode_{k}.gif") as im:
+        gif = run_dir / "videos" / f"episode_{k}.gif"
+        with Image.open(gif) as im:
             assert im.size == (256, 256)
-            # the first frame and one after each of the 25 steps, at mpe2's 10 frames per second (a GIF keeps a run
-            # of identical frames as one; a tiny run's agents never stand still)
+            # the first frame and one after each of the 25 steps, at mpe2's 10 frames per second (a GIF keeps a
+            # run of identical frames as one; a tiny run's agents never stand still)
             assert im.n_frames == 26
             durations = []
             for i in range(im.n_frames):
                 im.seek(i)
                 durations.append(im.info["duration"])
             assert sum(durations) == 26 * 100 and set(durations) == {100}
-        assert os.path.getsize(out / f"episode_{k}.gif") < 500_000
+        assert os.path.getsize(gif) < 500_000
 
 
-def test_weights_that_do_not_fit_the_env(mpe_run, tmp_path):
-    _, run_dir, res = mpe_run
-    shutil.copy(run_dir / "actors.pt", tmp_path / "actors.pt")
-    res = dict(res, env_id="simple_tag", args=dict(res["args"], env_id="simple_tag"))
-    (tmp_path / "results.json").write_text(json.dumps(res))
-    r = video(tmp_path, "--run-dir", str(tmp_path), "--out", str(tmp_path / "v"))
-    assert r.returncode == 2
+def test_eval_from_reproduces_the_final_return_and_trains_nothing(mpe_run, tmp_path):
+    work, run_dir, res, _ = mpe_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("videos"))
+    r = run_script(
+        MPE, work, "--eval-from", str(copy), "--eval-episodes", "2", "--capture-video", "--video-episodes", "1"
+    )
+    with open(copy / "eval_2_episodes.json") as f:
+        ev = json.load(f)
+    assert ev["return"] == res["final_return"] and ev["same_protocol_as_run"] is True
+    assert ev["env_seeds"] == [101, 102] and "(the same episodes)" in r.stdout
+    assert sorted(os.listdir(copy / "videos")) == ["episode_0.gif"]
+    assert "stage 1a" not in r.stderr  # nothing trained
+    # more episodes: a different mean, said so
+    r = run_script(MPE, work, "--eval-from", str(copy), "--eval-episodes", "3")
+    with open(copy / "eval_3_episodes.json") as f:
+        ev3 = json.load(f)
+    assert ev3["env_seeds"] == [101, 102, 103] and ev3["same_protocol_as_run"] is False
+    assert "over 2 episodes" in r.stdout
+
+
+def one_error_line(r, *parts):
+    assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "does not fit simple_tag" in r.stderr and "expected (16, 16)" in r.stderr
-    assert not (tmp_path / "v").exists()
+    for p in parts:
+        assert p in r.stderr, r.stderr
+
+
+def test_eval_from_bad_runs(mpe_run, tmp_path):
+    work, run_dir, res, _ = mpe_run
+    one_error_line(run_script(MPE, work, "--eval-from", str(tmp_path / "nope"), check=False), "no such directory")
+    one_error_line(run_script(MPE, work, "--eval-from", str(tmp_path), check=False), "has no results.json")
+    # weights of another env
+    bad = tmp_path / "tag"
+    bad.mkdir()
+    shutil.copy(run_dir / "actors.pt", bad / "actors.pt")
+    (bad / "results.json").write_text(
+        json.dumps(dict(res, env_id="simple_tag", args=dict(res["args"], env_id="simple_tag")))
+    )
+    one_error_line(
+        run_script(MPE, work, "--eval-from", str(bad), check=False), "does not fit simple_tag", "expected (16, 16)"
+    )
+    assert sorted(os.listdir(bad)) == ["actors.pt", "results.json"]  # nothing written
+    # a pickle that is not weights only is never unpickled
+    import torch
+
+    torch.save({"actors": object()}, bad / "actors.pt")
+    (bad / "results.json").write_text(json.dumps(res))
+    one_error_line(run_script(MPE, work, "--eval-from", str(bad), check=False), "cannot be loaded as weights only")
+    # a run of the other script
+    one_error_line(run_script(MAMUJOCO, work, "--eval-from", str(run_dir), check=False), "does not know")
+
+
+def test_track_resumes_the_same_wandb_run(monkeypatch, tmp_path):
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = types.SimpleNamespace(track=True, wandb_project_name="omsd", wandb_entity=None, seed=1)
+    for _ in range(2):  # the first process and the one that resumes the run in the same directory
+        runs.open_writer(args, str(tmp_path / "simple_spread__expert__oma_sd_mpe__sequential__1__123")).close()
+    runs.open_writer(args, str(tmp_path / "simple_spread__expert__oma_sd_mpe__sequential__2__124")).close()
+    assert [c["resume"] for c in calls] == ["allow"] * 3
+    assert calls[0]["id"] == calls[1]["id"] != calls[2]["id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", calls[0]["id"])
+
+
+def test_mamujoco_capture_video_and_eval_from(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    r = subprocess.run(
+        [sys.executable, MAMUJOCO, "--env-id", "Hopper-3x1", *MAMUJOCO_TINY, "--capture-video", "--video-every", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "OMSD_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": REPO},
+    )
+    if r.returncode != 0 and re.search(NO_GL, r.stderr):
+        pytest.skip(f"no headless OpenGL here (MUJOCO_GL=egl): {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = results_of(tmp_path, r.stdout)
+    eps = res["videos"]["episodes"]
+    assert len(eps) == 2 and res["videos"]["return"] == res["final_return"]
+    ev = res["eval_history"][-1]
+    for k, v in enumerate(eps):
+        # the replay is the evaluation's episode: its length and return, exactly (envs/saved.py checks both)
+        assert v["steps"] == ev["episode_lengths"][k] and v["return"] == ev["episode_returns"][k]
+        # the first frame, one every 2 steps, and the last
+        assert v["frames"] == 1 + v["steps"] // 2 + (v["steps"] % 2 > 0)
+        with Image.open(v["gif"] if os.path.isabs(v["gif"]) else tmp_path / v["gif"]) as im:
+            assert im.size == (320, 320)
+            im.seek(im.n_frames - 1)
+            assert np.asarray(im.convert("RGB")).std() > 0  # not a blank picture
+    run_dir = tmp_path / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])
+    r2 = run_script(MAMUJOCO, tmp_path, "--eval-from", str(run_dir), "--eval-episodes", "2")
+    with open(run_dir / "eval_2_episodes.json") as f:
+        assert json.load(f)["episode_returns"] == ev["episode_returns"]
+    assert "(the same episodes)" in r2.stdout
 
 
 MAMUJOCO_FRAMES = """
@@ -102,7 +182,7 @@ def test_mamujoco_frames_of_a_random_policy():
         timeout=120,
         env={k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")},
     )
-    if r.returncode != 0 and re.search(r"EGL|OpenGL|GL context|glGetError", r.stderr):
+    if r.returncode != 0 and re.search(NO_GL, r.stderr):
         pytest.skip(f"no headless OpenGL here (MUJOCO_GL=egl): {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     n_frames, n_steps = int(r.stdout.split()[0]), int(r.stdout.split()[1])

@@ -1,0 +1,189 @@
+"""A finished run's actors, evaluated again and drawn: the scripts' `--eval-from RUN` and `--capture-video`.
+
+- `read_run`: a run directory's results.json and its resolved arguments, checked before anything is loaded.
+- `load_actors`: actors.pt (weights only, `torch.load(weights_only=True)`) into the script's own `Actors`, its
+  shapes checked against the env (one `RunError` line if they do not fit).
+- `record_evaluation`: the script's own `evaluate` (all episodes stepped together, one batched actor call per
+  step, env seeds seed + 100 + k), with every actor call recorded; each of the first `episodes` episodes is then
+  replayed on its own with the recorded actions, checked to see the same observations at every step, and drawn
+  (envs/render.py) to `<out>/episode_<k>.gif`. So a video shows exactly an episode the reported mean contains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+from envs import render
+from envs.runs import RunError
+
+
+def read_run(run_dir: str, args_cls, resolve) -> tuple:
+    """(the run's Args, its results.json) of a finished run; RunError when the directory is not one."""
+    res_path = os.path.join(run_dir, "results.json")
+    if not os.path.isdir(run_dir):
+        raise RunError(f"--eval-from {run_dir}: no such directory; give a run directory runs/<run>")
+    try:
+        with open(res_path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise RunError(f"--eval-from {run_dir}: it has no results.json (not a finished run)") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"--eval-from {run_dir}: results.json cannot be read ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("args"), dict) or "agent_order" not in results:
+        raise RunError(f"--eval-from {run_dir}: results.json has no 'args' and 'agent_order' (not a run of this repo)")
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    saved = results["args"]
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise RunError(
+            f"--eval-from {run_dir}: results.json's args has {unknown[0]!r}, which this script does not know "
+            f"(a run of the other script, or of another version)"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return resolve(args_cls(**kwargs)), results
+
+
+def load_actors(actors: torch.nn.Module, path: str, order: list[int], what: str) -> torch.nn.Module:
+    """`actors` (the script's freshly built Actors) with the weights of `path`; `what` describes the env for the
+    error message. RunError if the file is missing, not weights-only, or of other shapes or agent order."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist (the run was made with --no-save-model?)") from None
+    except Exception as e:  # not a weights-only torch file
+        raise RunError(f"{path} cannot be loaded as weights only: {str(e).splitlines()[0]}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("actors"), dict):
+        raise RunError(f"{path} has no 'actors' state dict")
+    want = {k: tuple(v.shape) for k, v in actors.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in saved["actors"].items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = diff[0]
+        raise RunError(f"{path} does not fit {what}: {k} is {have.get(k, 'missing')}, expected {want.get(k, 'absent')}")
+    if "order" in saved and saved["order"].tolist() != list(order):
+        raise RunError(f"{path} was saved for agent order {saved['order'].tolist()}, results.json says {order}")
+    actors.load_state_dict(saved["actors"])
+    return actors.eval()
+
+
+class Recorder(torch.nn.Module):
+    """The actors, recording every batched call of the script's evaluate: (observations, actions), (n, B, .)."""
+
+    def __init__(self, actors):
+        super().__init__()
+        self.actors, self.calls = actors, []
+
+    def forward(self, obs):
+        act = self.actors(obs)
+        self.calls.append((obs.cpu().numpy().copy(), act.cpu().numpy().copy()))
+        return act
+
+
+def padded(obs: dict, names: list[str], order: list[int], obs_max: int) -> np.ndarray:
+    """(n, obs_max): position k holds agent order[k]'s own observation, zero-padded (as the scripts' evaluate)."""
+    o = np.zeros((len(order), obs_max), np.float32)
+    for k, i in enumerate(order):
+        x = obs[names[i]]
+        o[k, : len(x)] = x
+    return o
+
+
+def replay_policy(steps: list, names: list[str], order: list[int], obs_max: int, episode: int):
+    """A policy that gives, step by step, the actions the evaluation took in this episode, after checking that the
+    replayed episode sees exactly the observations the evaluation saw."""
+    t = iter(range(len(steps) + 1))
+
+    def policy(obs: dict) -> dict:
+        k = next(t)
+        if k >= len(steps):
+            raise RunError(f"episode {episode}: the replay goes on after the evaluation's {len(steps)} steps")
+        o, act = steps[k]
+        if not np.array_equal(padded(obs, names, order, obs_max), o):
+            raise RunError(f"episode {episode}: the replay's observations differ from the evaluation's at step {k}")
+        return {names[i]: act[p] for p, i in enumerate(order)}
+
+    return policy
+
+
+def episode_steps(calls: list, lengths: list[int], failed: dict, e: int) -> list:
+    """Episode e's (obs, act) of the recorded batched calls: at call t the batch holds the episodes still running
+    (length >= t) and those that fail at t."""
+    out = []
+    for t, (o, a) in enumerate(calls, start=1):
+        live = sorted(
+            {j for j, n in enumerate(lengths) if n >= t} | {k for k, f in failed.items() if f["env_step"] == t}
+        )
+        if len(live) != o.shape[1]:
+            raise RunError(f"step {t}: {o.shape[1]} observations in the evaluation's batch, {len(live)} expected")
+        if e in live and (e not in failed or t <= lengths[e]):
+            out.append((o[:, live.index(e)], a[:, live.index(e)]))
+    return out
+
+
+def record_evaluation(
+    run_eval,
+    actors,
+    draw,
+    names: list[str],
+    args,
+    order: list[int],
+    obs_max: int,
+    out: str,
+    episodes: int,
+    fps: float,
+) -> dict:
+    """The evaluation of `actors` (run_eval(actors) -> {"return", "episode_lengths", "episode_returns" or None,
+    "failed_episodes"}, the script's evaluate), recorded, and GIFs of its first `episodes` episodes in `out`.
+
+    draw(policy, seed, rewards) -> (frames, return) plays one episode from env.reset(seed=seed) in an env of its
+    own and returns its frames and its return in the script's metric; rewards receives each step's rewards. The
+    return is checked against the evaluation's where it reports per-episode returns. Returns {"return" (the evaluation's
+    mean), "episodes": [{"episode", "env_seed", "steps", "return", "gif", "frames", "bytes"}]}."""
+    rec = Recorder(actors)
+    ev = run_eval(rec)
+    lengths, ev_returns = ev["episode_lengths"], ev.get("episode_returns")
+    failed = {f["episode"]: f for f in ev.get("failed_episodes", [])}
+    videos = []
+    for k in range(episodes):
+        seed = args.seed + 100 + k
+        if k in failed:
+            videos.append({"episode": k, "env_seed": seed, "failed": failed[k]["what"]})
+            continue
+        rewards: list = []
+        policy = replay_policy(episode_steps(rec.calls, lengths, failed, k), names, order, obs_max, k)
+        frames, ret = draw(policy, seed, rewards)
+        if len(rewards) != lengths[k] or (ev_returns is not None and ret != ev_returns[k]):
+            raise RunError(
+                f"episode {k}: the replay ({len(rewards)} steps, return {ret}) differs from the evaluation "
+                f"({lengths[k]} steps, return {ev_returns[k] if ev_returns is not None else '?'})"
+            )
+        path = os.path.join(out, f"episode_{k}.gif")
+        nbytes = render.save_gif(frames, path, fps)
+        videos.append(
+            {
+                "episode": k,
+                "env_seed": seed,
+                "steps": len(rewards),
+                "return": ret,
+                "gif": path,
+                "frames": len(frames),
+                "bytes": nbytes,
+            }
+        )
+        print(
+            f"episode {k} (env seed {seed}): {len(rewards)} steps, return {ret:.4f}; {len(frames)} frames, "
+            f"{nbytes / 1024:.0f} KiB -> {path}"
+        )
+    return {"return": ev["return"], "episodes": videos}
+
+
+def upload_videos(videos: list[dict]):
+    """The GIFs to Weights & Biases (--track), as wandb.Video under videos/episode_<k>."""
+    import wandb
+
+    wandb.log({f"videos/episode_{v['episode']}": wandb.Video(v["gif"], format="gif") for v in videos if "gif" in v})
