@@ -161,6 +161,17 @@ class Args:
     """evaluation episodes (decentralised execution, deterministic actions). A diverged simulation (non-finite
     numbers, or MuJoCo's instability warning) fails its episode: every failure is recorded in results.json
     (status "failed") and the run stops with an error, since a mean over diverged episodes is meaningless"""
+    actor_init: str = "random"
+    """random (the authors') | samples: first regress the actors onto joint behaviour samples drawn with one noise
+    vector for all states, so that they start in one joint mode (the MPE default; docs/results.md)"""
+    init_steps: int = 2000
+    """regression steps of --actor-init samples"""
+    init_states: int = 20_000
+    """--actor-init samples: dataset states (drawn at random) whose behaviour samples the actors are fitted to"""
+    init_candidates: int = 1
+    """--actor-init samples: shared noise vectors tried; the one whose joint samples have the highest mean Q wins"""
+    sample_steps: int = 20
+    """steps of the deterministic DDIM sampler of the behaviour models"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -361,6 +372,88 @@ def actor_surrogate(a, eps_hat, g, w, beta):
     """Per-agent SRPO surrogate: mean_batch( w(t) <eps_hat, a> - beta <grad_a Q, a> ) with eps_hat and g detached,
     so that its gradient is (w(t) eps_hat - beta grad_a Q) times the actor's Jacobian. Returns (n,)."""
     return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage helpers: the behaviour models' DDIM sampler and the actors' start from its samples
+# ---------------------------------------------------------------------------------------------
+def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
+    """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing: a
+    uniform grid in t takes too large steps at small noise, and DDIM's samples then lose most of their spread)."""
+
+    def lam(t):
+        alpha_t, sigma_t = vp_sde(torch.tensor(t, dtype=torch.float64))
+        return torch.log(alpha_t / sigma_t)
+
+    lams = torch.linspace(lam(t_start).item(), lam(t_end).item(), steps + 1, dtype=torch.float64)
+    L = torch.log1p(torch.exp(-2 * lams))  # -2 log alpha_t, inverted for the linear beta(t): 0.5*19.9 t^2 + 0.1 t = L
+    return (2 * L / (0.1 + torch.sqrt(0.1**2 + 2 * 19.9 * L))).float()
+
+
+@torch.no_grad()
+def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
+    """Deterministic DDIM samples of every position's behaviour model, from x_1 = z (n, B, act).
+
+    The prefix of position k is a_prev (e.g. the dataset's actions) if given, else the samples of positions < k:
+    ancestral sampling of mu(a|s) = prod_k mu_k(a_k | s, a_<k), one pass per position (one pass if no position
+    has a prefix). x0_hat = (x_t - sigma_t eps_hat) / alpha_t is clipped to the action box [-1, 1] at each step.
+    """
+    n, B, _ = z.shape
+    ts = logsnr_grid(1.0, 1e-3, steps).to(z.device)
+    passes = 1 if a_prev is not None or not mask.any() else n
+    out = torch.zeros_like(z)
+    for k in range(passes):
+        cond = condition(base, out if a_prev is None else a_prev, mask)
+        x = z
+        for i in range(steps):
+            alpha_t, sigma_t = vp_sde(ts[i])
+            alpha_s, sigma_s = vp_sde(ts[i + 1])
+            eps_hat = score_net(x, ts[i].expand(n, B, 1), cond)
+            x0 = ((x - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
+            x = alpha_s * x0 + sigma_s * (x - alpha_t * x0) / sigma_t
+        if passes == 1:
+            return x0
+        out[k] = x0[k]
+    return out
+
+
+def fit_actors(actors, obs, target, steps: int, batch: int, lr: float, g):
+    """Regress every actor onto its target actions: mean_batch ||pi_k(o_k) - target_k||^2. obs (n, N, obs)."""
+    opt = torch.optim.Adam(actors.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(obs.shape[1], (batch,), generator=g, device=obs.device)
+        loss = ((actors(obs[:, idx]) - target[:, idx]) ** 2).sum(-1).mean(-1)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+    return loss.detach()
+
+
+def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, g) -> dict:
+    """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
+    modes, so the actors first imitate one joint sample per state. The noise z is shared by all states, so the mode
+    a sample lands in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of
+    agents < k. Of --init-candidates noise vectors, the one whose samples have the highest mean Q is used."""
+    t0, device = time.time(), data["obs"].device
+    N, n, act_dim = data["act"].shape
+    rows = torch.randperm(N, generator=g)[: args.init_states].to(device)
+    best = None
+    for c in range(args.init_candidates):
+        z = torch.randn(n, 1, act_dim, generator=g, device=device).expand(n, len(rows), act_dim)
+        target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
+        with torch.no_grad():
+            q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
+        if best is None or q > best[0]:
+            best = (q, c, target)
+    init_loss = fit_actors(
+        actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g
+    )
+    print(
+        f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
+        f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
+    return {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(), "seconds": time.time() - t0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +735,8 @@ def resolve_args(args: Args) -> Args:
     env_defaults(args)
     check_args(
         args,
-        positive=("video_episodes", "video_every"),
+        {"actor_init": ("random", "samples")},
+        ("video_episodes", "video_every", "init_steps", "init_candidates", "init_states", "sample_steps"),
         n_agents=env_spec(args.env_id)["n_agents"] if args.agent_order else None,
     )
     return args
@@ -845,6 +939,9 @@ def main(args: Args) -> dict:
         **{f"sched{k}": o for k, o in enumerate(scheds)},
     }
     start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
+    init_record = extra.get("init")
+    if args.actor_init == "samples" and start == 0:
+        init_record = init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, gen(4))
     bar = Progress("stage 2: actors", args.policy_steps, start)
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
 
@@ -881,6 +978,7 @@ def main(args: Args) -> dict:
             "total_seconds": time.time() - t_start,
             "stages": run.stages_of(timing),
             "stage1_cache": cache,
+            "actor_init": init_record,
             "args": asdict(args),
         }
         if args.save_model:
@@ -986,7 +1084,7 @@ def main(args: Args) -> dict:
             step,
             args.policy_steps,
             spent + bar.seconds,
-            {"eval_history": eval_history, "eval_seconds": eval_seconds},
+            {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record},
         )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
 

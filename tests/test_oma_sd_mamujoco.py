@@ -127,7 +127,11 @@ def test_smoke_every_env(workdir, env_id):
     "env_id,extra",
     [
         ("Ant-2x4-nocf", ["--decomposition", "independent", "--condition", "state", "--regq"]),
-        ("HalfCheetah-6x1", ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4", "--no-z-baseline"]),
+        (
+            "HalfCheetah-6x1",
+            ["--prefix", "updated", "--agent-order", "5", "3", "1", "0", "2", "4", "--no-z-baseline"]
+            + ["--actor-init", "samples", "--init-steps", "5", "--init-states", "50"],
+        ),
     ],
 )
 def test_variants(workdir, env_id, extra):
@@ -139,6 +143,9 @@ def test_variants(workdir, env_id, extra):
     else:
         assert res["agent_order"] == [5, 3, 1, 0, 2, 4] and res["args"]["prefix"] == "updated"
         assert res["args"]["z_baseline"] is False
+        # the actors were first fitted to joint behaviour samples, one regression loss per agent
+        assert "actors initialised from behaviour samples" in r.stderr
+        assert len(res["actor_init"]["regression_loss"]) == 6 and res["actor_init"]["candidate"] == 0
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
