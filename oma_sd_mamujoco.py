@@ -27,6 +27,7 @@ import tyro
 from torch import nn
 
 from envs import render, saved
+from envs.dataset import episode_ends
 from envs.files import unwritable_dir
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
 from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
@@ -172,6 +173,8 @@ class Args:
     """--actor-init samples: shared noise vectors tried; the one whose joint samples have the highest mean Q wins"""
     sample_steps: int = 20
     """steps of the deterministic DDIM sampler of the behaviour models"""
+    diagnostics: bool = True
+    """after training, measure the behaviour models' fit, the critic's quality and the policy's support distance"""
 
     # Files
     cache_dir: str = "runs/cache"
@@ -688,6 +691,126 @@ def evaluate_saved(args: Args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Diagnostics: which part limits a score (behaviour models, critic or extraction)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def behaviour_fit(score_net, data, rows, cond_base, mask, args) -> dict:
+    """Denoising loss of every position's model on `rows` (of every 50th episode; the models trained on them), and the
+    distance of DDIM samples given the dataset's prefix actions to the dataset's action."""
+    g = torch.Generator(rows.device).manual_seed(12345)
+    a0 = data["act"][rows].transpose(0, 1)
+    cond = condition(cond_base(rows), a0, mask)
+    loss = torch.stack([diffusion_loss(score_net, a0, cond, g) for _ in range(8)]).mean(0)
+    z = torch.randn(a0.shape, generator=g, device=a0.device)
+    samples = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps, a_prev=a0)
+    return {
+        "denoising_loss": loss.tolist(),
+        "denoising_loss_rows": "every 50th episode, seen in training",
+        "sample_to_data_distance": (samples - a0).norm(dim=-1).mean(1).tolist(),
+    }
+
+
+@torch.no_grad()
+def support_distance(states, acts, pool_states, pool_acts, k: int = 20) -> np.ndarray:
+    """For every (state, joint action): the distance from the action to the nearest joint action of the dataset
+    among the k dataset states nearest to the state (standardised), the authors' planned OOD measure."""
+    mu, sd = pool_states.mean(0), pool_states.std(0) + 1e-6
+    pool = (pool_states - mu) / sd
+    out = []
+    for lo in range(0, len(states), 256):
+        nn_idx = torch.cdist((states[lo : lo + 256] - mu) / sd, pool).topk(k, largest=False).indices  # (m, k)
+        out.append((acts[lo : lo + 256, None] - pool_acts[nn_idx]).norm(dim=-1).min(1).values)
+    return torch.cat(out).cpu().numpy()
+
+
+@torch.no_grad()
+def critic_quality(q_target, data, ends, gamma: float, n: int = 10_000) -> dict:
+    """Q (mean of the two target heads) of dataset actions against their discounted Monte-Carlo returns to the end
+    of the episode (ends: the last row of every episode), on n evenly spaced transitions."""
+    r = data["reward"].cpu().numpy().astype(np.float64)
+    last = np.zeros(len(r), bool)
+    last[ends] = True
+    G = np.zeros_like(r)
+    for t in range(len(r) - 1, -1, -1):
+        G[t] = r[t] + (0.0 if last[t] or t == len(r) - 1 else gamma * G[t + 1])
+    idx = np.linspace(0, len(r) - 1, min(n, len(r))).astype(int)
+    joint = data["act"][idx].reshape(len(idx), -1)
+    q = q_target(data["critic_state"][idx], joint).mean(0).cpu().numpy()
+    g = G[idx]
+    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else float("nan")
+    return {
+        "q_mean": float(q.mean()),
+        "mc_return_mean": float(g.mean()),
+        "abs_error": float(np.abs(q - g).mean()),
+        "pearson_r": corr,
+    }
+
+
+def rounded(x, digits: int = 4):
+    """x with every float rounded (for results.json)."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def flat_scalars(d: dict, prefix: str = "") -> dict:
+    """{'a/b_0': x, ...}: the numbers of a nested dict of diagnostics, for TensorBoard."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, list):
+            out.update({f"{prefix}{k}_{i}": x for i, x in enumerate(v)})
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def diagnose(score_net, q_target, actors, data, ends, cond_base, mask, args, order, obs_max):
+    """Which part limits a score: the behaviour models' fit, the critic's Q against Monte-Carlo returns, and the
+    final policy's distance from the data's support (on at most 2,000 of its evaluation steps, against at most
+    200,000 dataset transitions: the exact nearest-neighbour search is quadratic). Rounded for results.json."""
+    t0, device = time.time(), data["obs"].device
+    N = data["obs"].shape[0]
+    episode = np.searchsorted(ends, np.arange(N))
+    # every 50th episode (the last one of a smaller dataset): where the fit is measured and the data's own support
+    # distance is taken, against the other episodes
+    is_ref = (episode % 50 == 49) if episode.max() >= 49 else episode == episode.max()
+    rows = torch.as_tensor(np.flatnonzero(is_ref))
+    rows = rows[torch.linspace(0, len(rows) - 1, min(2048, len(rows))).long()].to(device)
+    others = torch.as_tensor(np.flatnonzero(~is_ref) if (~is_ref).any() else np.arange(N))
+    diagnostics = {
+        "behaviour": behaviour_fit(score_net, data, rows, cond_base, mask, args),
+        "critic": critic_quality(q_target, data, ends, args.gamma),
+    }
+    rec = saved.Recorder(actors)
+    evaluate(rec, args, order, obs_max)  # the same episodes as the final evaluation
+    obs_e = torch.as_tensor(np.concatenate([o for o, _ in rec.calls], 1))  # (n, steps of all episodes, obs_max)
+    act_e = torch.as_tensor(np.concatenate([a for _, a in rec.calls], 1))
+    pick = torch.linspace(0, obs_e.shape[1] - 1, min(2000, obs_e.shape[1])).long()
+    pool = others[torch.linspace(0, len(others) - 1, min(200_000, len(others))).long()].to(device)
+    ref = rows[torch.linspace(0, len(rows) - 1, min(500, len(rows))).long()]
+
+    def flat(x):  # (n, B, d) -> (B, n * d): the joint observation or action
+        return x.transpose(0, 1).reshape(x.shape[1], -1).to(device)
+
+    pool_s, pool_a = flat(data["obs"][pool].transpose(0, 1)), flat(data["act"][pool].transpose(0, 1))
+    d_pol = support_distance(flat(obs_e[:, pick]), flat(act_e[:, pick]), pool_s, pool_a)
+    d_ref = support_distance(
+        flat(data["obs"][ref].transpose(0, 1)), flat(data["act"][ref].transpose(0, 1)), pool_s, pool_a
+    )
+    diagnostics["policy"] = {
+        "support_distance": float(d_pol.mean()),
+        "support_distance_data": float(d_ref.mean()),
+        "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean()),
+    }
+    diagnostics["seconds"] = time.time() - t0
+    return rounded(diagnostics)
+
+
 def normalized_score(ret, ref: dict | None):
     """100 * (R - R_random) / (R_expert - R_random) with the behaviour policies' returns; None without them."""
     if ret is None or ref is None:
@@ -756,6 +879,7 @@ def main(args: Args) -> dict:
     if sorted(order) != list(range(n)):
         raise RunError(f"--agent-order must be a permutation of 0..{n - 1}, got {order}")
     data = to_tensors(arrays, order, args)
+    ends = episode_ends(arrays)  # for the critic's diagnostics
     del arrays  # 1M Ant transitions are ~2 GB of arrays; only the tensors are used from here on
     N, _, obs_max = data["obs"].shape
     act_dim = data["act"].shape[-1]
@@ -946,6 +1070,7 @@ def main(args: Args) -> dict:
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
 
     eval_seconds = list(extra.get("eval_seconds", []))  # for time-to-score plots
+    diagnostics = None  # measured after the last step (--diagnostics)
 
     def finish(eval_history: list, status: str) -> dict:
         """results.json (and the actors) of a finished or failed run; the run's checkpoints are removed."""
@@ -979,6 +1104,7 @@ def main(args: Args) -> dict:
             "stages": run.stages_of(timing),
             "stage1_cache": cache,
             "actor_init": init_record,
+            "diagnostics": diagnostics,
             "args": asdict(args),
         }
         if args.save_model:
@@ -1087,6 +1213,13 @@ def main(args: Args) -> dict:
             {"eval_history": eval_history, "eval_seconds": eval_seconds, "init": init_record},
         )
     timing["policy"] = {"seconds": spent + bar.seconds, "steps_per_s": args.policy_steps / (spent + bar.seconds)}
+
+    # ------------------------------------------------------------------ Diagnostics
+    if args.diagnostics:
+        diagnostics = diagnose(score_net, q_target, actors, data, ends, cond_base, mask, args, order, obs_max)
+        for key, v in flat_scalars(diagnostics).items():
+            writer.add_scalar(f"diagnostics/{key}", v, args.policy_steps)
+        print(f"diagnostics: {json.dumps(diagnostics)}", file=sys.stderr)
 
     # ------------------------------------------------------------------ Results
     results = finish(eval_history, "ok")

@@ -109,6 +109,29 @@ def check_results(res, env_id, steps, episodes):
         )
     for stage in ("diffusion", "critic", "policy"):
         assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
+    d = res["diagnostics"]
+    n = len(res["agent_order"])
+    assert len(d["behaviour"]["denoising_loss"]) == n and len(d["behaviour"]["sample_to_data_distance"]) == n
+    assert all(np.isfinite(d["behaviour"]["denoising_loss"])) and d["critic"]["mc_return_mean"] != 0
+    assert d["policy"]["support_distance"] > 0 and d["policy"]["support_distance_data"] > 0
+    assert 0 <= d["policy"]["ood_share"] <= 1
+
+
+class ConstQ(torch.nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, s, a):
+        return torch.full((2, len(s)), self.v)
+
+
+def test_critic_quality_monte_carlo_returns():
+    # two episodes of 3 steps, reward 1 each step, gamma 0.5: returns-to-go 1.75, 1.5, 1 in each
+    data = {"reward": torch.ones(6), "act": torch.zeros(6, 1, 1), "critic_state": torch.zeros(6, 1)}
+    out = om.critic_quality(ConstQ(1.5), data, np.array([2, 5]), 0.5)
+    assert out["mc_return_mean"] == pytest.approx((1.75 + 1.5 + 1) / 3)
+    assert out["q_mean"] == pytest.approx(1.5) and out["abs_error"] == pytest.approx((0.25 + 0 + 0.5) / 3)
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
