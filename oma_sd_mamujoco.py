@@ -28,7 +28,6 @@ from torch import nn
 
 from envs import render, saved
 from envs.dataset import episode_ends
-from envs.files import unwritable_dir
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
 from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
 from envs.runs import (
@@ -629,66 +628,19 @@ def capture_video(actors, args: Args, order: list[int], obs_max: int, out: str) 
 def evaluate_saved(args: Args) -> dict:
     """--eval-from RUN: RUN's actors.pt (weights only) evaluated with RUN's settings over --eval-episodes episodes
     (env seeds seed + 100 + k, as its evaluations), drawn with --capture-video; nothing is trained."""
-    run_dir = args.eval_from
-    saved_args, res = saved.read_run(run_dir, Args, resolve_args)
-    why = unwritable_dir(run_dir)
-    if why:
-        raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
-    ev_args = Args(
-        **{
-            **asdict(saved_args),
-            "eval_episodes": args.eval_episodes,
-            "capture_video": args.capture_video,
-            "video_episodes": args.video_episodes,
-            "video_every": args.video_every,
-            "track": False,
-        }
-    )
+    ev_args, run_args, res = saved.open_saved(args, Args, resolve_args)
     env = make_env(ev_args.env_id)
-    names = env.possible_agents
-    obs_max = max(env.observation_space(a).shape[0] for a in names)
-    act_dim = env.action_space(names[0]).shape[0]
+    actors, order, obs_max = saved.saved_actors(Actors, env, ev_args, res)
     env.close()
-    order = list(res["agent_order"])
-    actors = saved.load_actors(
-        Actors(len(names), obs_max, act_dim, ev_args.actor_hidden),
-        os.path.join(run_dir, "actors.pt"),
-        order,
-        f"{ev_args.env_id} ({len(names)} agents, observations padded to {obs_max}, actions of {act_dim}, "
-        f"actor_hidden {ev_args.actor_hidden})",
-    )
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     ev = evaluate(actors, ev_args, order, obs_max)
-    videos = (
-        capture_video(actors, ev_args, order, obs_max, os.path.join(run_dir, "videos")) if args.capture_video else None
-    )
-    E = args.eval_episodes
-    same = E == saved_args.eval_episodes
-    out = {
-        "eval_from": os.path.abspath(run_dir),
-        "env_id": ev_args.env_id,
-        "eval_episodes": E,
-        "env_seeds": [ev_args.seed + 100 + k for k in range(E)],
-        "return": ev["return"],
-        "normalized_score": normalized_score(ev["return"], res.get("normalization")),
-        "episode_returns": ev["episode_returns"],
-        "episode_lengths": ev["episode_lengths"],
-        "failed_episodes": ev["failed_episodes"],
-        "run_final_return": res.get("final_return"),
-        "same_protocol_as_run": same,
-        "videos": videos,
-        "seconds": time.time() - t0,
-    }
-    path = os.path.join(run_dir, f"eval_{E}_episodes.json")
-    write_json_atomic(out, path)
-    mean = "no mean (failed episodes)" if ev["return"] is None else f"{ev['return']:.2f}"
-    check = f"; the run's final evaluation: {res.get('final_return')}" + (
-        " (the same episodes)" if same else f" over {saved_args.eval_episodes} episodes"
-    )
-    print(f"return {mean} over {E} episodes{check} -> {path}")
-    return out
+    ev["normalized_score"] = normalized_score(ev["return"], res.get("normalization"))
+    videos = None
+    if args.capture_video:
+        videos = capture_video(actors, ev_args, order, obs_max, os.path.join(args.eval_from, "videos"))
+    return saved.write_evaluation(ev_args, run_args, res, ev, videos, time.time() - t0)
 
 
 # ---------------------------------------------------------------------------------------------

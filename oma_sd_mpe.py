@@ -26,7 +26,6 @@ from torch import nn
 
 from envs import bandit, render, saved
 from envs.dataset import checksum, episode_ends
-from envs.files import unwritable_dir
 from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
 from envs.mpe_data import (
     CONVENTIONS,
@@ -586,66 +585,24 @@ def capture_video(actors, args: Args, order: list[int], obs_max: int, prey, out:
 def evaluate_saved(args: Args) -> dict:
     """--eval-from RUN: RUN's actors.pt (weights only) evaluated with RUN's settings over --eval-episodes episodes
     (env seeds seed + 100 + k, as its evaluations), drawn with --capture-video; nothing is trained."""
-    run_dir = args.eval_from
-    saved_args, res = saved.read_run(run_dir, Args, resolve_args)
-    if saved_args.env_id == "bandit":
-        raise RunError(f"--eval-from {run_dir}: a bandit run; its final actions are in its results.json")
-    why = unwritable_dir(run_dir)
-    if why:
-        raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
-    ev_args = Args(
-        **{
-            **asdict(saved_args),
-            "eval_episodes": args.eval_episodes,
-            "trust_pickle": args.trust_pickle,
-            "capture_video": args.capture_video,
-            "video_episodes": args.video_episodes,
-            "track": False,
-        }
-    )
+    ev_args, run_args, res = saved.open_saved(args, Args, resolve_args)
+    if ev_args.env_id == "bandit":
+        raise RunError(f"--eval-from {args.eval_from}: a bandit run; its final actions are in its results.json")
     prey, prey_record = load_prey_arg(ev_args)
     if isinstance(res.get("prey"), dict) and prey_record["source_sha256"] != res["prey"]["source_sha256"]:
-        raise RunError(f"--eval-from {run_dir}: the prey at {ev_args.prey_path} is not the one the run trained with")
-    env = MPEEnv(ev_args.env_id, prey=prey)
-    obs_max = max(env.observation_space(a).shape[0] for a in env.possible_agents)
-    act_dim = env.action_space(env.possible_agents[0]).shape[0]
-    order = list(res["agent_order"])
-    n = len(env.possible_agents)
-    actors = saved.load_actors(
-        Actors(n, obs_max, act_dim, ev_args.actor_hidden),
-        os.path.join(run_dir, "actors.pt"),
-        order,
-        f"{ev_args.env_id} ({n} agents, observations padded to {obs_max}, actions of {act_dim}, actor_hidden "
-        f"{ev_args.actor_hidden})",
-    )
+        raise RunError(f"--eval-from {args.eval_from}: the prey at {ev_args.prey_path} is not the run's")
+    actors, order, obs_max = saved.saved_actors(Actors, MPEEnv(ev_args.env_id, prey=prey), ev_args, res)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     mean = evaluate(actors, ev_args, order, obs_max, prey)
+    norm = normalized_score(ev_args.env_id, mean) if ev_args.env_id in PAPER_NORMALIZATION else None
     videos = None
     if args.capture_video:
-        videos = capture_video(actors, ev_args, order, obs_max, prey, os.path.join(run_dir, "videos"))
-    E = args.eval_episodes
-    same = E == saved_args.eval_episodes
-    out = {
-        "eval_from": os.path.abspath(run_dir),
-        "env_id": ev_args.env_id,
-        "eval_episodes": E,
-        "env_seeds": [ev_args.seed + 100 + k for k in range(E)],
-        "return": mean,
-        "normalized_score": normalized_score(ev_args.env_id, mean) if ev_args.env_id in PAPER_NORMALIZATION else None,
-        "run_final_return": res.get("final_return"),
-        "same_protocol_as_run": same,
-        "videos": videos,
-        "seconds": time.time() - t0,
-    }
-    path = os.path.join(run_dir, f"eval_{E}_episodes.json")
-    write_json_atomic(out, path)
-    check = f"; the run's final evaluation: {res.get('final_return')}" + (
-        " (the same episodes)" if same else f" over {saved_args.eval_episodes} episodes"
+        videos = capture_video(actors, ev_args, order, obs_max, prey, os.path.join(args.eval_from, "videos"))
+    return saved.write_evaluation(
+        ev_args, run_args, res, {"return": mean, "normalized_score": norm}, videos, time.time() - t0
     )
-    print(f"return {mean:.2f} over {E} episodes{check} -> {path}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from envs import render
-from envs.runs import RunError
+from envs.files import unwritable_dir
+from envs.runs import RunError, write_json_atomic
 
 
 def read_run(run_dir: str, args_cls, resolve) -> tuple:
@@ -46,6 +47,72 @@ def read_run(run_dir: str, args_cls, resolve) -> tuple:
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return resolve(args_cls(**kwargs)), results
+
+
+# the settings of an --eval-from command that apply to the evaluation; every other one is the saved run's
+EVAL_SETTINGS = (
+    "eval_from",
+    "eval_episodes",
+    "capture_video",
+    "video_episodes",
+    "video_every",
+    "trust_pickle",
+    "threads",
+)
+
+
+def open_saved(args, args_cls, resolve) -> tuple:
+    """(settings of the evaluation, the run's own settings, its results.json) for --eval-from args.eval_from: the
+    run's settings with EVAL_SETTINGS taken from `args`. RunError if it is not a finished run or cannot be written."""
+    run_dir = args.eval_from
+    run_args, results = read_run(run_dir, args_cls, resolve)
+    why = unwritable_dir(run_dir)
+    if why:
+        raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
+    ev_args = dataclasses.replace(
+        run_args, track=False, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)}
+    )
+    return ev_args, run_args, results
+
+
+def saved_actors(actors_cls, env, args, results) -> tuple:
+    """(the run's actors, with actors.pt's weights; agent order; obs_max) for the env `env` of the run."""
+    names = env.possible_agents
+    obs_max = max(env.observation_space(a).shape[0] for a in names)
+    act_dim = env.action_space(names[0]).shape[0]
+    order = list(results["agent_order"])
+    what = (
+        f"{args.env_id} ({len(names)} agents, observations padded to {obs_max}, actions of {act_dim}, actor_hidden "
+        f"{args.actor_hidden})"
+    )
+    path = os.path.join(args.eval_from, "actors.pt")
+    return load_actors(actors_cls(len(names), obs_max, act_dim, args.actor_hidden), path, order, what), order, obs_max
+
+
+def write_evaluation(ev_args, run_args, results, ev: dict, videos, seconds: float) -> dict:
+    """<run>/eval_<E>_episodes.json of an --eval-from evaluation (ev: its "return", "normalized_score" and what
+    else the script's evaluate reports), and the line that says how it compares with the run's own final one."""
+    E = ev_args.eval_episodes
+    same = E == run_args.eval_episodes
+    out = {
+        "eval_from": os.path.abspath(ev_args.eval_from),
+        "env_id": ev_args.env_id,
+        "eval_episodes": E,
+        "env_seeds": [ev_args.seed + 100 + k for k in range(E)],
+        **ev,
+        "run_final_return": results.get("final_return"),
+        "same_protocol_as_run": same,
+        "videos": videos,
+        "seconds": seconds,
+    }
+    path = os.path.join(ev_args.eval_from, f"eval_{E}_episodes.json")
+    write_json_atomic(out, path)
+    mean = "no mean (failed episodes)" if ev["return"] is None else f"{ev['return']:.2f}"
+    check = f"; the run's final evaluation: {results.get('final_return')}" + (
+        " (the same episodes)" if same else f" over {run_args.eval_episodes} episodes"
+    )
+    print(f"return {mean} over {E} episodes{check} -> {path}")
+    return out
 
 
 def load_actors(actors: torch.nn.Module, path: str, order: list[int], what: str) -> torch.nn.Module:

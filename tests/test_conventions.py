@@ -8,6 +8,7 @@ import torch
 import oma_sd_mpe as om
 from envs import mpe_data
 from envs.mpe import MPEEnv, paper_metric
+from tests.helpers import ConstQ
 
 
 def spread_obs(landmarks, positions, vel=None):
@@ -155,15 +156,6 @@ def test_support_distance_on_constructed_data():
     d = om.support_distance(torch.tensor([[0.1], [10.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]]), pool_s, pool_a, k=2)
     # state 0.1: neighbours 0 and 1, nearest action (1, 0) at distance 1; state 10: neighbours 10 and 1, exact
     assert d.tolist() == pytest.approx([1.0, 0.0])
-
-
-class ConstQ(torch.nn.Module):
-    def __init__(self, v):
-        super().__init__()
-        self.v = v
-
-    def forward(self, s, a):
-        return torch.full((2, len(s)), self.v)
 
 
 def test_critic_quality_monte_carlo_returns():

@@ -16,7 +16,7 @@ import torch
 import oma_sd_mamujoco as om
 from envs import mamujoco_data as md
 from envs.mamujoco import ENV_IDS, EPISODE_LEN
-from tests.helpers import results_of, run_script
+from tests.helpers import ConstQ, results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
@@ -115,15 +115,6 @@ def check_results(res, env_id, steps, episodes):
     assert all(np.isfinite(d["behaviour"]["denoising_loss"])) and d["critic"]["mc_return_mean"] != 0
     assert d["policy"]["support_distance"] > 0 and d["policy"]["support_distance_data"] > 0
     assert 0 <= d["policy"]["ood_share"] <= 1
-
-
-class ConstQ(torch.nn.Module):
-    def __init__(self, v):
-        super().__init__()
-        self.v = v
-
-    def forward(self, s, a):
-        return torch.full((2, len(s)), self.v)
 
 
 def test_critic_quality_monte_carlo_returns():
