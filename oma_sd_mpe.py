@@ -179,7 +179,11 @@ class Args:
     init_states: int = 20_000
     """--actor-init samples: dataset states (drawn at random) whose behaviour samples the actors are fitted to"""
     init_candidates: int = 1
-    """--actor-init samples: shared noise vectors tried; the one whose joint samples have the highest mean Q wins"""
+    """--actor-init samples: joint samples tried (see --init-select)"""
+    init_select: str = "shared"
+    """--actor-init samples: shared = one noise vector for all states, of --init-candidates the one whose samples
+    have the highest mean Q | per_state = --init-candidates joint samples per state, each state's of highest Q kept
+    (selection from behaviour samples by the critic, as SfBC and IDQL do)"""
     sample_steps: int = 20
     """steps of the deterministic DDIM sampler of the behaviour models"""
     diagnostics: bool = True
@@ -448,23 +452,38 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
     rows = torch.randperm(N, generator=g)[: args.init_states].to(device)
-    best = None
+    R, best = len(rows), None
     for c in range(args.init_candidates):
-        z = torch.randn(n, 1, act_dim, generator=g, device=device).expand(n, len(rows), act_dim)
+        shape = (n, 1, act_dim) if args.init_select == "shared" else (n, R, act_dim)
+        z = torch.randn(shape, generator=g, device=device).expand(n, R, act_dim)
         target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
         with torch.no_grad():
-            q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
-        if best is None or q > best[0]:
+            q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(R, -1)).mean(0)  # (R,)
+        if args.init_select == "shared":
+            if best is None or q.mean() > best[0].mean():
+                best = (q, c, target)
+        elif best is None:
             best = (q, c, target)
+        else:  # per state: keep the joint sample of highest Q
+            better = q > best[0]
+            best = (torch.where(better, q, best[0]), c, torch.where(better[None, :, None], target, best[2]))
     init_loss = fit_actors(
         actors, data["obs"][rows].transpose(0, 1), best[2], args.init_steps, args.policy_batch_size, args.actor_lr, g
     )
+    mean_q = best[0].mean().item()
+    which = f"candidate {best[1]}" if args.init_select == "shared" else f"best of {args.init_candidates} per state"
     print(
-        f"[stage 2] actors initialised from behaviour samples (candidate {best[1]}, mean Q {best[0]:.2f}, "
+        f"[stage 2] actors initialised from behaviour samples ({which}, mean Q {mean_q:.2f}, "
         f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
         file=sys.stderr,
     )
-    return {"candidate": best[1], "mean_q": best[0], "regression_loss": init_loss.tolist(), "seconds": time.time() - t0}
+    return {
+        "select": args.init_select,
+        "candidate": best[1] if args.init_select == "shared" else None,
+        "mean_q": mean_q,
+        "regression_loss": init_loss.tolist(),
+        "seconds": time.time() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,7 +851,11 @@ def resolve_args(args: Args) -> Args:
     )
     check_args(
         args,
-        {"team_reward": ("agent0", "mean"), "actor_init": ("random", "samples")},
+        {
+            "team_reward": ("agent0", "mean"),
+            "actor_init": ("random", "samples"),
+            "init_select": ("shared", "per_state"),
+        },
         ("init_steps", "init_candidates", "init_states", "sample_steps", "video_episodes"),
         n_agents,
     )

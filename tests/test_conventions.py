@@ -1,6 +1,8 @@
 """The controlled multimodal spread data (envs/mpe_data.py) and the diagnostics and sampler of oma_sd_mpe.py that
 use them: the conventions are what their names say, and every measure gives known values on constructed input."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,67 @@ def test_sampler_draws_from_the_chain_rule():
     given = torch.full((n, B, 1), -0.7)
     b = om.sample_actions(GaussianScore(), torch.zeros(n, B, 3), mask, z, 40, a_prev=given)
     assert b[1].mean().item() == pytest.approx(-0.7, abs=0.01) and b[0].mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+class PreferQ(torch.nn.Module):
+    """Twin Q = -sum over agents (a_k - 0.5 - 0.05 s)^2 with s = +-1: in half of the states the critic prefers actions
+    a little above the behaviour's mean 0.5, in the other half a little below."""
+
+    def forward(self, s, joint):
+        q = -((joint - 0.5 - 0.05 * s) ** 2).sum(-1)
+        return torch.stack([q, q])
+
+
+@pytest.mark.parametrize("select", ["shared", "per_state"])
+def test_init_from_samples_selects_by_q(select):
+    """--init-select: shared keeps one noise vector for every state (here one sample for all, since the behaviour
+    does not depend on the state), per_state keeps each state's best joint sample: only that one can follow a critic
+    whose preferred action differs between states."""
+    n, N = 3, 400
+    s = torch.tensor([1.0, -1.0]).repeat(N // 2)[:, None]
+    data = {"act": torch.zeros(N, n, 1), "obs": torch.randn(N, n, 3), "critic_state": s}
+    args = types.SimpleNamespace(
+        init_states=200,
+        init_candidates=8,
+        init_select=select,
+        sample_steps=20,
+        init_steps=1,
+        policy_batch_size=32,
+        actor_lr=1e-3,
+    )
+    mask = om.prefix_mask(n, "sequential")
+    actors = om.Actors(n, 3, 1, 8)
+    rec = om.init_from_samples(
+        actors,
+        GaussianScore(),
+        PreferQ(),
+        data,
+        lambda rows: torch.zeros(n, len(rows), 3),
+        mask,
+        args,
+        torch.Generator().manual_seed(0),
+    )
+    assert rec["select"] == select
+    if select == "shared":
+        assert 0 <= rec["candidate"] < 8
+        # one sample for every state: at best 0.5 for all, 0.05 from the preferred action for each of the 3 agents
+        assert rec["mean_q"] < -3 * 0.05**2 * 0.9
+    else:
+        assert rec["candidate"] is None
+        # the best of 8 joint samples per state lies far closer to that state's preferred action
+        assert -0.005 < rec["mean_q"] < 0
+        shared = dict(vars(args), init_select="shared")
+        rec_shared = om.init_from_samples(
+            om.Actors(n, 3, 1, 8),
+            GaussianScore(),
+            PreferQ(),
+            data,
+            lambda rows: torch.zeros(n, len(rows), 3),
+            mask,
+            types.SimpleNamespace(**shared),
+            torch.Generator().manual_seed(0),
+        )
+        assert rec["mean_q"] > rec_shared["mean_q"] + 0.002, rec_shared
 
 
 def test_fit_actors_regresses_onto_targets():
