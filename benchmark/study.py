@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 BIG = "--diffusion-hidden 128 --diffusion-steps 30000"
-# study -> (datasets, decompositions, {setting name: flags})
+# study -> (datasets, decompositions, {setting name: flags, or {dataset: flags}})
 STUDIES = {
     "mode_selection": (
         ("multimodal-2", "unimodal", "multimodal-3"),
@@ -56,6 +56,47 @@ STUDIES = {
         ("multimodal-3",),
         ("sequential", "independent"),
         {"behaviour models trained 30,000 steps": "--diffusion-steps 30000"},
+    ),
+    # beta per dataset quality, with the MPE defaults (stage 1 cached): the authors' value and smaller ones
+    "beta_spread": (
+        ("random", "medium-replay", "medium", "mixture"),
+        ("sequential",),
+        {
+            "authors' beta": {
+                "random": "--beta 0.5",
+                "medium-replay": "--beta 0.05",
+                "medium": "--beta 0.02",
+                "mixture": "--beta 0.005",
+            },
+            "beta / 5": {
+                "random": "--beta 0.1",
+                "medium-replay": "--beta 0.01",
+                "medium": "--beta 0.005",
+                "mixture": "--beta 0.001",
+            },
+            "beta / 25": {
+                "random": "--beta 0.02",
+                "medium-replay": "--beta 0.002",
+                "medium": "--beta 0.001",
+                "mixture": "--beta 0.0003",
+            },
+        },
+    ),
+    # three conventions (mixture: the expert's roles permuted): what changes the joint samples the actors start from
+    "mixture_probes": (
+        ("mixture",),
+        ("sequential",),
+        {
+            "defaults": "",
+            "DDIM 100 steps (beta 0.005, 500 actor steps)": (
+                "--beta 0.005 --sample-steps 100 --policy-steps 500 --eval-every 500"
+            ),
+            "behaviour models conditioned on the state": "--condition state",
+            "best of 8 joint samples per state (5,000 states)": (
+                "--init-select per_state --init-candidates 8 --init-states 5000"
+            ),
+            "behaviour models 256 wide": "--diffusion-hidden 256",
+        },
     ),
 }
 
@@ -93,11 +134,15 @@ def runs(cfg):
     out = []
     for ds in cfg.datasets or datasets:
         for name, flags in settings.items():
+            if isinstance(flags, dict):  # flags per dataset; datasets without an entry do not run this setting
+                if ds not in flags:
+                    continue
+                flags = flags[ds]
             if cfg.settings and name not in cfg.settings:
                 continue
             for seed in cfg.seeds:
                 for dec in cfg.decompositions or decs:
-                    cmd = f"python oma_sd_mpe.py --dataset {ds} --decomposition {dec} --seed {seed} {flags}"
+                    cmd = f"python oma_sd_mpe.py --dataset {ds} --decomposition {dec} --seed {seed} {flags}".rstrip()
                     out.append((name, ds, dec, seed, cmd))
     return out
 
