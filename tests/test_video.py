@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from envs import runs
+from envs import runs, saved
 from tests.helpers import MPE_TINY, REPO, results_of, run_script
 
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
@@ -124,6 +124,18 @@ def test_track_resumes_the_same_wandb_run(monkeypatch, tmp_path):
     assert [c["resume"] for c in calls] == ["allow"] * 3
     assert calls[0]["id"] == calls[1]["id"] != calls[2]["id"]
     assert re.fullmatch(r"[0-9a-f]{16}", calls[0]["id"])
+
+
+def test_track_uploads_the_gifs_as_wandb_videos(monkeypatch):
+    logged = []
+    fake = types.SimpleNamespace(log=logged.append, Video=lambda path, format: ("video", path, format))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    saved.upload_videos(
+        [{"episode": 0, "gif": "v/episode_0.gif"}, {"episode": 1, "failed": "diverged"}, {"episode": 2, "gif": "g.gif"}]
+    )
+    assert logged == [
+        {"videos/episode_0": ("video", "v/episode_0.gif", "gif"), "videos/episode_2": ("video", "g.gif", "gif")}
+    ]
 
 
 def test_mamujoco_capture_video_and_eval_from(tmp_path):
