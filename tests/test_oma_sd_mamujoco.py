@@ -16,41 +16,12 @@ import torch
 import oma_sd_mamujoco as om
 from envs import mamujoco_data as md
 from envs.mamujoco import ENV_IDS, EPISODE_LEN
-from tests.helpers import ConstQ, results_of, run_script
+from tests.helpers import MAMUJOCO_TINY, ConstQ, results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
-N_DATA = 200  # transitions of the tiny random datasets
-TINY = [
-    "--diffusion-steps",
-    "20",
-    "--critic-steps",
-    "20",
-    "--policy-steps",
-    "20",
-    "--eval-every",
-    "10",
-    "--eval-episodes",
-    "2",
-    "--dataset",
-    "random",
-    "--dataset-transitions",
-    str(N_DATA),
-    "--diffusion-hidden",
-    "16",
-    "--critic-hidden",
-    "16",
-    "--actor-hidden",
-    "16",
-    "--diffusion-batch-size",
-    "32",
-    "--critic-batch-size",
-    "32",
-    "--policy-batch-size",
-    "32",
-    "--threads",
-    "1",
-]
+N_DATA = 200  # transitions of the tiny random datasets (MAMUJOCO_TINY's --dataset-transitions)
+TINY = MAMUJOCO_TINY
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 
 import oma_sd_mpe as om
 from envs import dataset as ds
+from tests.helpers import MAMUJOCO_5_STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "oma_sd_mpe.py")
@@ -440,30 +441,7 @@ def test_mamujoco_script_unwritable_run_directory(mj_dataset, tmp_path):
 
 def test_mamujoco_script_checkpoint_of_another_configuration(mj_dataset, tmp_path):
     _, src, _, _ = mj_dataset
-    tiny = [
-        "--diffusion-steps",
-        "5",
-        "--critic-steps",
-        "5",
-        "--policy-steps",
-        "5",
-        "--eval-every",
-        "5",
-        "--eval-episodes",
-        "1",
-        "--diffusion-hidden",
-        "16",
-        "--critic-hidden",
-        "16",
-        "--actor-hidden",
-        "16",
-        "--threads",
-        "1",
-        "--dataset-path",
-        src,
-        "--cache-dir",
-        "cache",
-    ]
+    tiny = [*MAMUJOCO_5_STEPS, "--dataset-path", src, "--cache-dir", "cache"]
     r = subprocess.run([sys.executable, MJ_SCRIPT, *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     critic = glob.glob(str(tmp_path / "cache" / "*-critic-*.pt"))[0]

@@ -29,36 +29,13 @@ from envs.mpe import ENV_VERSION as MPE_VERSION
 from envs.published import prey_file_kind
 from envs.train_behaviour import Args as BehaviourArgs
 from envs.train_behaviour import main as train_behaviour
-from tests.helpers import MPE_TINY
+from tests.helpers import MAMUJOCO_5_STEPS, MPE_TINY
 from tests.test_dataset import toy_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
 MJ = os.path.join(REPO, "oma_sd_mamujoco.py")
-MJ_TINY = [
-    "--diffusion-steps",
-    "5",
-    "--critic-steps",
-    "5",
-    "--policy-steps",
-    "5",
-    "--eval-every",
-    "5",
-    "--eval-episodes",
-    "1",
-    "--diffusion-hidden",
-    "16",
-    "--critic-hidden",
-    "16",
-    "--actor-hidden",
-    "16",
-    "--threads",
-    "1",
-    "--dataset",
-    "random",
-    "--dataset-transitions",
-    "200",
-]
+MJ_TINY = [*MAMUJOCO_5_STEPS, "--dataset", "random", "--dataset-transitions", "200"]
 
 
 @pytest.fixture

@@ -14,15 +14,10 @@ import pytest
 from PIL import Image
 
 from envs import runs, saved
-from tests.helpers import MPE_TINY, REPO, results_of, run_script
+from tests.helpers import MAMUJOCO_TINY, MPE_TINY, REPO, results_of, run_script
 
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
 MAMUJOCO = os.path.join(REPO, "oma_sd_mamujoco.py")
-MAMUJOCO_TINY = (
-    "--diffusion-steps 20 --critic-steps 20 --policy-steps 20 --eval-every 10 --eval-episodes 2 --dataset random "
-    "--dataset-transitions 200 --diffusion-hidden 16 --critic-hidden 16 --actor-hidden 16 --diffusion-batch-size 32 "
-    "--critic-batch-size 32 --policy-batch-size 32 --threads 1"
-).split()
 NO_GL = r"EGL|OpenGL|GL context|glGetError"
 
 
