@@ -489,6 +489,21 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def diffusion_fields(args: Args, stage1: dict) -> dict:
+    """The settings that key stage 1a's cached behaviour models (with the data and agent order of `stage1`)."""
+    return dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        holdout_every=args.holdout_every,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
+
+
 def load_data(args: Args) -> tuple[dict, dict, str]:
     """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
     committed behaviour policies (cached under datasets/ or $OMSD_DATA_DIR), or read from --dataset-path."""
@@ -696,6 +711,39 @@ def behaviour_fit(score_net, data, held, cond_base, mask, args, order, early=Non
     return out
 
 
+class BehaviourSampler(nn.Module):
+    """The joint behaviour policy stage 1a represents, mu(a|s) = prod_k mu_k(a_k | o_k, a_<k), as a policy: a fresh
+    DDIM sample per step, agent by agent, each conditioned on the samples of the agents before it (so it is not
+    decentralised: it is a diagnostic of the models, not a policy to deploy)."""
+
+    def __init__(self, score_net, mask, act_dim: int, steps: int, gen):
+        super().__init__()
+        self.score_net, self.mask, self.act_dim, self.steps, self.gen = score_net, mask, act_dim, steps, gen
+
+    def forward(self, obs):  # (n, E, obs) -> (n, E, act)
+        z = torch.randn(*obs.shape[:2], self.act_dim, generator=self.gen)
+        return sample_actions(self.score_net, obs, self.mask, z, self.steps)
+
+
+def sampler_rollout(
+    score_net, mask, act_dim: int, args: Args, order: list[int], obs_max: int, prey, n_conventions: int
+) -> dict:
+    """The behaviour models acting in the final evaluation's episodes (BehaviourSampler): if their return is far
+    below the data's, stage 1a limits the score before any extraction. On controlled data (n_conventions > 0) also
+    which conventions its episodes end in."""
+    record = []
+    g = torch.Generator().manual_seed(args.seed * 1000 + 5)
+    out = {
+        "return": evaluate(
+            BehaviourSampler(score_net, mask, act_dim, args.sample_steps, g), args, order, obs_max, prey, record
+        )
+    }
+    score_net.eval()  # evaluate() leaves its policy in train mode
+    if n_conventions:
+        out["final_assignment"] = assignment_stats(record[-1][2], order, n_conventions)
+    return out
+
+
 @torch.no_grad()
 def support_distance(states, acts, pool_states, pool_acts, k: int = 20) -> np.ndarray:
     """For every (state, joint action): the distance from the action to the nearest joint action of the dataset
@@ -799,6 +847,11 @@ def diagnose(score_net, q_target, actors, data, arrays, meta, split, cond_base, 
             )
             diagnostics["policy"]["final_assignment"] = assignment_stats(
                 record[-1][2], order, len(meta["behaviour"]["conventions"])
+            )
+        if args.condition == "obs":  # the sampler sees only observations; the state is not at hand in evaluate
+            K = len(meta["behaviour"]["conventions"]) if controlled else 0
+            diagnostics["behaviour"]["sampler"] = sampler_rollout(
+                score_net, mask, data["act"].shape[-1], args, order, obs_max, prey, K
             )
     diagnostics["seconds"] = time.time() - t0
     return rounded(diagnostics)
@@ -914,17 +967,7 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(
-        stage1,
-        stage="diffusion",
-        decomposition=args.decomposition,
-        condition=args.condition,
-        holdout_every=args.holdout_every,
-        **{
-            k: getattr(args, k)
-            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
-        },
-    )
+    fields = diffusion_fields(args, stage1)
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 

@@ -98,6 +98,18 @@ STUDIES = {
             "behaviour models 256 wide": "--diffusion-hidden 256",
         },
     ),
+    # three conventions: what stage 1a needs to act at the data's level (diagnostics.behaviour.sampler)
+    "behaviour_models": (
+        ("multimodal-3",),
+        ("sequential",),
+        {
+            "defaults (128 wide, 2 blocks, 15,000 steps, batch 256, lr 3e-4)": "",
+            "learning rate 1e-3": "--diffusion-lr 1e-3",
+            "4 residual blocks": "--diffusion-blocks 4",
+            "batch 1024": "--diffusion-batch-size 1024",
+            "60,000 steps": "--diffusion-steps 60000",
+        },
+    ),
 }
 
 
@@ -120,6 +132,9 @@ class Cfg:
     diagnostics: str = ""
     """only print the diagnostics per cell (mean over seeds) of a rows file, e.g. a table.py --out directory's
     mpe.jsonl"""
+    sampler: str = ""
+    """only evaluate the behaviour models of a rows file's runs (their cached stage 1a) as a joint policy, a fresh
+    sample per step (oma_sd_mpe.sampler_rollout), and print per cell the return against the data's mean"""
 
 
 def rows_of(path):
@@ -154,6 +169,9 @@ def main(cfg):
         return
     if cfg.report:
         report(rows_of(path))
+        return
+    if cfg.sampler:
+        sampler_table(rows_of(cfg.sampler))
         return
     import oma_sd_mpe as om
 
@@ -249,6 +267,56 @@ def diagnostics_table(rows):
             + f"{mean([p['support_distance'] for p in pol]):.3f} / "
             + f"{mean([p['support_distance_data'] for p in pol]):.3f} |"
         )
+
+
+def sampler_table(rows):
+    """Per (dataset, decomposition), over the rows' seeds: the return of the behaviour models acting as a joint
+    policy in the rows' evaluation episodes, against the data's mean return (mean ± std, ddof=1)."""
+    import torch
+
+    import oma_sd_mpe as om
+    from envs.dataset import episode_returns
+    from envs.mpe import paper_metric
+    from envs.mpe_data import CONTROLLED
+    from envs.runs import cache_path, load_cached
+
+    os.chdir(REPO)
+    cells, data_mean = defaultdict(list), {}
+    for r in rows:
+        args = om.resolve_args(om.cli_args(shlex.split(r["command"])[2:]))
+        arrays, meta, _ = om.load_data(args)
+        n = sum(1 for k in arrays if k.startswith("obs_"))
+        order = list(args.agent_order) or list(range(n))
+        obs_max, act_dim = max(arrays[f"obs_{i}"].shape[1] for i in range(n)), arrays["actions_0"].shape[1]
+        stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 2}
+        fields = om.diffusion_fields(args, stage1)
+        cached = load_cached(cache_path(args, "diffusion", fields), fields)
+        if cached is None or args.condition != "obs":
+            print(f"skipped (no cached behaviour models, or --condition state): {r['command']}", file=sys.stderr)
+            continue
+        mask = om.prefix_mask(n, args.decomposition)
+        net = om.ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden, args.diffusion_blocks)
+        net.load_state_dict(cached["model"])
+        net.eval().requires_grad_(False)
+        prey = om.load_prey_arg(args)[0]
+        K = CONTROLLED[args.dataset][0] if args.dataset in CONTROLLED else 0
+        torch.set_num_threads(1)
+        res = om.sampler_rollout(net, mask, act_dim, args, order, obs_max, prey, K)
+        ds = r.get("quality") or r.get("dataset")
+        cells[(ds, args.decomposition)].append(res)
+        data_mean[ds] = float(np.mean(episode_returns(arrays, lambda rw: paper_metric(args.env_id, rw))))
+        print(f"{r['command']}: behaviour models' return {res['return']:.1f}", file=sys.stderr, flush=True)
+    print(
+        "| dataset (data mean) | decomposition | behaviour models as a joint policy: return | episodes ending in a "
+        "data convention | seeds |"
+    )
+    print("|---|---|---|---|---|")
+    for (ds, dec), res in sorted(cells.items()):
+        ret = np.array([x["return"] for x in res])
+        conv = [x["final_assignment"]["in_data_convention"] for x in res if "final_assignment" in x]
+        std = f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else ""
+        agree = f"{100 * np.mean(conv):.0f} %" if conv else "–"
+        print(f"| {ds} ({data_mean[ds]:.1f}) | {dec} | {ret.mean():.1f}{std} | {agree} | {len(ret)} |")
 
 
 if __name__ == "__main__":

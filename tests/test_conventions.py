@@ -286,3 +286,36 @@ def test_behaviour_fit_of_an_exact_model():
     assert d[1] < 0.06 and d[2] < 0.06  # the conditionals follow the prefix
     assert d[0] == pytest.approx(GaussianScore.s * (4 / np.pi) ** 0.5, rel=0.3)  # |x - y| of two N(0.5, s^2) draws
     assert len(out["heldout_denoising_loss"]) == 3 and "samples_near_a_convention" not in out
+
+
+class ConventionScore(torch.nn.Module):
+    """The exact noise prediction of a point mass at the scripted controller's action of convention 1, read from the
+    condition's observation part: every DDIM step's x0_hat is that action."""
+
+    def forward(self, x_t, t, cond):
+        target = torch.as_tensor(
+            mpe_data.convention_actions(cond[..., :18].numpy(), np.tile((1, 2, 0), (cond.shape[1], 1)))
+        )
+        alpha_t, sigma_t = om.vp_sde(t)
+        return (x_t - alpha_t * target) / sigma_t
+
+
+def test_sampler_rollout_acts_as_the_behaviour_models():
+    """With models whose every sample is convention 1's action, the behaviour models as a joint policy score what
+    the scripted controller scores in the same evaluation episodes, and every episode ends in convention 1."""
+    args = om.resolve_args(om.Args(eval_episodes=3, sample_steps=5))
+    out = om.sampler_rollout(ConventionScore(), om.prefix_mask(3, "sequential"), 2, args, [0, 1, 2], 18, None, 2)
+    env = MPEEnv("simple_spread")
+    rets = []
+    for e in range(3):
+        obs, _ = env.reset(seed=args.seed + 100 + e)
+        rew = []
+        for _ in range(25):
+            o = np.stack([obs[a] for a in env.possible_agents])[:, None]
+            act = mpe_data.convention_actions(o, np.array([[1, 2, 0]]))[:, 0]
+            obs, r, _, _, _ = env.step({a: act[i] for i, a in enumerate(env.possible_agents)})
+            rew.append([r[a] for a in env.possible_agents])
+        rets.append(paper_metric("simple_spread", np.array(rew)))
+    assert out["return"] == pytest.approx(np.mean(rets), rel=1e-4)
+    assert out["final_assignment"]["per_convention"] == [0.0, 1.0, 0.0]
+    assert out["final_assignment"]["in_data_convention"] == 1.0
