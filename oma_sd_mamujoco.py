@@ -663,6 +663,29 @@ def behaviour_fit(score_net, data, rows, cond_base, mask, args) -> dict:
     }
 
 
+class BehaviourSampler(nn.Module):
+    """The joint behaviour policy stage 1a represents, mu(a|s) = prod_k mu_k(a_k | o_k, a_<k), as a policy: a fresh
+    DDIM sample per step, agent by agent, each conditioned on the samples of the agents before it (so it is not
+    decentralised: it is a diagnostic of the models, not a policy to deploy)."""
+
+    def __init__(self, score_net, mask, act_dim: int, steps: int, gen):
+        super().__init__()
+        self.score_net, self.mask, self.act_dim, self.steps, self.gen = score_net, mask, act_dim, steps, gen
+
+    def forward(self, obs):  # (n, E, obs) -> (n, E, act)
+        z = torch.randn(*obs.shape[:2], self.act_dim, generator=self.gen, device=obs.device)
+        return sample_actions(self.score_net, obs, self.mask, z, self.steps)
+
+
+def sampler_rollout(score_net, mask, act_dim: int, args: Args, order: list[int], obs_max: int) -> dict:
+    """The behaviour models acting in the final evaluation's episodes (BehaviourSampler): if their return is far
+    below the data's, stage 1a limits the score before any extraction."""
+    g = torch.Generator(next(score_net.parameters()).device).manual_seed(args.seed * 1000 + 5)
+    ev = evaluate(BehaviourSampler(score_net, mask, act_dim, args.sample_steps, g), args, order, obs_max)
+    score_net.eval()  # evaluate() leaves its policy in train mode
+    return {"return": ev["return"], "episode_lengths": ev["episode_lengths"]}
+
+
 @torch.no_grad()
 def support_distance(states, acts, pool_states, pool_acts, k: int = 20) -> np.ndarray:
     """For every (state, joint action): the distance from the action to the nearest joint action of the dataset
@@ -759,6 +782,10 @@ def diagnose(score_net, q_target, actors, data, ends, cond_base, mask, args, ord
         "support_distance_data": float(d_ref.mean()),
         "ood_share": float((d_pol > np.quantile(d_ref, 0.95)).mean()),
     }
+    if args.condition == "obs":  # the sampler sees only observations; the state is not at hand in evaluate
+        diagnostics["behaviour"]["sampler"] = sampler_rollout(
+            score_net, mask, data["act"].shape[-1], args, order, obs_max
+        )
     diagnostics["seconds"] = time.time() - t0
     return rounded(diagnostics)
 

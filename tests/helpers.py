@@ -18,7 +18,7 @@ MPE_TINY = (
 MAMUJOCO_TINY = (
     "--diffusion-steps 20 --critic-steps 20 --policy-steps 20 --eval-every 10 --eval-episodes 2 --dataset random "
     "--dataset-transitions 200 --diffusion-hidden 16 --critic-hidden 16 --actor-hidden 16 --diffusion-batch-size 32 "
-    "--critic-batch-size 32 --policy-batch-size 32 --threads 1"
+    "--critic-batch-size 32 --policy-batch-size 32 --sample-steps 2 --threads 1"
 ).split()
 MAMUJOCO_5_STEPS = (
     "--diffusion-steps 5 --critic-steps 5 --policy-steps 5 --eval-every 5 --eval-episodes 1 --diffusion-hidden 16 "

@@ -86,6 +86,9 @@ def check_results(res, env_id, steps, episodes):
     assert all(np.isfinite(d["behaviour"]["denoising_loss"])) and d["critic"]["mc_return_mean"] != 0
     assert d["policy"]["support_distance"] > 0 and d["policy"]["support_distance_data"] > 0
     assert 0 <= d["policy"]["ood_share"] <= 1
+    # the behaviour models as a joint policy, in the final evaluation's episodes
+    assert len(d["behaviour"]["sampler"]["episode_lengths"]) == episodes
+    assert np.isfinite(d["behaviour"]["sampler"]["return"])
 
 
 def test_critic_quality_monte_carlo_returns():
