@@ -461,6 +461,25 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def stage1_fields(args: Args, meta: dict, n: int, order: list[int]) -> dict:
+    """What every stage-1 cache key holds: the data, the agent order, the stage-1 seed and the format version."""
+    return {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 1}
+
+
+def diffusion_fields(args: Args, stage1: dict) -> dict:
+    """The settings that key stage 1a's cached behaviour models (with the data and agent order of `stage1`)."""
+    return dict(
+        stage1,
+        stage="diffusion",
+        decomposition=args.decomposition,
+        condition=args.condition,
+        **{
+            k: getattr(args, k)
+            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
+        },
+    )
+
+
 def load_data(args: Args) -> tuple[dict, dict, str]:
     """(arrays in the project's format, metadata, source): data made from the committed behaviour policies (cached
     under data/), or read from --dataset-path."""
@@ -891,7 +910,7 @@ def main(args: Args) -> dict:
         return torch.Generator(device).manual_seed((args.seed if stage == 3 else args.stage1_seed) * 1000 + stage)
 
     timing = {}
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 1}
+    stage1 = stage1_fields(args, meta, n, order)
 
     # ------------------------------------------------------------------ Stage 1a: behaviour models
     mask = prefix_mask(n, args.decomposition).to(device)
@@ -899,16 +918,7 @@ def main(args: Args) -> dict:
     cond_dim = base_dim + mask.shape[1] * act_dim
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, cond_dim, args.diffusion_hidden, args.diffusion_blocks).to(device)
-    fields = dict(
-        stage1,
-        stage="diffusion",
-        decomposition=args.decomposition,
-        condition=args.condition,
-        **{
-            k: getattr(args, k)
-            for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
-        },
-    )
+    fields = diffusion_fields(args, stage1)
     cache = {"diffusion": cache_path(args, "diffusion", fields)}
     path = cache["diffusion"]
 

@@ -489,6 +489,11 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def stage1_fields(args: Args, meta: dict, n: int, order: list[int]) -> dict:
+    """What every stage-1 cache key holds: the data, the agent order, the stage-1 seed and the format version."""
+    return {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 2}
+
+
 def diffusion_fields(args: Args, stage1: dict) -> dict:
     """The settings that key stage 1a's cached behaviour models (with the data and agent order of `stage1`)."""
     return dict(
@@ -959,7 +964,7 @@ def main(args: Args) -> dict:
         return torch.Generator(device).manual_seed((args.seed if stage == 3 else args.stage1_seed) * 1000 + stage)
 
     timing = {}
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 2}
+    stage1 = stage1_fields(args, meta, n, order)
 
     # ------------------------------------------------------------------ Stage 1a: behaviour models
     mask = prefix_mask(n, args.decomposition).to(device)

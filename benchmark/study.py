@@ -134,7 +134,7 @@ class Cfg:
     mpe.jsonl"""
     sampler: str = ""
     """only evaluate the behaviour models of a rows file's runs (their cached stage 1a) as a joint policy, a fresh
-    sample per step (oma_sd_mpe.sampler_rollout), and print per cell the return against the data's mean"""
+    sample per step (the scripts' sampler_rollout), and print per cell the return against the data's mean"""
 
 
 def rows_of(path):
@@ -271,25 +271,29 @@ def diagnostics_table(rows):
 
 def sampler_table(rows):
     """Per (dataset, decomposition), over the rows' seeds: the return of the behaviour models acting as a joint
-    policy in the rows' evaluation episodes, against the data's mean return (mean ± std, ddof=1)."""
+    policy in the rows' evaluation episodes (either script's rows), against the data's mean (mean ± std, ddof=1)."""
+    import importlib
+
     import torch
 
-    import oma_sd_mpe as om
     from envs.dataset import episode_returns
+    from envs.mamujoco_data import team_return
     from envs.mpe import paper_metric
     from envs.mpe_data import CONTROLLED
     from envs.runs import cache_path, load_cached
 
     os.chdir(REPO)
+    torch.set_num_threads(1)
     cells, data_mean = defaultdict(list), {}
     for r in rows:
-        args = om.resolve_args(om.cli_args(shlex.split(r["command"])[2:]))
+        argv = shlex.split(r["command"])
+        om = importlib.import_module(os.path.basename(argv[1])[: -len(".py")])
+        args = om.resolve_args(om.cli_args(argv[2:]))
         arrays, meta, _ = om.load_data(args)
         n = sum(1 for k in arrays if k.startswith("obs_"))
         order = list(args.agent_order) or list(range(n))
         obs_max, act_dim = max(arrays[f"obs_{i}"].shape[1] for i in range(n)), arrays["actions_0"].shape[1]
-        stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 2}
-        fields = om.diffusion_fields(args, stage1)
+        fields = om.diffusion_fields(args, om.stage1_fields(args, meta, n, order))
         cached = load_cached(cache_path(args, "diffusion", fields), fields)
         if cached is None or args.condition != "obs":
             print(f"skipped (no cached behaviour models, or --condition state): {r['command']}", file=sys.stderr)
@@ -298,25 +302,28 @@ def sampler_table(rows):
         net = om.ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden, args.diffusion_blocks)
         net.load_state_dict(cached["model"])
         net.eval().requires_grad_(False)
-        prey = om.load_prey_arg(args)[0]
-        K = CONTROLLED[args.dataset][0] if args.dataset in CONTROLLED else 0
-        torch.set_num_threads(1)
-        res = om.sampler_rollout(net, mask, act_dim, args, order, obs_max, prey, K)
-        ds = r.get("quality") or r.get("dataset")
-        cells[(ds, args.decomposition)].append(res)
-        data_mean[ds] = float(np.mean(episode_returns(arrays, lambda rw: paper_metric(args.env_id, rw))))
+        if om.__name__ == "oma_sd_mpe":
+            K = CONTROLLED[args.dataset][0] if args.dataset in CONTROLLED else 0
+            res = om.sampler_rollout(net, mask, act_dim, args, order, obs_max, om.load_prey_arg(args)[0], K)
+            metric = lambda rw, env_id=args.env_id: paper_metric(env_id, rw)  # noqa: E731
+        else:
+            res = om.sampler_rollout(net, mask, act_dim, args, order, obs_max)
+            metric = team_return
+        ds = (args.env_id, r.get("quality") or r.get("dataset"))
+        cells[(*ds, args.decomposition)].append(res)
+        data_mean[ds] = float(np.mean(episode_returns(arrays, metric)))
         print(f"{r['command']}: behaviour models' return {res['return']:.1f}", file=sys.stderr, flush=True)
     print(
-        "| dataset (data mean) | decomposition | behaviour models as a joint policy: return | episodes ending in a "
-        "data convention | seeds |"
+        "| task | dataset (data mean) | decomposition | behaviour models as a joint policy: return "
+        "| episodes ending in a data convention | seeds |"
     )
-    print("|---|---|---|---|---|")
-    for (ds, dec), res in sorted(cells.items()):
-        ret = np.array([x["return"] for x in res])
+    print("|---|---|---|---|---|---|")
+    for (task, ds, dec), res in sorted(cells.items()):
+        ret = np.array([np.nan if x["return"] is None else x["return"] for x in res])  # None: a failed episode
         conv = [x["final_assignment"]["in_data_convention"] for x in res if "final_assignment" in x]
         std = f" ± {ret.std(ddof=1):.1f}" if len(ret) > 1 else ""
         agree = f"{100 * np.mean(conv):.0f} %" if conv else "–"
-        print(f"| {ds} ({data_mean[ds]:.1f}) | {dec} | {ret.mean():.1f}{std} | {agree} | {len(ret)} |")
+        print(f"| {task} | {ds} ({data_mean[(task, ds)]:.1f}) | {dec} | {ret.mean():.1f}{std} | {agree} | {len(ret)} |")
 
 
 if __name__ == "__main__":
