@@ -108,6 +108,7 @@ STUDIES = {
             "4 residual blocks": "--diffusion-blocks 4",
             "batch 1024": "--diffusion-batch-size 1024",
             "60,000 steps": "--diffusion-steps 60000",
+            "1,000,000 transitions (40,000 episodes)": "--dataset-transitions 1000000",
         },
     ),
 }
