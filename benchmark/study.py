@@ -96,6 +96,7 @@ STUDIES = {
                 "--init-select per_state --init-candidates 8 --init-states 5000"
             ),
             "behaviour models 256 wide": "--diffusion-hidden 256",
+            "behaviour models trained on batches of 1024": "--diffusion-batch-size 1024",
         },
     ),
     # three conventions: what stage 1a needs to act at the data's level (diagnostics.behaviour.sampler)
