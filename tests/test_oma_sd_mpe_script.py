@@ -174,10 +174,13 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
         end["in_data_convention"] == pytest.approx(sum(end["per_convention"]))
         and end["distinct"] >= end["in_data_convention"] - 1e-9
     )  # a convention's assignment has the agents at three different landmarks
+    sampler = d["behaviour"]["sampler"]  # the behaviour models as a joint policy, with the conventions they end in
+    assert sampler["return"] > 0 and len(sampler["final_assignment"]["per_convention"]) == 3
     # an ordinary quality has no conventions; --no-diagnostics skips them all
     res = results_of(workdir, run(workdir, *TINY, "--dataset", "medium").stdout)
     assert (
         "conventions_first_step" not in res["diagnostics"]["policy"]
         and "samples_near_a_convention" not in res["diagnostics"]["behaviour"]
+        and set(res["diagnostics"]["behaviour"]["sampler"]) == {"return"}
     )
     assert results_of(workdir, run(workdir, *TINY, "--no-diagnostics").stdout)["diagnostics"] is None
