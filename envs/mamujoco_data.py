@@ -6,7 +6,7 @@ Qualities (OMAR / D4RL recipe; see README "Datasets"):
   medium-replay  the training snapshots from the start up to medium (seed 0), equal shares
   expert         the best training snapshot (seed 0)
   medium-expert  medium and expert, half each (as OMIGA's datasets)
-  mixture        the experts of independently trained runs (seeds 0, 1, 2), a third each; how much their
+  mixture        the experts of independently trained runs (seeds 0, 1, 2; Hopper 0, 2, 3), a third each; how much their
                  gaits differ: README "Multi-agent MuJoCo datasets"
 
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions. Episodes last up to 1000 steps; Hopper
@@ -42,6 +42,15 @@ from envs.policies import StackedActor, actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "medium-expert", "mixture")
 MIXTURE_SEEDS = (0, 1, 2)
+# Hopper's behaviour seed 1 never learned to hop (best evaluation 251); seed 3, trained the same way, replaces it
+MIXTURE_SEEDS_OF = {"Hopper-3x1": (0, 2, 3)}
+
+
+def mixture_seeds(env_id: str) -> tuple[int, ...]:
+    """The behaviour seeds whose experts make the mixture of env_id."""
+    return MIXTURE_SEEDS_OF.get(env_id, MIXTURE_SEEDS)
+
+
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 1_000_000  # D4RL's size: 1,000 full episodes
 WAVE = 16  # episodes stepped together (one batched actor call per step)
@@ -51,7 +60,7 @@ DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
 def default_path(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSITIONS, seed: int = 0) -> str:
-    seeds = {"random": (), "mixture": MIXTURE_SEEDS}.get(quality, (0,))  # the checkpoints the data come from
+    seeds = {"random": (), "mixture": mixture_seeds(env_id)}.get(quality, (0,))  # the checkpoints the data come from
     tag = f"-b{behaviour_tag([os.path.join(BEHAVIOUR_DIR, f'{env_id}_seed{s}.pt') for s in seeds])}" if seeds else ""
     return os.path.join(DATA_DIR, "mamujoco", f"{env_id}-{quality}-{ENV_VERSION}{tag}-n{n_transitions}-s{seed}.npz")
 
@@ -147,7 +156,7 @@ def _plan(env_id: str, quality: str, n_transitions: int) -> list[tuple[str, dict
     if quality == "random":
         pols = [("untrained@torch-seed0", random_actor(env_id))]
     elif quality == "mixture":
-        pols = [(f"seed{s}/expert", load_behaviour(env_id, s)[0]["expert"]) for s in MIXTURE_SEEDS]
+        pols = [(f"seed{s}/expert", load_behaviour(env_id, s)[0]["expert"]) for s in mixture_seeds(env_id)]
     elif quality == "medium-expert":
         policies = load_behaviour(env_id, 0)[0]
         pols = [("seed0/medium", policies["medium"]), ("seed0/expert", policies["expert"])]
