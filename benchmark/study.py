@@ -286,19 +286,25 @@ def sampler_table(rows):
 
     os.chdir(REPO)
     torch.set_num_threads(1)
-    cells, data_mean = defaultdict(list), {}
+    cells, data_mean, loaded = defaultdict(list), {}, {}
     for r in rows:
         argv = shlex.split(r["command"])
         om = importlib.import_module(os.path.basename(argv[1])[: -len(".py")])
         args = om.resolve_args(om.cli_args(argv[2:]))
-        arrays, meta, _ = om.load_data(args)
+        if args.condition != "obs":
+            print(f"skipped (--condition state: the sampler sees observations only): {r['command']}", file=sys.stderr)
+            continue
+        data_key = (args.env_id, args.dataset, args.dataset_path, args.dataset_transitions)
+        if data_key not in loaded:  # consecutive rows of a cell share their data: keep the last dataset only
+            loaded = {data_key: om.load_data(args)[:2]}
+        arrays, meta = loaded[data_key]
         n = sum(1 for k in arrays if k.startswith("obs_"))
         order = list(args.agent_order) or list(range(n))
         obs_max, act_dim = max(arrays[f"obs_{i}"].shape[1] for i in range(n)), arrays["actions_0"].shape[1]
         fields = om.diffusion_fields(args, om.stage1_fields(args, meta, n, order))
         cached = load_cached(cache_path(args, "diffusion", fields), fields)
-        if cached is None or args.condition != "obs":
-            print(f"skipped (no cached behaviour models, or --condition state): {r['command']}", file=sys.stderr)
+        if cached is None:
+            print(f"skipped (its behaviour models are not in the cache): {r['command']}", file=sys.stderr)
             continue
         mask = om.prefix_mask(n, args.decomposition)
         net = om.ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden, args.diffusion_blocks)

@@ -319,3 +319,20 @@ def test_sampler_rollout_acts_as_the_behaviour_models():
     assert out["return"] == pytest.approx(np.mean(rets), rel=1e-4)
     assert out["final_assignment"]["per_convention"] == [0.0, 1.0, 0.0]
     assert out["final_assignment"]["in_data_convention"] == 1.0
+
+
+def test_convention_oracle_labels_each_episode_by_its_convention():
+    """benchmark/convention_oracle.py labels every transition with the convention whose scripted actions lie nearest
+    to its episode's actions: episodes driven by conventions 2 and 1 (plus noise) get labels 2 and 1."""
+    from benchmark.convention_oracle import episode_labels
+
+    rng = np.random.default_rng(0)
+    T = mpe_data.EPISODE_LEN
+    landmarks = rng.uniform(-1, 1, (2 * T, 3, 2))
+    positions = rng.uniform(-1, 1, (2 * T, 3, 2))
+    obs = np.concatenate([spread_obs(landmarks[t], positions[t]) for t in range(2 * T)], 1)  # (3, 2T, 18)
+    conv = np.repeat([2, 1], T)
+    act = mpe_data.convention_actions(obs, np.array(mpe_data.CONVENTIONS)[conv]) + 0.1 * rng.standard_normal(
+        (3, 2 * T, 2)
+    )
+    assert episode_labels(obs, act).tolist() == conv.tolist()
