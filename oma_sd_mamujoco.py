@@ -27,9 +27,9 @@ import tyro
 from torch import nn
 
 from envs import render, saved
-from envs.dataset import episode_ends
+from envs.dataset import episode_ends, normalized_score
 from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
-from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
+from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset
 from envs.runs import (
     Progress,
     RunError,
@@ -809,13 +809,6 @@ def diagnose(score_net, q_target, actors, data, ends, cond_base, mask, args, ord
     return rounded(diagnostics)
 
 
-def normalized_score(ret, ref: dict | None):
-    """100 * (R - R_random) / (R_expert - R_random) with the behaviour policies' returns; None without them."""
-    if ret is None or ref is None:
-        return None
-    return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 # ---------------------------------------------------------------------------------------------
@@ -882,9 +875,9 @@ def main(args: Args) -> dict:
     N, _, obs_max = data["obs"].shape
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
-    # normalisation constants: a published dataset's own (e.g. og-marl's), else this project's behaviour
-    # policies' evaluation returns (None: no expert behaviour policy yet)
-    ref = meta.get("normalization") or reference_returns(args.env_id)
+    # normalisation constants, the dataset's own: a generated dataset's are its behaviour policies' evaluation
+    # returns, a published one's those of its paper or benchmark (None: no normalized score)
+    ref = meta.get("normalization")
     if ref is not None and not ref["expert"] > ref["random"]:
         raise RunError(
             f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "
@@ -1083,8 +1076,8 @@ def main(args: Args) -> dict:
             "normalization": norm,
             "normalization_note": None
             if norm
-            else f"reference_returns({args.env_id!r}) is None: no behaviour "
-            f"checkpoint with random and expert returns for this env yet",
+            else "the dataset's metadata names no reference returns (a generated dataset of an env without a "
+            "behaviour checkpoint yet, or published data without known constants)",
             "metric": METRIC,
             "failed_episodes": failed,
             "eval_history": eval_history,

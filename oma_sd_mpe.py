@@ -25,8 +25,8 @@ import tyro
 from torch import nn
 
 from envs import bandit, render, saved
-from envs.dataset import checksum, episode_ends
-from envs.mpe import PAPER_NORMALIZATION, TASKS, MPEEnv, normalized_score, paper_metric
+from envs.dataset import checksum, episode_ends, normalized_score
+from envs.mpe import TASKS, MPEEnv, paper_comparison, paper_metric
 from envs.mpe_data import (
     CONVENTIONS,
     DEFAULT_TRANSITIONS,
@@ -52,7 +52,7 @@ from envs.runs import (
     start_run,
     write_json_atomic,
 )
-from envs.sources import check_prey_arg, load_prey_arg, read_dataset
+from envs.sources import check_prey_arg, load_prey_arg, read_dataset, same_prey
 
 ENV_IDS = TASKS + ("bandit",)
 
@@ -91,8 +91,11 @@ class Args:
     """auto (.npz = the project's format, otherwise detected) | project | omar | omiga | ogmarl | madiff"""
     dataset_seed: int = 0
     """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
+    prey: str = "learned"
+    """tag/world: the prey of the evaluation episodes: learned (the env's frozen learned prey, the one the
+    generated data were collected against) | scripted (the hand-written flee rule of env version omar-mpe2-v1)"""
     prey_path: str = ""
-    """tag/world: evaluate against OMAR's pretrained prey instead of the scripted one: a file converted with
+    """tag/world: evaluate against OMAR's pretrained prey instead: a file converted with
     `python -m envs.published --convert-prey ...`, or OMAR's original .pt with --trust-pickle"""
     trust_pickle: bool = False
     """allow unpickling OMAR's original prey .pt (runs any code it contains), converted once into --cache-dir"""
@@ -629,14 +632,14 @@ def evaluate_saved(args: Args) -> dict:
     if ev_args.env_id == "bandit":
         raise RunError(f"--eval-from {args.eval_from}: a bandit run; its final actions are in its results.json")
     prey, prey_record = load_prey_arg(ev_args)
-    if isinstance(res.get("prey"), dict) and prey_record["source_sha256"] != res["prey"]["source_sha256"]:
-        raise RunError(f"--eval-from {args.eval_from}: the prey at {ev_args.prey_path} is not the run's")
+    if res.get("prey") is not None and not same_prey(prey_record, res["prey"]):
+        raise RunError(f"--eval-from {args.eval_from}: the prey {prey_record} is not the run's ({res['prey']})")
     actors, order, obs_max = saved.saved_actors(Actors, MPEEnv(ev_args.env_id, prey=prey), ev_args, res)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     mean = evaluate(actors, ev_args, order, obs_max, prey)
-    norm = normalized_score(ev_args.env_id, mean) if ev_args.env_id in PAPER_NORMALIZATION else None
+    norm = normalized_score(mean, res.get("normalization"))
     videos = None
     if args.capture_video:
         videos = capture_video(actors, ev_args, order, obs_max, prey, os.path.join(args.eval_from, "videos"))
@@ -943,8 +946,11 @@ def main(args: Args) -> dict:
     act_dim = data["act"].shape[-1]
     S = data["critic_state"].shape[1]
 
-    # the prey itself keys the run, not the path it came from (runs with the scripted prey keep their key)
-    prey_key = {"prey_sha256": prey_record["source_sha256"]} if prey is not None else {}
+    # normalisation constants, the dataset's own: a generated dataset's are its behaviour policies' evaluation
+    # returns, OMAR's published data the paper's (None: no normalized score, e.g. the bandit)
+    ref = meta.get("normalization")
+    # OMAR's prey itself keys the run, not the path it came from
+    prey_key = {"prey_sha256": prey_record["source_sha256"]} if args.prey_path else {}
     run = start_run(args, t_start, ("prey_path", "trust_pickle"), dataset_sha256=meta["sha256"], **prey_key)
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
         return report_finished(run)
@@ -1169,8 +1175,8 @@ def main(args: Args) -> dict:
             eval_history.append({"step": step, "return": ret})
             eval_seconds.append(time.time() - t_start)
             writer.add_scalar("eval/episodic_return", ret, step)
-            if args.env_id in PAPER_NORMALIZATION:
-                writer.add_scalar("eval/normalized_score", normalized_score(args.env_id, ret), step)
+            if ref is not None:
+                writer.add_scalar("eval/normalized_score", normalized_score(ret, ref), step)
         bar.update(step, f"eval return {eval_history[-1]['return']:.2f}")
         checkpoint(
             args,
@@ -1198,9 +1204,10 @@ def main(args: Args) -> dict:
 
     # ------------------------------------------------------------------ Results
     final = eval_history[-1]["return"]
-    norm = PAPER_NORMALIZATION.get(args.env_id)
+    norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
+    paper = paper_comparison(args.env_id, ref)  # the paper's constants, where ours are close to them
     for h in eval_history:
-        h["normalized_score"] = normalized_score(args.env_id, h["return"]) if norm else None
+        h["normalized_score"] = normalized_score(h["return"], ref)
     results = {
         "env_id": args.env_id,
         "dataset": args.dataset if not args.dataset_path else None,
@@ -1214,7 +1221,9 @@ def main(args: Args) -> dict:
         "prey": prey_record,
         "final_return": final,
         "final_normalized_score": eval_history[-1]["normalized_score"],
-        "normalization": {"constants": norm, "source": "the OMSD paper's MPE constants"} if norm else None,
+        "normalization": norm,
+        "final_paper_normalized_score": normalized_score(final, paper),
+        "paper_normalization": paper,
         "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
         " bandit: a1 * a2",
         "eval_history": eval_history,
@@ -1237,7 +1246,14 @@ def main(args: Args) -> dict:
         write_json_atomic(results, os.path.join(run_dir, "results.json"))
     writer.close()
     run.close()  # removes the run's checkpoint and marker
-    score = f", normalized score {results['final_normalized_score']:.1f} (paper constants {norm})" if norm else ""
+    score = ""
+    if norm:
+        score = (
+            f", normalized score {results['final_normalized_score']:.1f} with R_random {ref['random']:.1f}, "
+            f"R_expert {ref['expert']:.1f} ({ref['source']})"
+        )
+    if paper and (paper["random"], paper["expert"]) != (ref["random"], ref["expert"]):
+        score += f"; {results['final_paper_normalized_score']:.1f} with the paper's constants"
     print(f"final return {final:.2f}{score} -> {run_dir}/results.json")
     return results
 

@@ -160,6 +160,8 @@ class Cell(submitit.helpers.Checkpointable):
             "beta": res["beta"],
             "final_return": res["final_return"],
             "final_normalized_score": res["final_normalized_score"],
+            "normalization": res.get("normalization"),
+            "final_paper_normalized_score": res.get("final_paper_normalized_score"),
             "eval_history": res["eval_history"],
             "eval_seconds": res["eval_seconds"],
             "total_seconds": res["total_seconds"],
@@ -422,11 +424,28 @@ def report(family, out, figures, reps):
                 continue
             ret = mean_std(np.array([r["final_return"] for r in rs]))
             nor = [r["final_normalized_score"] for r in rs if r["final_normalized_score"] is not None]
-            col.append(f"{ret} ({mean_std(np.array(nor))})" if nor else ret)
+            pap = [r["final_paper_normalized_score"] for r in rs if r.get("final_paper_normalized_score") is not None]
+            pap = f"; paper's constants {mean_std(np.array(pap))}" if len(pap) == len(rs) else ""
+            col.append(f"{ret} ({mean_std(np.array(nor))}{pap})" if nor else ret)
             n.append(len(rs))
             beta = rs[0]["beta"]
             cmd = cmd or sorted(rs, key=lambda r: r["seed"])[0]["command"].replace(" --decomposition sequential", "")
         lines.append(f"| {task} | {quality} | {beta} | {col[0]} | {col[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
+    refs = {}  # what the normalized scores are normalised with, per task (rows of older runs may not say)
+    for r in rows:
+        if r.get("normalization"):
+            refs.setdefault(r["task"], set()).add(
+                (r["normalization"]["random"], r["normalization"]["expert"], r["normalization"]["source"])
+            )
+    if refs:
+        lines += [
+            "",
+            "Normalized with each dataset's reference returns, 100 (R - R_random) / (R_expert - R_random) (\"paper's "
+            "constants\": also with the paper's, where the reference returns are within 15 % of them):",
+        ]
+        for task in sorted(refs, key=lambda t: order((t, ""))):
+            for lo, hi, src in sorted(refs[task]):
+                lines.append(f"- {task}: R_random {lo:.1f}, R_expert {hi:.1f} ({src})")
 
     agg = aggregate(rows, reps)
     if agg is None:

@@ -75,6 +75,14 @@ def episode_returns(arrays: dict, metric) -> np.ndarray:
     return np.array([metric(rew[s : e + 1]) for s, e in zip(starts, episode_ends(arrays))])
 
 
+def normalized_score(ret, ref: dict | None):
+    """100 * (R - R_random) / (R_expert - R_random) with a dataset's reference returns (its metadata's
+    "normalization"); None without them."""
+    if ret is None or ref is None:
+        return None
+    return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
+
+
 def return_stats(returns: np.ndarray, metric_name: str) -> dict:
     return {
         "metric": metric_name,

@@ -116,11 +116,24 @@ def run_chunks(fn, jobs: list, workers: int, label: str, total: int, verbose: bo
     return parts
 
 
-def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dict, dict, str]:
+def reference_returns(info: dict, checkpoint: str) -> dict:
+    """A generated dataset's normalisation constants (stored in its metadata as "normalization", the key that
+    published datasets use for theirs): the evaluation returns of the random and expert snapshots of the behaviour
+    checkpoint `checkpoint`, whose info is `info`; like D4RL's and Minari's ref_min_score / ref_max_score."""
+    return {
+        "random": float(info["eval_return"]["random"]),
+        "expert": float(info["eval_return"]["expert"]),
+        "source": f"evaluation returns of the random and expert snapshots of {checkpoint} (env version "
+        f"{info.get('env_version')})",
+    }
+
+
+def ensure(path: str, make, expect: dict, want: dict | None = None, normalization=None) -> tuple[dict, dict, str]:
     """Load the dataset at `path`, making it first with make() -> (arrays, metadata) if it does not exist.
     Processes making the same file take turns (a lock file beside it): the second waits for the first and
     loads its file. `want`: metadata values the file must have (task, quality, env version, size, seed); an
-    existing file with other values is refused, never used in their place."""
+    existing file with other values is refused, never used in their place. `normalization()`: the reference
+    returns of a file made before datasets stored them (its name pins the behaviour checkpoint they come from)."""
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory, not a dataset file; remove it or choose another path")
     if not os.path.exists(path) or any(
@@ -148,6 +161,8 @@ def ensure(path: str, make, expect: dict, want: dict | None = None) -> tuple[dic
                 f"{path} exists but holds another dataset ({k} {meta.get(k)!r}, not {v!r}); delete it "
                 f"to make the requested one, or choose another path"
             )
+    if normalization is not None and "normalization" not in meta:
+        meta["normalization"] = normalization()
     return arrays, meta, path
 
 

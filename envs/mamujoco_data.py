@@ -37,6 +37,7 @@ from envs.generation import (
     snapshot_info,
 )
 from envs.generation import check_metadata as _check_metadata
+from envs.generation import reference_returns as _reference_returns
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
 from envs.policies import StackedActor, actor_from_state_dict
 
@@ -84,11 +85,7 @@ def reference_returns(env_id: str) -> dict | None:
         info = load_behaviour(env_id, 0)[1]
     except DatasetError:
         return None
-    return {
-        "random": info["eval_return"]["random"],
-        "expert": info["eval_return"]["expert"],
-        "source": f"evaluation returns of envs/behaviour/mamujoco/{env_id}_seed0.pt (random and expert snapshots)",
-    }
+    return _reference_returns(info, f"envs/behaviour/mamujoco/{env_id}_seed0.pt")
 
 
 def random_actor(env_id: str) -> dict:
@@ -242,6 +239,7 @@ def generate(
             "snapshots": plan_snapshots(env_id, plan),
         },
         "episode_return": return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
+        "normalization": reference_returns(env_id),
         "packages": package_versions(("mujoco", "gymnasium_robotics")),
     }
     return arrays, meta
@@ -264,7 +262,8 @@ def ensure_dataset(
         "n_transitions": n_transitions,
         "generation_seed": seed,
     }
-    return ensure(path, lambda: generate(env_id, quality, n_transitions, seed, workers), env_spec(env_id), want)
+    make = lambda: generate(env_id, quality, n_transitions, seed, workers)  # noqa: E731
+    return ensure(path, make, env_spec(env_id), want, lambda: reference_returns(env_id))
 
 
 def check_metadata(path: str, meta: dict):

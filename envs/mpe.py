@@ -11,10 +11,11 @@ from stock mpe2 (see README, "Environments"):
   share `-0.1 * sum_pred dist(pred, prey) + {10, 5} * #(pred, prey) collisions`;
 - `simple_world` is OMAR's 3-vs-1 scenario (1 obstacle, 2 food, 2 forests), not mpe2's
   `simple_world_comm`;
-- in tag/world only the 3 predators are controlled; the prey is driven inside the env by
-  `scripted_prey_action`, a fixed hand-written flee rule (see its docstring for why), or, with
-  `MPEEnv(task, prey=...)`, by any policy of the prey's observation, e.g. OMAR's pretrained prey
-  (`envs.published.load_prey`).
+- in tag/world only the 3 predators are controlled; the prey is driven inside the env by a frozen
+  learned policy, `LearnedPrey` (trained together with predators by MATD3, as OMAR's prey was, and
+  committed as `envs/behaviour/mpe/<task>_prey.pt`); `MPEEnv(task, prey="scripted")` uses the
+  hand-written flee rule `scripted_prey_action` instead, and `MPEEnv(task, prey=...)` any policy of the
+  prey's observation, e.g. OMAR's pretrained prey (`envs.published.load_prey`).
 
 Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents only.
 `paper_metric` is the return the paper reports, used by dataset cards and evaluation alike.
@@ -22,7 +23,11 @@ Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents on
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import os
 
 import numpy as np
 from gymnasium import spaces
@@ -35,7 +40,9 @@ from pettingzoo import ParallelEnv
 TASKS = ("simple_spread", "simple_tag", "simple_world")
 EPISODE_LEN = 25
 # Bump when dynamics, rewards, observations or the prey change: stored in every dataset.
-ENV_VERSION = "omar-mpe2-v1"
+# v2: the default prey of tag/world is the learned one (v1: the scripted flee rule).
+ENV_VERSION = "omar-mpe2-v2"
+PREY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour", "mpe")
 # The paper's normalisation constants (its MPE table; the authors' code):
 # score = 100 (R - R_random) / (R_expert - R_random).
 PAPER_NORMALIZATION = {
@@ -58,8 +65,25 @@ def paper_metric(task: str, rewards: np.ndarray) -> float:
 
 
 def normalized_score(task: str, ret: float) -> float:
+    """The score with the paper's constants."""
     c = PAPER_NORMALIZATION[task]
     return 100.0 * (ret - c["random"]) / (c["expert"] - c["random"])
+
+
+PAPER_CLOSE = 0.15  # reference returns this close to the paper's (a share of its R_expert - R_random) compare
+
+
+def paper_comparison(task: str, ref: dict | None) -> dict | None:
+    """The paper's constants of `task` (as a "normalization" record) when a dataset's reference returns `ref` are
+    both within PAPER_CLOSE of the paper's range R_expert - R_random of them, else None: only then does a score
+    normalised with the paper's constants say something about the paper's numbers."""
+    c = PAPER_NORMALIZATION.get(task)
+    if c is None or ref is None:
+        return None
+    tol = PAPER_CLOSE * (c["expert"] - c["random"])
+    if abs(ref["random"] - c["random"]) > tol or abs(ref["expert"] - c["expert"]) > tol:
+        return None
+    return {**c, "source": "the OMSD paper's MPE constants (envs/mpe.py PAPER_NORMALIZATION)"}
 
 
 def to_mpe2_action(a: np.ndarray) -> np.ndarray:
@@ -214,14 +238,9 @@ SCENARIOS = {"simple_spread": SpreadScenario, "simple_tag": TagScenario, "simple
 
 
 def scripted_prey_action(prey, world) -> np.ndarray:
-    """The fixed prey of tag/world: flee from the predators, weighted by closeness, and turn back
-    before leaving the arena.
-
-    Scripted rather than trained so that it is deterministic and needs no file (a change to it
-    must bump ENV_VERSION). OMAR's own pretrained prey is a different, learned policy, so tag and
-    world returns are not comparable with the OMAR literature; `MPEEnv(task, prey=load_prey(...))`
-    evaluates against that one instead.
-    """
+    """The hand-written prey of tag/world (`MPEEnv(task, prey="scripted")`, the default of env version
+    omar-mpe2-v1): flee from the predators, weighted by closeness, and turn back before leaving the arena.
+    It is much harder to catch than a learned prey (README, "Datasets")."""
     pos = prey.state.p_pos
     push = np.zeros(2)
     for adv in world.agents:
@@ -240,6 +259,43 @@ PREY_EFFORT = 0.5  # fraction of full thrust the prey uses
 PREY_OBS_DIMS = {"simple_tag": 14, "simple_world": 22}
 
 
+class LearnedPrey:
+    """The default prey of tag/world: the prey's actor of a prey-predator MATD3 co-training run, frozen
+    (`python -m envs.train_behaviour --task <task> --train-prey`), run in numpy: tanh(MLP(obs)).
+
+    Call it with one observation (obs_dim,) or a batch (B, obs_dim); returns the action(s) in [-1, 1]."""
+
+    def __init__(self, path: str):
+        import torch  # only where a prey is loaded
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"the learned prey {path} is missing; restore it from git or retrain it with "
+                f"`python -m envs.train_behaviour --task {os.path.basename(path)[: -len('_prey.pt')]} --train-prey`"
+            )
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
+        self.path = path
+        self.info = json.loads(obj["info_json"])
+        self.task, self.obs_dim = self.info["task"], int(self.info["obs_dim"])
+        p = {k: v[0].numpy().astype(np.float32) for k, v in obj["policy"].items()}  # drop the stacking axis
+        self.layers = [(p[f"l{i}.weight"], p[f"l{i}.bias"][0]) for i in (1, 2, 3)]
+        with open(path, "rb") as f:
+            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        h = np.asarray(obs, np.float32)
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            h = np.maximum(h, 0) if i < 2 else np.tanh(h)
+        return h
+
+
+@functools.cache
+def learned_prey(task: str) -> LearnedPrey:
+    """The committed learned prey of `task` (loaded once per process)."""
+    return LearnedPrey(os.path.join(PREY_DIR, f"{task}_prey.pt"))
+
+
 class MPEEnv(ParallelEnv):
     """PettingZoo parallel env over the controlled agents of one OMAR-style MPE task.
 
@@ -247,27 +303,37 @@ class MPEEnv(ParallelEnv):
     (never by termination). `state()` is the concatenation of all agents' observations,
     the prey's included.
 
-    prey (tag/world only): a policy for the prey (agent index 3), called each step with the prey's
-    observation (np.float32 array of PREY_OBS_DIMS[task] values) and returning its 2-D action in
-    [-1, 1]; used exactly where the default `scripted_prey_action` is. The observation is that of
+    prey (tag/world only): None for the env's `learned_prey(task)`, "scripted" for `scripted_prey_action`,
+    or a policy for the prey (agent index 3), called each step with the prey's observation (np.float32
+    array of PREY_OBS_DIMS[task] values) and returning its 2-D action in [-1, 1]. The observation is that of
     the scenario's `observation` function, which follows OMAR's (and mpe2's) layout: own velocity,
     own position, landmark positions, other agents' positions (all relative to the prey), and in
     world the two in-forest flags; OMAR's prey network takes this vector as it is. A policy with an
     `obs_dim` attribute (envs.published.load_prey) is checked against it.
+
+    control_prey (tag/world only): the prey is a controlled agent too, the last one (observation of
+    PREY_OBS_DIMS[task] values, mpe2's prey reward: -10 per catch and the arena-boundary penalty); for
+    co-training prey and predators (`python -m envs.train_behaviour --task simple_tag --train-prey`).
     """
 
     metadata = {"render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, task: str = "simple_spread", max_cycles: int = EPISODE_LEN, prey=None):
+    def __init__(self, task: str = "simple_spread", max_cycles: int = EPISODE_LEN, prey=None, control_prey=False):
         if task not in SCENARIOS:
             raise ValueError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
-        if prey is not None and task not in PREY_OBS_DIMS:
+        if (prey is not None or control_prey) and task not in PREY_OBS_DIMS:
             raise ValueError(f"{task} has no prey; a prey policy is for {' and '.join(PREY_OBS_DIMS)} only")
+        if prey is not None and control_prey:
+            raise ValueError("give either a prey policy or control_prey=True, not both")
+        if isinstance(prey, str) and prey != "scripted":
+            raise ValueError(f"prey must be None (the learned prey), 'scripted' or a policy, got {prey!r}")
+        if prey is None and task in PREY_OBS_DIMS and not control_prey:
+            prey = learned_prey(task)
         self.task, self.max_cycles, self.prey_policy = task, max_cycles, prey
         self.metadata = dict(self.metadata, name=f"{task}_omar")
         self.scenario = SCENARIOS[task]()
         self.world = self.scenario.make_world()
-        controlled = [a for a in self.world.agents if getattr(a, "adversary", True)]
+        controlled = [a for a in self.world.agents if getattr(a, "adversary", True) or control_prey]
         self._controlled = controlled
         self._prey = [a for a in self.world.agents if a not in controlled]
         self.possible_agents = [a.name for a in controlled]
@@ -276,8 +342,8 @@ class MPEEnv(ParallelEnv):
         self.scenario.reset_world(self.world, self.np_random)
         obs_dims = {a.name: len(self.scenario.observation(a, self.world)) for a in controlled}
         self.state_space = spaces.Box(-np.inf, np.inf, (len(self._all_obs()),), np.float32)
-        if self._prey:
-            prey_dim = len(self.scenario.observation(self._prey[0], self.world))
+        if task in PREY_OBS_DIMS:
+            prey_dim = len(self.scenario.observation(self.world.agents[-1], self.world))
             assert prey_dim == PREY_OBS_DIMS[task], (task, prey_dim)  # what OMAR's prey network takes
             want = getattr(prey, "obs_dim", None)
             if want is not None and want != prey_dim:
@@ -313,7 +379,7 @@ class MPEEnv(ParallelEnv):
         return self._obs(), {a: {} for a in self.agents}
 
     def _prey_action(self, prey) -> np.ndarray:
-        if self.prey_policy is None:
+        if isinstance(self.prey_policy, str):  # "scripted" (checked in __init__)
             return scripted_prey_action(prey, self.world)
         return self.prey_policy(self.scenario.observation(prey, self.world).astype(np.float32))
 

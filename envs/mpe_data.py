@@ -41,6 +41,7 @@ from envs.generation import (
     ensure,
     load_behaviour_file,
     package_versions,
+    reference_returns,
     run_chunks,
     snapshot_info,
 )
@@ -79,6 +80,12 @@ def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
         os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
         f"python -m envs.train_behaviour --task {task} --seed {seed}",
     )
+
+
+def normalization(task: str) -> dict:
+    """The reference returns of every generated dataset of `task` (the scripted ones too): the random and expert
+    snapshots of the task's behaviour checkpoint (seed 0), evaluated on this env version."""
+    return reference_returns(load_behaviour(task, 0)[1], f"envs/behaviour/mpe/{task}_seed0.pt")
 
 
 def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
@@ -240,6 +247,7 @@ def generate(
             "shared_draw": CONTROLLED[quality][1],
         },
         "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
+        "normalization": normalization(task),
         "packages": package_versions(("mpe2",)),
     }
     return arrays, meta
@@ -279,7 +287,8 @@ def ensure_dataset(
         "n_transitions": n_transitions,
         "generation_seed": seed,
     }
-    return ensure(path, lambda: generate(task, quality, n_transitions, seed, workers), env_spec(task), want)
+    make = lambda: generate(task, quality, n_transitions, seed, workers)  # noqa: E731
+    return ensure(path, make, env_spec(task), want, lambda: normalization(task))
 
 
 def check_metadata(path: str, meta: dict):

@@ -1,6 +1,6 @@
 """Where a training run's data and opponents come from (shared by `oma_sd_mpe.py` and `oma_sd_mamujoco.py`): the
 choice between a generated dataset, a file in the project's format and a published dataset, and OMAR's
-pretrained prey for simple_tag / simple_world."""
+pretrained prey or the env's own (learned or scripted) for simple_tag / simple_world."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import hashlib
 import os
 
 from envs.dataset import load_dataset
+from envs.mpe import learned_prey
 from envs.published import PREY_OBS_DIMS, convert_omar_prey, load_prey, load_published, prey_file_kind
 from envs.runs import RunError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_dataset(args, generate, spec_of, check_metadata=None, published: bool = True) -> tuple[dict, dict, str]:
@@ -33,16 +36,31 @@ def read_dataset(args, generate, spec_of, check_metadata=None, published: bool =
 
 
 def check_prey_arg(args):
-    """--prey-path only where there is a prey (checked before anything is made)."""
+    """--prey / --prey-path only where there is a prey, and not both (checked before anything is made)."""
+    if args.prey not in ("learned", "scripted"):
+        raise RunError(f"--prey must be 'learned' or 'scripted', got {args.prey!r}")
     if args.prey_path and args.env_id not in PREY_OBS_DIMS:
         raise RunError(f"--prey-path is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
+    if args.prey_path and args.prey != "learned":
+        raise RunError(f"give either --prey {args.prey} or --prey-path, not both")
+
+
+def same_prey(a, b) -> bool:
+    """Whether two results.json prey records name the same prey (the file's contents, not its path)."""
+    key = lambda r: (r.get("kind"), r.get("source_sha256")) if isinstance(r, dict) else r  # noqa: E731
+    return key(a) == key(b)
 
 
 def load_prey_arg(args):
-    """(prey policy for MPEEnv or None, what results.json records) of --prey-path. OMAR's original pickle is
-    converted once into --cache-dir, and only with --trust-pickle."""
+    """(prey for MPEEnv: None for the env's learned prey, "scripted" or a policy; what results.json records) of
+    --prey / --prey-path. OMAR's original pickle is converted once into --cache-dir, and only with --trust-pickle."""
+    if args.env_id not in PREY_OBS_DIMS:
+        return None, None
     if not args.prey_path:
-        return None, "scripted" if args.env_id in PREY_OBS_DIMS else None
+        if args.prey == "scripted":
+            return "scripted", "scripted"
+        learned = learned_prey(args.env_id)
+        return None, {"kind": "learned", "file": os.path.relpath(learned.path, REPO), "source_sha256": learned.sha256}
     path = args.prey_path
     if prey_file_kind(path) == "pickle":
         with open(path, "rb") as f:
@@ -58,4 +76,4 @@ def load_prey_arg(args):
             convert_omar_prey(path, converted, True, task=args.env_id)
         path = converted
     prey = load_prey(path, task=args.env_id)
-    return prey, {"file": os.path.abspath(path), "source_sha256": prey.info["source_sha256"]}
+    return prey, {"kind": "omar", "file": os.path.abspath(path), "source_sha256": prey.info["source_sha256"]}

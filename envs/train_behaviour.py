@@ -84,6 +84,9 @@ TASK_DEFAULTS = {
     # initialisation for ~150k transitions (medium-replay < random) and plateaued at ~290. The penalty
     # alone shortened that dip but did not remove it.
     "simple_spread": dict(update_every=8, preact_penalty=1e-3),
+    # spread's settings; the same for co-training the prey (--train-prey) and for the predators against it
+    "simple_tag": dict(update_every=8, preact_penalty=1e-3),
+    "simple_world": dict(update_every=8, preact_penalty=1e-3),
     # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
     # balance together); one update per transition as in TD3.
     "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1, total_steps=300_000),
@@ -92,6 +95,11 @@ TASK_DEFAULTS = {
     "HalfCheetah-2x3": dict(total_steps=200_000),
     "HalfCheetah-6x1": dict(total_steps=250_000),
 }
+
+# Co-training the prey (--train-prey) stops early: a prey co-trained for 500k transitions flees so well that
+# predators trained against it from scratch reached only 7.9 (tag) and -2.5 (world) in 280k / 200k transitions,
+# against OMAR's expert data at 207.9 / 85.2 (docs/datasets.md). 80k is where the co-trained predators were best.
+PREY_DEFAULTS = dict(total_steps=80_000)
 
 
 @dataclass
@@ -143,8 +151,12 @@ class Args:
     """medium = first snapshot at this fraction of the way from random to expert return"""
     max_replay_snapshots: int = 10
     """at most this many snapshots kept for medium-replay"""
+    train_prey: bool = False
+    """simple_tag / simple_world: train the prey together with the predators (its own actor and twin critic on
+    mpe2's prey reward) and write the prey's actor after every evaluation to the prey checkpoint, the frozen
+    learned prey of the env (envs/behaviour/mpe/<task>_prey.pt), instead of a behaviour checkpoint"""
     out: str = ""
-    """checkpoint path (default envs/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt)"""
+    """checkpoint path (default envs/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt, or <task>_prey.pt)"""
 
 
 class StackedTwinCritic(nn.Module):
@@ -204,13 +216,35 @@ def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, secon
 
 
 def out_path(args: Args, family: str) -> str:
-    return args.out or os.path.join(BEHAVIOUR_DIR, family, f"{args.task}_seed{args.seed}.pt")
+    name = f"{args.task}_prey.pt" if args.train_prey else f"{args.task}_seed{args.seed}.pt"
+    return args.out or os.path.join(BEHAVIOUR_DIR, family, name)
+
+
+def save_prey(args: Args, actor, curve: list, step: int, seconds: float):
+    """The prey's actor (the last of the stacked ones) as the env's learned prey: plain tensors, its first layer
+    cut to the prey's own observation size (the padding inputs are always zero)."""
+    sd = {k: v.detach()[-1:].clone() for k, v in actor.state_dict().items()}
+    sd["l1.weight"] = sd["l1.weight"][:, : mpe.PREY_OBS_DIMS[args.task]].contiguous()
+    info = {
+        "kind": "omsd-learned-prey",
+        "task": args.task,
+        "obs_dim": mpe.PREY_OBS_DIMS[args.task],
+        "seed": args.seed,
+        "step": step,
+        "args": asdict(args),
+        "curve": curve,  # (step, predators' return, prey's return) of deterministic evaluation episodes
+        "seconds": seconds,
+    }
+    save_atomic({"policy": sd, "info_json": json.dumps(info)}, out_path(args, "mpe"), then="then train again")
 
 
 def check_args(args: Args, family: str):
     """Reject settings that would fail later or write where they must not (RunError, before any training)."""
     if args.others_in_actor_update not in ("dataset", "policy"):
         raise RunError(f"--others-in-actor-update must be 'dataset' or 'policy', got {args.others_in_actor_update!r}")
+    if args.train_prey and args.task not in mpe.PREY_OBS_DIMS:
+        tasks = " and ".join(mpe.PREY_OBS_DIMS)
+        raise RunError(f"--train-prey is for {tasks} (the tasks with a prey), not {args.task}")
     if not 0 <= args.seed < SEED_RANGE:
         raise RunError(f"--seed must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {args.seed}")
     for k in (
@@ -249,7 +283,11 @@ def check_args(args: Args, family: str):
     if os.path.exists(out):  # only a checkpoint of this task and seed is replaced (retraining it)
         try:
             info = json.loads(torch.load(out, map_location="cpu", weights_only=True)["info_json"])
-            same = (info.get("task"), info.get("seed")) == (args.task, args.seed)
+            same = (info.get("task"), info.get("seed"), info.get("kind") == "omsd-learned-prey") == (
+                args.task,
+                args.seed,
+                args.train_prey,
+            )
         except Exception:
             info, same = None, False
         if not same:
@@ -269,7 +307,8 @@ def main(args: Args):
         raise RunError(f"unknown --task {args.task!r}; choose one of {', '.join(mpe.TASKS + mamujoco.ENV_IDS)}")
     family = "mpe" if args.task in mpe.TASKS else "mamujoco"
     base = dict(others_in_actor_update="dataset", preact_penalty=0.0)
-    for k, v in {**base, **FAMILY_DEFAULTS[family], **TASK_DEFAULTS.get(args.task, {})}.items():
+    prey = PREY_DEFAULTS if args.train_prey else {}
+    for k, v in {**base, **FAMILY_DEFAULTS[family], **TASK_DEFAULTS.get(args.task, {}), **prey}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     check_args(args, family)
@@ -292,7 +331,10 @@ def _train(args: Args, family: str):
     torch.set_num_threads(1)  # two trainers can share the 2 cores
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    make = (lambda: mpe.MPEEnv(args.task)) if family == "mpe" else (lambda: mamujoco.make_env(args.task))
+    if family == "mpe":
+        make = lambda: mpe.MPEEnv(args.task, control_prey=args.train_prey)  # noqa: E731
+    else:
+        make = lambda: mamujoco.make_env(args.task)  # noqa: E731
     envs = [make() for _ in range(args.num_envs)]
     eval_envs = [make() for _ in range(args.eval_episodes)]
     names = envs[0].possible_agents
@@ -321,6 +363,19 @@ def _train(args: Args, family: str):
     def padded(ob):  # (n, obs_dim): smaller observations zero-padded
         return [np.pad(ob[a], (0, obs_dim - len(ob[a]))) for a in names]
 
+    def evaluate_with_prey():  # (predators' return in the paper's metric, the prey's return)
+        seeds = 1_000_000 + np.arange(args.eval_episodes)
+        obs, rew = [env.reset(seed=int(s))[0] for env, s in zip(eval_envs, seeds)], []
+        for _ in range(eval_envs[0].max_cycles):
+            o = np.stack([padded(ob) for ob in obs], axis=1).astype(np.float32)
+            with torch.no_grad():
+                act = actor(torch.as_tensor(o)).numpy()
+            steps = [env.step({a: act[i, e] for i, a in enumerate(names)}) for e, env in enumerate(eval_envs)]
+            obs = [st[0] for st in steps]
+            rew.append([[st[1][a] for a in names] for st in steps])
+        rew = np.array(rew)  # (T, E, n)
+        return float(rew[:, :, 0].sum(0).mean()), float(rew[:, :, -1].sum(0).mean())
+
     def evaluate():
         seeds = 1_000_000 + np.arange(args.eval_episodes)  # the same episodes at every evaluation
         if family == "mpe":
@@ -332,6 +387,17 @@ def _train(args: Args, family: str):
     snapshots, curve = [], []
 
     def snapshot(step):
+        if args.train_prey:
+            ret, prey_ret = evaluate_with_prey()
+            curve.append((step, ret, prey_ret))
+            save_prey(args, actor, curve, step, time.time() - t0)
+            print(
+                f"[{args.task} prey+predators seed {args.seed}] step {step:>8d}  predators {ret:8.2f}  prey "
+                f"{prey_ret:8.2f}  ({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} "
+                "transitions/s)",
+                flush=True,
+            )
+            return
         ret = evaluate()
         snapshots.append((step, {k: v.detach().clone() for k, v in actor.state_dict().items()}, ret))
         curve.append((step, ret))

@@ -95,6 +95,7 @@ def test_trainer_checkpoints_feed_every_quality(tmp_path, monkeypatch):
         a, meta = md.generate("Hopper-3x1", quality, 200, workers=1, verbose=False)
         validate(a, quality)
         _episodes_are_consistent(a)
+        assert meta["normalization"] == ref  # every generated dataset carries its reference returns
         names = [name for name, _ in meta["behaviour"]["policies"]]
         if quality == "mixture":
             assert names == ["seed0/expert", "seed2/expert", "seed3/expert"]

@@ -25,6 +25,12 @@ def test_every_task_and_quality(tmp_path, task, quality):
     assert m["task"] == task and m["quality"] == quality and m["env_version"]
     assert set(m["packages"]) >= {"mpe2", "pettingzoo", "numpy", "torch"}
     assert sum(k for _, k in m["behaviour"]["policies"]) == 10
+    # the reference returns every score on these data is normalised with: the behaviour checkpoint's own
+    info = mpe_data.load_behaviour(task, 0)[1]
+    assert (m["normalization"]["random"], m["normalization"]["expert"]) == (
+        info["eval_return"]["random"],
+        info["eval_return"]["expert"],
+    )
     assert np.all(np.abs(b["actions_0"]) <= 1)
     assert b["truncations"].sum() == 10 and not b["terminals"].any()
     # within an episode, next_obs is the next row's obs

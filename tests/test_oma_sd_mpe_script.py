@@ -6,6 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from envs import mpe_data
+from envs.dataset import normalized_score
+from envs.mpe import normalized_score as paper_score
+from envs.mpe import paper_comparison
 from tests.helpers import MPE_TINY, results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +57,14 @@ def test_smoke_every_task(workdir, env_id, extra):
     secs = res["eval_seconds"]  # wall-clock of each evaluation, for time-to-score plots
     assert len(secs) == 3 and 0 < secs[0] < secs[1] < secs[2] < res["total_seconds"]
     assert np.isfinite(res["final_return"]) and np.isfinite(res["final_normalized_score"])
+    # normalised with the generated dataset's reference returns, its behaviour checkpoint's random and expert
+    ref = mpe_data.normalization(env_id)
+    assert (res["normalization"]["random"], res["normalization"]["expert"]) == (ref["random"], ref["expert"])
+    assert res["final_normalized_score"] == pytest.approx(normalized_score(res["final_return"], ref))
+    paper = paper_comparison(env_id, ref)  # the paper's number beside ours only where the constants are close
+    assert (res["final_paper_normalized_score"] is None) == (paper is None)
+    if env_id == "simple_spread":  # ours 169.2 / 548.8 against the paper's 159.8 / 516.8
+        assert res["final_paper_normalized_score"] == pytest.approx(paper_score(env_id, res["final_return"]))
     for stage in ("diffusion", "critic", "policy"):
         assert "steps_per_s" in res["stages"][stage] or "cached" in res["stages"][stage]
     run_dir = os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])

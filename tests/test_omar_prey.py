@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from envs.dataset import DatasetError
-from envs.mpe import PREY_OBS_DIMS, MPEEnv
+from envs.mpe import PREY_DIR, PREY_OBS_DIMS, MPEEnv
 from envs.published import convert_omar_prey, load_prey, prey_file_kind
 from tests.helpers import MPE_TINY, run_script
 from tests.helpers import results_of as results_of_stdout
@@ -294,8 +294,12 @@ def results_of(workdir, r):
 def test_script_with_omar_prey(files, workdir):
     src = str(files["dir"] / "tag_adv.pt")
     args = ["--env-id", "simple_tag", *TINY, "--dataset", "medium", "--exp-name", "prey"]
-    scripted = results_of(workdir, run(workdir, *args))
-    assert scripted["prey"] == "scripted"
+    learned = results_of(workdir, run(workdir, *args))  # the default: the env's learned prey, named by content
+    want = hashlib.sha256(open(os.path.join(PREY_DIR, "simple_tag_prey.pt"), "rb").read()).hexdigest()
+    file = "envs/behaviour/mpe/simple_tag_prey.pt"
+    assert learned["prey"] == {"kind": "learned", "file": file, "source_sha256": want}
+    scripted = results_of(workdir, run(workdir, *args, "--prey", "scripted"))
+    assert scripted["prey"] == "scripted" and scripted["eval_history"] != learned["eval_history"]
     r = run(workdir, *args, "--prey-path", src, "--trust-pickle")
     first = results_of(workdir, r)
     sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
@@ -318,14 +322,16 @@ def test_script_with_omar_prey(files, workdir):
         ("spread", "--prey-path is for simple_tag and simple_world"),
         ("world", "holds the prey of simple_world"),
         ("missing", "does not exist"),
+        ("both", "give either --prey scripted or --prey-path, not both"),
     ],
 )
 def test_script_prey_errors(files, workdir, case, msg):
-    path = {"pickle": "tag_adv.pt", "spread": "tag_prey.pt", "world": "world_prey.pt", "missing": "nope.pt"}[case]
+    path = {"pickle": "tag_adv.pt", "spread": "tag_prey.pt", "world": "world_prey.pt", "missing": "nope.pt"}
     env_id = "simple_spread" if case == "spread" else "simple_tag"
     runs = workdir / "runs"
     before = sorted(runs.rglob("*")) if runs.exists() else []
-    r = run(workdir, "--env-id", env_id, *TINY, "--prey-path", str(files["dir"] / path))
+    both = ["--prey", "scripted"] if case == "both" else []
+    r = run(workdir, "--env-id", env_id, *TINY, *both, "--prey-path", str(files["dir"] / path.get(case, "tag_prey.pt")))
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-2000:]
     assert (sorted(runs.rglob("*")) if runs.exists() else []) == before  # nothing written

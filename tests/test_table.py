@@ -163,6 +163,16 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     text = capsys.readouterr().out
     assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 |" in text
     assert "P(sequential > independent)" in text
+    assert "Normalized with" not in text  # these rows do not say with what
+    ref = {"random": 169.2, "expert": 548.8, "source": "the checkpoint"}
+    for r in rows:
+        r.update(normalization=ref, final_paper_normalized_score=r["final_normalized_score"] + 10)
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    text = capsys.readouterr().out
+    assert "| 2.0 ± 1.0 (2.0 ± 1.0; paper's constants 12.0 ± 1.0) |" in text
+    assert "- simple_spread: R_random 169.2, R_expert 548.8 (the checkpoint)" in text
     assert sorted(os.listdir(tmp_path / "figures")) == [
         "mpe_interval_estimates.png",
         "mpe_learning_curves.png",

@@ -37,10 +37,11 @@ def test_task_defaults_are_applied_and_recorded(tmp_path):
     assert info["args"]["update_every"] == 4  # an explicit value beats the task's default
     _, info = _run(tmp_path, "tag", task="simple_tag")
     assert (info["args"]["update_every"], info["args"]["preact_penalty"], info["args"]["others_in_actor_update"]) == (
-        FAMILY_DEFAULTS["mpe"]["update_every"],
-        0.0,
-        "dataset",
+        TASK_DEFAULTS["simple_tag"]["update_every"],
+        TASK_DEFAULTS["simple_tag"]["preact_penalty"],
+        "dataset",  # not in the task's defaults: the trainer's base value
     )
+    assert info["args"]["batch_size"] == TINY["batch_size"] and info["args"]["gamma"] == FAMILY_DEFAULTS["mpe"]["gamma"]
 
 
 def _loss_setup(heads):
