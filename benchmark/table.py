@@ -9,7 +9,8 @@ decomposition x seed) as submitit jobs, then writes the table, rliable statistic
 Every finished run appends one row to <out>/<family>.jsonl (or <out>/<results>). Running the same command
 again skips the cells whose command is already in that directory's <family>*.jsonl (or --results) file, and
 nothing else: a fresh --out re-runs the whole table. A job that was killed or preempted continues where it
-stopped when it runs again, through the scripts' own checkpoints (same command -> same run). Each cell's command
+stopped when it runs again, through the scripts' own checkpoints (same command -> same run); Ctrl-C or `kill` of
+this command stops its local jobs with it. Each cell's command
 is printed in the table. docs/results.md, "Re-running a table", has the command of every table.
 """
 
@@ -21,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -210,6 +212,11 @@ def job_error(e: Exception) -> str:
     return (parts[-2] if len(parts) >= 3 else str(e)).strip().splitlines()[-1]
 
 
+def interrupt(signum, frame):
+    """SIGTERM as Ctrl-C: the grid cancels its local jobs (they would hold their runs' locks) and exits 130."""
+    raise KeyboardInterrupt
+
+
 def run_grid(cfg: Cfg, out: str):
     """Run the grid's cells that are not yet in `out` as submitit jobs and append each finished job's row to the
     results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
@@ -274,6 +281,7 @@ def run_grid(cfg: Cfg, out: str):
         submitted(list(zip(jobs, todo)))
         todo = []
     failed = []
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the local jobs too, as Ctrl-C does
     try:
         while todo or running:
             while todo and len(running) < cfg.parallel:

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -216,3 +217,34 @@ def test_slurm_job_array_carries_the_options(tmp_path, monkeypatch):
     sbatch = ex._make_submission_file_text("CMD", "uid")
     for line in ("--array=0-89%16", "--partition=cpu", "--time=90", "--cpus-per-task=2", "--signal=USR2@90"):
         assert f"#SBATCH {line}\n" in sbatch
+
+
+def test_sigterm_stops_the_grid_and_its_local_jobs(tmp_path):
+    """`kill` of the grid cancels its running jobs, as Ctrl-C does (a job left running would hold its run's lock)."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmark", "table.py"), "--tasks", "simple_spread", "--qualities"]
+    cmd += ["random", "--seeds", "1", "--out", "out", "--workdir", ".", "--parallel", "1"]
+    cmd += [f"--extra={shlex.join([*MPE_TINY, '--diffusion-steps', '100000'])}"]  # a run that outlasts the test
+    env = {**os.environ, "OMSD_DATA_DIR": str(tmp_path / "data")}
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait until the first job is submitted
+        if line.startswith(">> "):
+            break
+    folder = str(tmp_path / "out" / "submitit")
+
+    def jobs():  # processes of this grid's jobs
+        out = subprocess.run(["pgrep", "-f", folder], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    for _ in range(100):
+        if jobs():
+            break
+        time.sleep(0.1)
+    assert jobs(), "the job did not start"
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted with 2 cells unfinished" in err, err[-2000:]
+    for _ in range(100):
+        if not jobs():
+            break
+        time.sleep(0.1)
+    assert not jobs()
