@@ -239,8 +239,7 @@ SCENARIOS = {"simple_spread": SpreadScenario, "simple_tag": TagScenario, "simple
 
 def scripted_prey_action(prey, world) -> np.ndarray:
     """The hand-written prey of tag/world (`MPEEnv(task, prey="scripted")`, the default of env version
-    omar-mpe2-v1): flee from the predators, weighted by closeness, and turn back before leaving the arena.
-    It is much harder to catch than a learned prey (README, "Datasets")."""
+    omar-mpe2-v1): flee from the predators, weighted by closeness, and turn back before leaving the arena."""
     pos = prey.state.p_pos
     push = np.zeros(2)
     for adv in world.agents:

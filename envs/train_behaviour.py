@@ -291,14 +291,14 @@ def check_args(args: Args, family: str):
         except Exception:
             info, same = None, False
         if not same:
-            what = (
-                f"the checkpoint of {info.get('task')} seed {info.get('seed')}"
-                if info
-                else "not a behaviour checkpoint"
-            )
+
+            def name(task, seed, prey):
+                return f"the learned prey of {task} (seed {seed})" if prey else f"the checkpoint of {task} seed {seed}"
+
+            what = name(info.get("task"), info.get("seed"), info.get("kind") == "omsd-learned-prey") if info else None
             raise RunError(
-                f"--out {out} exists and is {what}, not of {args.task} seed {args.seed}; delete it or "
-                f"choose another --out"
+                f"--out {out} exists and is {what or 'not a behaviour checkpoint'}, not "
+                f"{name(args.task, args.seed, args.train_prey)}; delete it or choose another --out"
             )
 
 

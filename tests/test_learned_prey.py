@@ -78,7 +78,8 @@ def test_co_training_writes_a_prey_the_env_runs(tmp_path):
     assert co.possible_agents[-1] == "agent_0" and co.observation_space("agent_0").shape == (14,)
     with pytest.raises(RunError, match="--train-prey is for simple_tag and simple_world"):
         train(Args(task="simple_spread", train_prey=True, out=str(tmp_path / "x.pt"), **tiny))
-    with pytest.raises(RunError, match="exists and is the checkpoint of simple_tag seed 0"):
+    msg = r"is the learned prey of simple_tag \(seed 0\), not the checkpoint of simple_tag seed 0"
+    with pytest.raises(RunError, match=msg):
         train(Args(task="simple_tag", train_prey=False, out=str(out), **tiny))  # a prey is not a behaviour file
 
 

@@ -594,7 +594,8 @@ def test_behaviour_trainer_bad_settings(tmp_path, monkeypatch, kw, msg):
 def test_behaviour_trainer_refuses_other_files_locks_and_write_errors(tmp_path, monkeypatch):
     out = tmp_path / "b.pt"
     ds.save_dataset(str(out), toy_arrays(), {})  # not a behaviour checkpoint
-    with pytest.raises(runs.RunError, match="exists and is not a behaviour checkpoint, not of simple_spread seed 0"):
+    msg = "exists and is not a behaviour checkpoint, not the checkpoint of simple_spread seed 0"
+    with pytest.raises(runs.RunError, match=msg):
         train_behaviour(BehaviourArgs(**TB_TINY, out=str(out)))
     out.unlink()
     lock = LockFile(lock_path(str(out)))
