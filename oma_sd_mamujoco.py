@@ -28,8 +28,8 @@ from torch import nn
 
 from envs import render, saved
 from envs.dataset import episode_ends, normalized_score
-from envs.mamujoco import ENV_IDS, EPISODE_LEN, env_spec, make_env
-from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset
+from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
+from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
 from envs.runs import (
     Progress,
     RunError,
@@ -878,6 +878,8 @@ def main(args: Args) -> dict:
     # normalisation constants, the dataset's own: a generated dataset's are its behaviour policies' evaluation
     # returns, a published one's those of its paper or benchmark (None: no normalized score)
     ref = meta.get("normalization")
+    if ref is None and meta.get("env_family") == "mamujoco" and meta.get("env_version") == ENV_VERSION:
+        ref = reference_returns(args.env_id)  # a generated file made before datasets stored their constants
     if ref is not None and not ref["expert"] > ref["random"]:
         raise RunError(
             f"reference returns of {args.env_id} have expert {ref['expert']} <= random {ref['random']} "

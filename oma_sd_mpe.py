@@ -631,6 +631,8 @@ def evaluate_saved(args: Args) -> dict:
     ev_args, run_args, res = saved.open_saved(args, Args, resolve_args)
     if ev_args.env_id == "bandit":
         raise RunError(f"--eval-from {args.eval_from}: a bandit run; its final actions are in its results.json")
+    if res.get("prey") == "scripted" and "prey" not in res["args"]:
+        ev_args.prey = "scripted"  # a run of env version omar-mpe2-v1, whose only own prey was the scripted one
     prey, prey_record = load_prey_arg(ev_args)
     if res.get("prey") is not None and not same_prey(prey_record, res["prey"]):
         raise RunError(f"--eval-from {args.eval_from}: the prey {prey_record} is not the run's ({res['prey']})")
@@ -639,7 +641,8 @@ def evaluate_saved(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     mean = evaluate(actors, ev_args, order, obs_max, prey)
-    norm = normalized_score(mean, res.get("normalization"))
+    ref = res.get("normalization")
+    norm = normalized_score(mean, ref.get("constants", ref) if ref else None)  # older runs: {"constants": ...}
     videos = None
     if args.capture_video:
         videos = capture_video(actors, ev_args, order, obs_max, prey, os.path.join(args.eval_from, "videos"))

@@ -441,19 +441,22 @@ def report(family, out, figures, reps):
         lines.append(f"| {task} | {quality} | {beta} | {col[0]} | {col[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
     refs = {}  # what the normalized scores are normalised with, per task (rows of older runs may not say)
     for r in rows:
-        if r.get("normalization"):
-            refs.setdefault(r["task"], set()).add(
-                (r["normalization"]["random"], r["normalization"]["expert"], r["normalization"]["source"])
-            )
-    if refs:
+        ref = r.get("normalization")
+        refs.setdefault(r["task"], set()).add((ref["random"], ref["expert"], ref["source"]) if ref else None)
+    if any(k is not None for ks in refs.values() for k in ks):
         lines += [
             "",
             "Normalized with each dataset's reference returns, 100 (R - R_random) / (R_expert - R_random) (\"paper's "
             "constants\": also with the paper's, where the reference returns are within 15 % of them):",
         ]
         for task in sorted(refs, key=lambda t: order((t, ""))):
-            for lo, hi, src in sorted(refs[task]):
+            for lo, hi, src in sorted(refs[task] - {None}):
                 lines.append(f"- {task}: R_random {lo:.1f}, R_expert {hi:.1f} ({src})")
+            if None in refs[task]:
+                lines.append(
+                    f"- {task}: some rows do not record their constants (made before rows did; the MPE ones then "
+                    "used the paper's constants, the MaMuJoCo ones the behaviour returns)"
+                )
 
     agg = aggregate(rows, reps)
     if agg is None:

@@ -267,8 +267,10 @@ class LearnedPrey:
     def __init__(self, path: str):
         import torch  # only where a prey is loaded
 
+        from envs.dataset import DatasetError  # the scripts' one-line error
+
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise DatasetError(
                 f"the learned prey {path} is missing; restore it from git or retrain it with "
                 f"`python -m envs.train_behaviour --task {os.path.basename(path)[: -len('_prey.pt')]} --train-prey`"
             )

@@ -46,7 +46,7 @@ from envs.generation import (
     snapshot_info,
 )
 from envs.generation import check_metadata as _check_metadata
-from envs.mpe import ENV_VERSION, EPISODE_LEN, TASKS, MPEEnv, paper_metric
+from envs.mpe import ENV_VERSION, EPISODE_LEN, PREY_OBS_DIMS, TASKS, MPEEnv, paper_metric
 from envs.policies import actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
@@ -71,7 +71,9 @@ def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIO
     if quality in CONTROLLED:
         tag = f"ctrl{CONTROLLER['version']}"
     else:
-        tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt")])  # every quality comes from seed 0's run
+        # every quality comes from seed 0's run; tag/world's also from the prey they were collected against
+        prey = [os.path.join(BEHAVIOUR_DIR, f"{task}_prey.pt")] if task in PREY_OBS_DIMS else []
+        tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt"), *prey])
     return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-b{tag}-n{n_transitions}-s{seed}.npz")
 
 

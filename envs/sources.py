@@ -39,15 +39,17 @@ def check_prey_arg(args):
     """--prey / --prey-path only where there is a prey, and not both (checked before anything is made)."""
     if args.prey not in ("learned", "scripted"):
         raise RunError(f"--prey must be 'learned' or 'scripted', got {args.prey!r}")
-    if args.prey_path and args.env_id not in PREY_OBS_DIMS:
-        raise RunError(f"--prey-path is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
+    for flag, given in (("--prey-path", bool(args.prey_path)), ("--prey", args.prey != "learned")):
+        if given and args.env_id not in PREY_OBS_DIMS:
+            raise RunError(f"{flag} is for {' and '.join(PREY_OBS_DIMS)} (the envs with a prey), not {args.env_id}")
     if args.prey_path and args.prey != "learned":
         raise RunError(f"give either --prey {args.prey} or --prey-path, not both")
 
 
 def same_prey(a, b) -> bool:
-    """Whether two results.json prey records name the same prey (the file's contents, not its path)."""
-    key = lambda r: (r.get("kind"), r.get("source_sha256")) if isinstance(r, dict) else r  # noqa: E731
+    """Whether two results.json prey records name the same prey: the file's contents, not its path ("scripted" is
+    the scripted one)."""
+    key = lambda r: r.get("source_sha256") if isinstance(r, dict) else r  # noqa: E731
     return key(a) == key(b)
 
 

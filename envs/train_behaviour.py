@@ -40,7 +40,7 @@ import tyro
 from torch import nn
 
 from envs import mamujoco, mamujoco_data, mpe, mpe_data
-from envs.dataset import episode_returns
+from envs.dataset import DatasetError, episode_returns
 from envs.files import LockFile, lock_path, remove_stale, unwritable_dir
 from envs.generation import select_snapshots
 from envs.policies import StackedActor, StackedLinear
@@ -85,8 +85,8 @@ TASK_DEFAULTS = {
     # alone shortened that dip but did not remove it.
     "simple_spread": dict(update_every=8, preact_penalty=1e-3),
     # spread's settings; the same for co-training the prey (--train-prey) and for the predators against it
-    "simple_tag": dict(update_every=8, preact_penalty=1e-3),
-    "simple_world": dict(update_every=8, preact_penalty=1e-3),
+    "simple_tag": dict(update_every=8, preact_penalty=1e-3, total_steps=600_000),
+    "simple_world": dict(update_every=8, preact_penalty=1e-3, total_steps=600_000),
     # With the other agents' dataset actions in the actor update, Hopper plateaued at ~310 (the agents must
     # balance together); one update per transition as in TD3.
     "Hopper-3x1": dict(others_in_actor_update="policy", update_every=1, total_steps=300_000),
@@ -153,8 +153,8 @@ class Args:
     """at most this many snapshots kept for medium-replay"""
     train_prey: bool = False
     """simple_tag / simple_world: train the prey together with the predators (its own actor and twin critic on
-    mpe2's prey reward) and write the prey's actor after every evaluation to the prey checkpoint, the frozen
-    learned prey of the env (envs/behaviour/mpe/<task>_prey.pt), instead of a behaviour checkpoint"""
+    mpe2's prey reward) and, at the end, write the prey's actor to the prey checkpoint, the frozen learned prey of
+    the env (envs/behaviour/mpe/<task>_prey.pt), instead of a behaviour checkpoint"""
     out: str = ""
     """checkpoint path (default envs/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt, or <task>_prey.pt)"""
 
@@ -197,9 +197,11 @@ def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, secon
     """
     policies, steps, returns = select_snapshots(snapshots, args.medium_fraction, args.max_replay_snapshots)
     env_version = mpe.ENV_VERSION if family == "mpe" else mamujoco.ENV_VERSION
+    prey = mpe.learned_prey(args.task) if args.task in mpe.PREY_OBS_DIMS else None
     info = {
         "task": args.task,
         "env_version": env_version,
+        **({"prey_sha256": prey.sha256} if prey else {}),  # the learned prey these predators were trained against
         "seed": args.seed,
         "args": asdict(args),
         "curve": curve,
@@ -390,7 +392,8 @@ def _train(args: Args, family: str):
         if args.train_prey:
             ret, prey_ret = evaluate_with_prey()
             curve.append((step, ret, prey_ret))
-            save_prey(args, actor, curve, step, time.time() - t0)
+            if step >= args.total_steps:  # only the finished prey replaces the env's (a killed run leaves it)
+                save_prey(args, actor, curve, step, time.time() - t0)
             print(
                 f"[{args.task} prey+predators seed {args.seed}] step {step:>8d}  predators {ret:8.2f}  prey "
                 f"{prey_ret:8.2f}  ({(time.time() - t0):.0f}s, {step / max(time.time() - t0, 1e-9):.0f} "
@@ -470,11 +473,13 @@ def _train(args: Args, family: str):
                         pt.lerp_(p, args.tau)
         if step // args.eval_every > prev // args.eval_every:
             snapshot(step)
+    if args.train_prey and curve[-1][0] != step:  # the prey is written at the last step, evaluated or not
+        snapshot(step)
 
 
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except RunError as e:
+    except (RunError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

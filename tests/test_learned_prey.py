@@ -33,6 +33,10 @@ def test_committed_prey_loads_weights_only_and_is_the_trained_actor(task):
         want = actor_from_state_dict(obj["policy"])(torch.as_tensor(obs)[None])[0].numpy()
     assert np.allclose(prey(obs), want, atol=1e-5)  # the numpy forward is the trained torch actor
     assert np.allclose(prey(obs[3]), want[3], atol=1e-5)
+    # the behaviour predators were trained against this prey, and the data made by both are named by both
+    assert mpe_data.load_behaviour(task, 0)[1]["prey_sha256"] == prey.sha256
+    other = mpe_data.default_path(task, "expert")
+    assert mpe_data.default_path("simple_spread", "expert").split("-b")[1] != other.split("-b")[1]
 
 
 def _trajectory(task, prey, seed=3, steps=10):
@@ -89,8 +93,12 @@ def test_reference_returns_of_a_file_made_before_they_were_stored(tmp_path):
     path = str(tmp_path / "old.npz")
     save_dataset(path, arrays, {k: v for k, v in meta.items() if k != "normalization"})
     assert "normalization" not in load_dataset(path)[1]
-    _, m, _ = generation.ensure(path, None, mpe_data.env_spec("simple_spread"), None, lambda: {"random": 1.0})
-    assert m["normalization"] == {"random": 1.0}  # filled in from the checkpoint the file name pins
+    _, m, _ = mpe_data.ensure_dataset("simple_spread", "unimodal", 50, path=path)
+    assert m["normalization"] == mpe_data.normalization("simple_spread")  # filled in from the checkpoint
+    path = str(tmp_path / "own.npz")
+    save_dataset(path, arrays, {**meta, "normalization": {"random": 1.0, "expert": 2.0, "source": "x"}})
+    _, m, _ = generation.ensure(path, None, mpe_data.env_spec("simple_spread"), None, lambda: 1 / 0)
+    assert m["normalization"]["source"] == "x"  # a file's own constants are kept
 
 
 def test_normalized_score_and_the_paper_comparison():

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.dataset import DatasetError
+from envs.dataset import DatasetError, normalized_score
 from envs.mpe import PREY_DIR, PREY_OBS_DIMS, MPEEnv
 from envs.published import convert_omar_prey, load_prey, prey_file_kind
 from tests.helpers import MPE_TINY, run_script
@@ -298,8 +299,24 @@ def test_script_with_omar_prey(files, workdir):
     want = hashlib.sha256(open(os.path.join(PREY_DIR, "simple_tag_prey.pt"), "rb").read()).hexdigest()
     file = "envs/behaviour/mpe/simple_tag_prey.pt"
     assert learned["prey"] == {"kind": "learned", "file": file, "source_sha256": want}
-    scripted = results_of(workdir, run(workdir, *args, "--prey", "scripted"))
+    r = run(workdir, *args, "--prey", "scripted")
+    scripted = results_of(workdir, r)
     assert scripted["prey"] == "scripted" and scripted["eval_history"] != learned["eval_history"]
+    # --eval-from evaluates against the run's own prey, also for a run of env version omar-mpe2-v1, whose
+    # results.json had no --prey (its prey was the scripted one) and the paper's constants as {"constants": ...}
+    run_dir = workdir / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])
+    old = workdir / "old_run"
+    shutil.copytree(run_dir, old)
+    res = json.loads((old / "results.json").read_text())
+    del res["args"]["prey"]
+    res["normalization"] = {"constants": {"expert": 185.6, "random": -4.1}, "source": "the OMSD paper's MPE constants"}
+    (old / "results.json").write_text(json.dumps(res))
+    for d, ref in ((run_dir, scripted["normalization"]), (old, {"expert": 185.6, "random": -4.1})):
+        ev = run(workdir, "--eval-from", str(d), "--eval-episodes", "2")
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        out = json.loads((d / "eval_2_episodes.json").read_text())
+        assert out["return"] == pytest.approx(scripted["final_return"])
+        assert out["normalized_score"] == pytest.approx(normalized_score(out["return"], ref))
     r = run(workdir, *args, "--prey-path", src, "--trust-pickle")
     first = results_of(workdir, r)
     sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
@@ -323,15 +340,18 @@ def test_script_with_omar_prey(files, workdir):
         ("world", "holds the prey of simple_world"),
         ("missing", "does not exist"),
         ("both", "give either --prey scripted or --prey-path, not both"),
+        ("spread-scripted", "--prey is for simple_tag and simple_world"),
     ],
 )
 def test_script_prey_errors(files, workdir, case, msg):
     path = {"pickle": "tag_adv.pt", "spread": "tag_prey.pt", "world": "world_prey.pt", "missing": "nope.pt"}
-    env_id = "simple_spread" if case == "spread" else "simple_tag"
+    env_id = "simple_spread" if case.startswith("spread") else "simple_tag"
     runs = workdir / "runs"
     before = sorted(runs.rglob("*")) if runs.exists() else []
-    both = ["--prey", "scripted"] if case == "both" else []
-    r = run(workdir, "--env-id", env_id, *TINY, *both, "--prey-path", str(files["dir"] / path.get(case, "tag_prey.pt")))
+    flags = ["--prey", "scripted"] if case in ("both", "spread-scripted") else []
+    if case != "spread-scripted":
+        flags += ["--prey-path", str(files["dir"] / path.get(case, "tag_prey.pt"))]
+    r = run(workdir, "--env-id", env_id, *TINY, *flags)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-2000:]
     assert (sorted(runs.rglob("*")) if runs.exists() else []) == before  # nothing written

@@ -174,6 +174,11 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     text = capsys.readouterr().out
     assert "| 2.0 ± 1.0 (2.0 ± 1.0; paper's constants 12.0 ± 1.0) |" in text
     assert "- simple_spread: R_random 169.2, R_expert 548.8 (the checkpoint)" in text
+    del rows[0]["normalization"]  # a row made before rows recorded their constants is said to be one
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    assert "- simple_spread: some rows do not record their constants" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "figures")) == [
         "mpe_interval_estimates.png",
         "mpe_learning_curves.png",
