@@ -98,7 +98,7 @@ def validate(arrays: dict, where: str) -> int:
     n = n_agents_of(arrays)
     if n == 0:
         raise DatasetError(
-            f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see README, Datasets)"
+            f"{where}: no 'obs_0' array; this is not a dataset in the project's format (see docs/datasets.md)"
         )
     required = [f"{k}_{i}" for i in range(n) for k in ("obs", "actions", "rewards", "next_obs")]
     required += ["terminals", "truncations", "state", "next_state"]
@@ -106,7 +106,7 @@ def validate(arrays: dict, where: str) -> int:
     if missing:
         raise DatasetError(
             f"{where}: missing array(s) {', '.join(missing)}; regenerate the file or fix the writer "
-            f"(see README, Datasets)"
+            f"(see docs/datasets.md)"
         )
     N = len(arrays["obs_0"]) if np.ndim(arrays["obs_0"]) else 0
     for k in required:
@@ -300,7 +300,7 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
         ) from None
     if "metadata" not in arrays:
         raise DatasetError(
-            f"{path} has no metadata array; it was not written in the project's format (see README, Datasets)"
+            f"{path} has no metadata array; it was not written in the project's format (see docs/datasets.md)"
         )
     try:
         meta = json.loads(str(arrays.pop("metadata")))

@@ -14,7 +14,7 @@
   The two are kept apart in the data.
 - `state()` is the single-agent observation of the underlying Gymnasium task.
 - Returns are NOT comparable with the MuJoCo 2.0 / 2.1 datasets and numbers of OMAR, OMIGA or og-marl:
-  the simulator, the v5 tasks and, for Ant, the action partition differ (README, "Environments").
+  the simulator, the v5 tasks and, for Ant, the action partition differ (docs/datasets.md, "Environments").
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Make the project's Multi-agent MuJoCo datasets from the committed behaviour policies (rollouts only).
 
-Qualities (OMAR / D4RL recipe; see README "Datasets"):
+Qualities (OMAR / D4RL recipe; see docs/datasets.md):
   random         an untrained actor network (tanh MLP, initialised from torch seed 0): small, smooth actions
   medium         the first training snapshot at ~40 % of the way from random to expert return (seed 0)
   medium-replay  the training snapshots from the start up to medium (seed 0), equal shares
   expert         the best training snapshot (seed 0)
   medium-expert  medium and expert, half each (as OMIGA's datasets)
   mixture        the experts of independently trained runs (seeds 0, 1, 2; Hopper 0, 2, 3), a third each; how much their
-                 gaits differ: README "Multi-agent MuJoCo datasets"
+                 gaits differ: docs/datasets.md "Multi-agent MuJoCo datasets"
 
 Every rollout adds Gaussian noise (std `COLLECT_NOISE`) to the actions. Episodes last up to 1000 steps; Hopper
 and Ant end early when unhealthy (a terminal). Datasets hold an exact number of transitions: the last episode

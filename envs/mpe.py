@@ -1,7 +1,7 @@
 """The paper's three continuous MPE tasks (OMAR's variant), built on mpe2's own classes.
 
 OMSD, like OMAR, MADiff and DoF, evaluates on OMAR's fork of the particle envs, which differs
-from stock mpe2 (see README, "Environments"):
+from stock mpe2 (see docs/datasets.md, "Environments"):
 
 - actions are 2-D in [-1, 1]; the force is `u = a * sensitivity` (what mpe2 computes from its
   5-D Box action `to_mpe2_action(a)`), sensitivity = agent.accel or 5;

@@ -1,6 +1,6 @@
 """Make the project's MPE datasets from the committed behaviour policies (rollouts only).
 
-Qualities (OMAR's recipe, see README "Datasets"):
+Qualities (OMAR's recipe, see docs/datasets.md):
   random         the randomly initialised actors of the behaviour trainer
   medium         the first training snapshot at ~40 % of the way from random to expert return
   medium-replay  the training snapshots from the start up to medium, equal shares, rolled out with

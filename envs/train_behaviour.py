@@ -77,7 +77,7 @@ FAMILY_DEFAULTS = {
     ),
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
-# `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: README "Datasets".
+# `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: docs/datasets.md.
 # MaMuJoCo's total_steps are the seed-0 runs' budgets, not set by convergence (several were still rising).
 TASK_DEFAULTS = {
     # Four times the updates: at one per 32 transitions the spread actors fell below their random
