@@ -1,70 +1,126 @@
-"""Reference point for oma_sd_mamujoco.py: plain behaviour cloning (MSE to the dataset actions) with the same
-stacked actors, batch and evaluation, to tell how much of a gap comes from the score-based regulariser.
+"""Behaviour cloning on a cell's data, as a reference point for the OMSD scripts: the same stacked actors, batch,
+learning rate and its cosine schedule, number of steps and evaluation as their stage 2, with the stage-2 loss
+replaced by plain MSE to the dataset actions. What OMSD adds over imitating its data is the gap between the two.
 
-    python benchmark/bc_reference.py --env-id HalfCheetah-2x3 --dataset expert --steps 5000
+    python benchmark/bc_reference.py --family mamujoco --env-id HalfCheetah-2x3 --dataset expert --seed 1
+    python benchmark/bc_reference.py --family mpe --env-id simple_tag --dataset medium --seed 1
+    python benchmark/table.py --family mpe --decompositions bc --out DIR     # a BC row per cell and seed
 
-Prints the evaluation return every --eval-every steps. Not part of OMSD; a diagnostic.
+Every other flag is the family's script's own (`python oma_sd_mpe.py --help`): BC reads the data flags
+(--dataset, --dataset-path, ...), --seed, --policy-steps, --policy-batch-size, --actor-hidden, --actor-lr,
+--eval-every, --eval-episodes, --threads and, on tag/world, --prey / --prey-path; the rest (β, the behaviour models,
+the critic) do not enter BC and are accepted so that a table's --extra can serve both. Prints the evaluation
+return at every --eval-every steps and ends with the final one; nothing is written (the table launcher keeps the
+row). Not part of OMSD: a baseline.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
-import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import oma_sd_mamujoco as om  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from envs.dataset import normalized_score  # noqa: E402
+from envs.runs import run_command  # noqa: E402
 
-
-@dataclass
-class Cfg:
-    env_id: str = "HalfCheetah-2x3"
-    """configuration (see oma_sd_mamujoco.py --help)"""
-    dataset: str = "expert"
-    """generated dataset quality"""
-    steps: int = 5000
-    """gradient steps"""
-    eval_every: int = 1000
-    """steps between evaluations"""
-    eval_episodes: int = 5
-    """episodes per evaluation"""
-    lr: float = 3e-4
-    """Adam learning rate (constant)"""
-    seed: int = 0
-    """torch seed"""
+SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
+USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of that family's script]"
 
 
-def main(cfg: Cfg):
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
-    args = om.resolve_args(
-        om.Args(env_id=cfg.env_id, dataset=cfg.dataset, eval_episodes=cfg.eval_episodes, seed=cfg.seed)
-    )
-    arrays, _, source = om.load_data(args)
+def split_family(argv: list[str]) -> tuple[str, list[str]]:
+    """(--family value, the other flags). --family is this script's only own flag; it must come first."""
+    if len(argv) < 2 or argv[0] != "--family" or argv[1] not in SCRIPTS:
+        print(f"error: {USAGE}", file=sys.stderr)
+        sys.exit(2)
+    return argv[1], argv[2:]
+
+
+def reference(om, args, meta):
+    """The normalisation constants the family's script would use for this data (None: no normalized score)."""
+    ref = meta.get("normalization")
+    if ref is None and hasattr(om, "reference_returns") and meta.get("env_version") == om.ENV_VERSION:
+        ref = om.reference_returns(args.env_id)  # a generated MaMuJoCo file made before datasets stored them
+    return ref
+
+
+def run(family: str, argv: list[str]) -> dict:
+    """Train and evaluate BC with the family script's settings `argv`; returns the table launcher's row fields."""
+    t_start = time.time()
+    om = importlib.import_module(SCRIPTS[family])
+    args = om.resolve_args(om.cli_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if family == "mpe":
+        from envs.sources import load_prey_arg
+
+        prey, _ = load_prey_arg(args)
+        evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max, prey)  # noqa: E731
+    else:
+        evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max)["return"]  # noqa: E731
+    arrays, meta, source = om.load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
-    data = om.to_tensors(arrays, list(range(n)), args)
+    order = list(range(n))
+    data = om.to_tensors(arrays, order, args)
     del arrays
-    N, _, obs_max = data["obs"].shape
-    actors = om.Actors(n, obs_max, data["act"].shape[-1], args.actor_hidden)
-    opt = torch.optim.Adam(actors.parameters(), lr=cfg.lr)
-    t0 = time.time()
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(N, (args.policy_batch_size,))
-        loss = ((actors(data["obs"][idx].transpose(0, 1)) - data["act"][idx].transpose(0, 1)) ** 2).sum(-1).mean()
-        opt.zero_grad()
+    obs, act = data["obs"].transpose(0, 1).contiguous(), data["act"].transpose(0, 1).contiguous()  # (n, N, .)
+    N, obs_max = obs.shape[1], obs.shape[2]
+    ref = reference(om, args, meta)
+
+    torch.manual_seed(args.seed * 1000 + 3)  # the actors' initialisation of the script's stage 2
+    actors = om.Actors(n, obs_max, act.shape[-1], args.actor_hidden)
+    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr)  # per parameter, as one Adam per agent is
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.policy_steps, eta_min=0.0)
+    g = torch.Generator().manual_seed(args.seed * 1000 + 3)
+    history = [{"step": 0, "return": evaluate(actors, order, obs_max)}]
+    seconds = [time.time() - t_start]
+    t0, last = time.time(), []
+    for step in range(1, args.policy_steps + 1):
+        idx = torch.randint(N, (args.policy_batch_size,), generator=g)
+        loss = ((actors(obs[:, idx]) - act[:, idx]) ** 2).sum(-1).mean()  # summed over agents' dims, mean over batch
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            ret = om.evaluate(actors, args, list(range(n)), obs_max)["return"]
+        sched.step()
+        last = (last + [loss.item()])[-100:]
+        if step % args.eval_every == 0 or step == args.policy_steps:
+            history.append({"step": step, "return": evaluate(actors, order, obs_max)})
+            seconds.append(time.time() - t_start)
+            ret = history[-1]["return"]
             print(
-                f"{source}: step {step}  mse {loss.item():.4f}  eval return {ret:.1f}  ({time.time() - t0:.0f} s)",
+                f"[bc] {step}/{args.policy_steps}  mse {loss.item():.4f}  eval return "
+                f"{'failed' if ret is None else f'{ret:.2f}'}  {step / (time.time() - t0):.0f} steps/s",
+                file=sys.stderr,
                 flush=True,
             )
+    for h in history:
+        h["normalized_score"] = normalized_score(h["return"], ref)
+    final = history[-1]
+    norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
+    paper = om.paper_comparison(args.env_id, ref) if family == "mpe" else None  # as oma_sd_mpe.py's results
+    print(
+        f"bc on {source}: final return "
+        + ("failed" if final["return"] is None else f"{final['return']:.2f}")
+        + (f", normalized score {final['normalized_score']:.1f}" if final["normalized_score"] is not None else "")
+    )
+    return {
+        "beta": None,
+        "final_return": final["return"],
+        "final_normalized_score": final["normalized_score"],
+        "normalization": norm,
+        "final_paper_normalized_score": normalized_score(final["return"], paper),
+        "eval_history": history,
+        "eval_seconds": seconds,
+        "total_seconds": time.time() - t_start,
+        "stages": {"policy": {"seconds": time.time() - t0, "steps_per_s": args.policy_steps / (time.time() - t0)}},
+        "diagnostics": None,
+        "mse": sum(last) / len(last),  # the training loss over the last 100 steps: how closely BC fits the data
+    }
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Cfg))
+    run_command(lambda argv: run(*split_family(argv)), sys.argv[1:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -39,6 +40,8 @@ LAUNCHERS = ("local", "slurm")
 RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
 FIGURES_DIR = os.path.join(REPO, "benchmark", "figures")
 DECOMPOSITIONS = ("sequential", "independent")
+# a row per cell that is not OMSD: behaviour cloning on the same data (benchmark/bc_reference.py)
+BASELINES = ("bc",)
 # the datasets whose joint actions have several modes, where the paper expects sequential to beat independent
 MULTIMODAL = ("mixture", "multimodal-2", "multimodal-3")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default (2 min) would stop every run; a week means never
@@ -53,6 +56,8 @@ class Cfg:
     qualities: tuple[str, ...] = ()
     """dataset qualities to run (default: the family's standard ones)"""
     decompositions: tuple[str, ...] = DECOMPOSITIONS
+    """OMSD's sequential and independent, and bc: behaviour cloning on the cell's data with the same actors,
+    steps and evaluation (benchmark/bc_reference.py; --extra applies to it too)"""
     seeds: tuple[int, ...] = (1, 2, 3)
     extra: str = ""
     """extra flags passed to the script for every run, as one string (shell quoting works),
@@ -115,6 +120,9 @@ def task_qualities(family: str, task: str):
 
 def command(family, task, quality, dec, seed, extra):
     """The cell's command line; also its identity in the results files."""
+    if dec == "bc":
+        head = ["python", "benchmark/bc_reference.py", "--family", family, "--env-id", task, "--dataset", quality]
+        return shlex.join([*head, "--seed", str(seed), *shlex.split(extra)])
     flags = ["--env-id", task, "--dataset", quality, "--decomposition", dec, "--seed", str(seed)]
     return shlex.join(["python", f"{SCRIPTS[family]}.py", *flags, *shlex.split(extra)])
 
@@ -148,11 +156,18 @@ class Cell(submitit.helpers.Checkpointable):
         self.family, self.task, self.quality, self.dec, self.seed = family, task, quality, dec, seed
         self.command, self.workdir = cmd, workdir
 
+    def script_argv(self) -> list[str]:
+        """The command's flags of the family's script (BC takes them too, after its --family)."""
+        return shlex.split(self.command)[4 if self.dec == "bc" else 2 :]
+
     def __call__(self) -> dict:
         os.chdir(self.workdir)
         sys.path.insert(0, REPO)
-        om = importlib.import_module(SCRIPTS[self.family])
-        res = om.main(om.cli_args(shlex.split(self.command)[2:]))
+        if self.dec == "bc":
+            res = bc_module().run(self.family, self.script_argv())
+        else:
+            om = importlib.import_module(SCRIPTS[self.family])
+            res = om.main(om.cli_args(self.script_argv()))
         return {
             "command": self.command,
             "task": self.task,
@@ -170,6 +185,14 @@ class Cell(submitit.helpers.Checkpointable):
             "stages": res["stages"],
             "diagnostics": res.get("diagnostics"),
         }
+
+
+def bc_module():
+    """benchmark/bc_reference.py as a module (benchmark/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bc_reference", os.path.join(REPO, "benchmark", "bc_reference.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_executor(cfg: Cfg, folder: str):
@@ -250,7 +273,7 @@ def run_grid(cfg: Cfg, out: str):
     if not cells:
         return
     om = importlib.import_module(SCRIPTS[cfg.family])
-    om.cli_args(shlex.split(cells[0].command)[2:])  # bad --extra: the script's own message, before any job
+    om.cli_args(cells[0].script_argv())  # bad --extra: the script's own message, before any job
 
     folder = os.path.join(out, "submitit")
     os.makedirs(folder, exist_ok=True)
@@ -416,16 +439,18 @@ def report(family, out, figures, reps):
             k[1],
         )
 
+    methods = DECOMPOSITIONS + tuple(b for b in BASELINES if any(k[2] == b for k in cells))
+    bc_col = "| behaviour cloning: return (normalized), mean ± std (ddof=1) " if "bc" in methods else ""
     lines = [
         f"Final return, normalized score in brackets: mean ± std over seeds (sample std, ddof=1), from {out}",
         "",
         "| task | dataset | β | OMSD sequential: return (normalized), mean ± std (ddof=1) "
-        "| independent: return (normalized), mean ± std (ddof=1) | seeds | command (seed 1) |",
-        "|---|---|---|---|---|---|---|",
+        f"| independent: return (normalized), mean ± std (ddof=1) {bc_col}| seeds | command (seed 1) |",
+        "|---|---|---|---|---|" + "---|" * len(methods),
     ]
     for task, quality in sorted({(t, q) for t, q, _ in cells}, key=order):
         col, n, beta, cmd = [], [], "", ""
-        for dec in DECOMPOSITIONS:
+        for dec in methods:
             rs = cells.get((task, quality, dec), [])
             if not rs:
                 col.append("–")
@@ -436,9 +461,10 @@ def report(family, out, figures, reps):
             pap = f"; paper's constants {mean_std(np.array(pap))}" if len(pap) == len(rs) else ""
             col.append(f"{ret} ({mean_std(np.array(nor))}{pap})" if nor else ret)
             n.append(len(rs))
-            beta = rs[0]["beta"]
-            cmd = cmd or sorted(rs, key=lambda r: r["seed"])[0]["command"].replace(" --decomposition sequential", "")
-        lines.append(f"| {task} | {quality} | {beta} | {col[0]} | {col[1]} | {'/'.join(map(str, n))} | `{cmd}` |")
+            beta = rs[0]["beta"] if dec in DECOMPOSITIONS else beta
+            first = sorted(rs, key=lambda r: r["seed"])[0]["command"]  # OMSD's, else BC's (columns in this order)
+            cmd = cmd or first.replace(" --decomposition sequential", "")
+        lines.append(f"| {task} | {quality} | {beta} | {' | '.join(col)} | {'/'.join(map(str, n))} | `{cmd}` |")
     refs = {}  # what the normalized scores are normalised with, per task (rows of older runs may not say)
     for r in rows:
         ref = r.get("normalization")
@@ -566,7 +592,7 @@ def curves(cells, family, figures, order):
         r, c = tasks.index(task), qualities.index(quality)
         ax = axes[r][c]
         ax.set_visible(True)
-        for dec, color in (("sequential", "C0"), ("independent", "C1")):
+        for dec, color in (("sequential", "C0"), ("independent", "C1"), ("bc", "C2")):
             rs = cells.get((task, quality, dec), [])
             steps = [h["step"] for h in rs[0]["eval_history"]] if rs else []
             rs = [x for x in rs if [h["step"] for h in x["eval_history"]] == steps]  # one evaluation schedule
@@ -596,8 +622,9 @@ def main(cfg: Cfg):
         fail(f"--family must be one of {', '.join(SCRIPTS)}, got {cfg.family!r}")
     if cfg.launcher not in LAUNCHERS:
         fail(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
-    if not cfg.decompositions or any(d not in DECOMPOSITIONS for d in cfg.decompositions):
-        fail(f"--decompositions must be among {', '.join(DECOMPOSITIONS)}, got {' '.join(cfg.decompositions)}")
+    if not cfg.decompositions or any(d not in DECOMPOSITIONS + BASELINES for d in cfg.decompositions):
+        choices = ", ".join(DECOMPOSITIONS + BASELINES)
+        fail(f"--decompositions must be among {choices}, got {' '.join(cfg.decompositions)}")
     try:
         shlex.split(cfg.extra)
     except ValueError as e:

@@ -74,7 +74,7 @@ def grid(tmp_path, *flags):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(tmp_path / "out" / "mpe.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    return r.stdout, rows, sorted(os.listdir(tmp_path / "runs"))
+    return r.stdout, rows, sorted(os.listdir(tmp_path / "runs")) if (tmp_path / "runs").exists() else []
 
 
 def test_local_grid_runs_into_a_fresh_directory_and_resumes_by_skipping_its_cells(tmp_path):
@@ -152,6 +152,19 @@ def test_score_matrices_keep_the_cells_and_seeds_both_decompositions_have():
     m, cells, seeds = table.score_matrices(rows)
     assert cells == [("simple_spread", "expert"), ("simple_spread", "medium")] and seeds == [1, 2]
     assert m["sequential"].tolist() == [[1, 7], [2, 8]] and m["independent"].tolist() == [[4, 9], [5, 10]]
+
+
+def test_behaviour_cloning_rows_join_the_table_as_their_own_column(tmp_path):
+    out, rows, runs = grid(tmp_path, "--decompositions", "bc")
+    assert [r["decomposition"] for r in rows] == ["bc"] and runs == []  # BC keeps no run directory
+    cmd = "python benchmark/bc_reference.py --family mpe --env-id simple_spread --dataset random --seed 1"
+    assert rows[0]["command"].startswith(cmd) and rows[0]["command"].endswith("--exp-name 'tiny grid'")
+    assert rows[0]["normalization"]["expert"] > rows[0]["normalization"]["random"]
+    assert [h["step"] for h in rows[0]["eval_history"]] == [0, 10, 20]  # the --extra steps reached BC
+    assert "| behaviour cloning: return (normalized)" in out
+    ret, score = rows[0]["final_return"], rows[0]["final_normalized_score"]
+    assert f"| – | – | {ret:.1f} ({score:.1f}; paper's constants " in out  # no OMSD rows: their columns are empty
+    assert "No cell has both decompositions" in out
 
 
 def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys):
