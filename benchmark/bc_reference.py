@@ -26,7 +26,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from envs.dataset import normalized_score  # noqa: E402
-from envs.runs import run_command  # noqa: E402
+from envs.runs import RunError, run_command  # noqa: E402
 
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of that family's script]"
@@ -61,7 +61,17 @@ def run(family: str, argv: list[str]) -> dict:
         prey, _ = load_prey_arg(args)
         evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max, prey)  # noqa: E731
     else:
-        evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max)["return"]  # noqa: E731
+
+        def evaluate(actors, order, obs_max):  # a diverged episode ends the run, as in the script
+            ev = om.evaluate(actors, args, order, obs_max)
+            if ev["failed_episodes"]:
+                f = ev["failed_episodes"][0]
+                raise RunError(
+                    f"BC evaluation: {len(ev['failed_episodes'])} of {args.eval_episodes} episodes diverged (first: "
+                    f"env seed {f['env_seed']}, env step {f['env_step']}: {f['what']}); no mean return is reported"
+                )
+            return ev["return"]
+
     arrays, meta, source = om.load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(range(n))
@@ -90,10 +100,9 @@ def run(family: str, argv: list[str]) -> dict:
         if step % args.eval_every == 0 or step == args.policy_steps:
             history.append({"step": step, "return": evaluate(actors, order, obs_max)})
             seconds.append(time.time() - t_start)
-            ret = history[-1]["return"]
             print(
-                f"[bc] {step}/{args.policy_steps}  mse {loss.item():.4f}  eval return "
-                f"{'failed' if ret is None else f'{ret:.2f}'}  {step / (time.time() - t0):.0f} steps/s",
+                f"[bc] {step}/{args.policy_steps}  mse {loss.item():.4f}  eval return {history[-1]['return']:.2f}  "
+                f"{step / (time.time() - t0):.0f} steps/s (evaluations included)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -103,8 +112,7 @@ def run(family: str, argv: list[str]) -> dict:
     norm = {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None
     paper = om.paper_comparison(args.env_id, ref) if family == "mpe" else None  # as oma_sd_mpe.py's results
     print(
-        f"bc on {source}: final return "
-        + ("failed" if final["return"] is None else f"{final['return']:.2f}")
+        f"bc on {source}: final return {final['return']:.2f}"
         + (f", normalized score {final['normalized_score']:.1f}" if final["normalized_score"] is not None else "")
     )
     return {
