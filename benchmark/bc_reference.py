@@ -25,8 +25,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from envs.dataset import normalized_score  # noqa: E402
-from envs.runs import RunError, run_command  # noqa: E402
+from envs.dataset import DatasetError, normalized_score  # noqa: E402
+from envs.runs import RunError  # noqa: E402
 
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of that family's script]"
@@ -130,5 +130,14 @@ def run(family: str, argv: list[str]) -> dict:
     }
 
 
+def main(argv: list[str]):
+    """Bad input: one line, exit 2. Ctrl-C / SIGTERM stop at once (BC keeps no checkpoint to stop at)."""
+    try:
+        run(*split_family(argv))
+    except (RunError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    run_command(lambda argv: run(*split_family(argv)), sys.argv[1:])
+    main(sys.argv[1:])
