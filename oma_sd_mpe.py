@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -138,6 +139,9 @@ class Args:
     """residual blocks"""
     diffusion_lr: float = 3e-4
     """AdamW learning rate, cosine-annealed to 1e-5"""
+    diffusion_ema: float = 0.0
+    """decay of an exponential moving average of the behaviour models' weights, which replaces them after
+    stage 1a (0: off, the last iterate is used)"""
     holdout_every: int = 50
     """every k-th episode is left out of the behaviour models' training to measure their fit (0: none)"""
 
@@ -509,6 +513,8 @@ def diffusion_fields(args: Args, stage1: dict) -> dict:
             k: getattr(args, k)
             for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
         },
+        # only when on, so that the cached models trained without an average keep their keys
+        **({"diffusion_ema": args.diffusion_ema} if args.diffusion_ema else {}),
     )
 
 
@@ -999,6 +1005,8 @@ def main(args: Args) -> dict:
         opt = torch.optim.AdamW(score_net.parameters(), lr=args.diffusion_lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
         g, objs = gen(1), {"model": score_net, "opt": opt, "sched": sched}
+        if args.diffusion_ema:
+            objs["ema"] = ema = copy.deepcopy(score_net).requires_grad_(False)
         start, spent, _ = resume_stage(args, path, fields, "stage 1a", objs, g)
         bar = Progress("stage 1a: diffusion", args.diffusion_steps, start)
         for step in range(start + 1, args.diffusion_steps + 1):
@@ -1010,6 +1018,10 @@ def main(args: Args) -> dict:
             loss.sum().backward()
             opt.step()
             sched.step()
+            if args.diffusion_ema:  # the average of the last ~1/(1 - decay) iterates: less SGD noise in the models
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), score_net.parameters()):
+                        p_ema.lerp_(p, 1.0 - args.diffusion_ema)
             if step % 100 == 0 or step == args.diffusion_steps:
                 for k in range(n):
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
@@ -1023,6 +1035,8 @@ def main(args: Args) -> dict:
             "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
         }
         run.trained("diffusion", timing["diffusion"])
+        if args.diffusion_ema:
+            score_net.load_state_dict(ema.state_dict())
         run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 

@@ -110,6 +110,7 @@ STUDIES = {
             "batch 1024": "--diffusion-batch-size 1024",
             "60,000 steps": "--diffusion-steps 60000",
             "1,000,000 transitions (40,000 episodes)": "--dataset-transitions 1000000",
+            "weight average (EMA 0.999)": "--diffusion-ema 0.999",
         },
     ),
 }

@@ -102,6 +102,10 @@ def check_common_args(args, n_agents: int | None = None):
         raise RunError(
             f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), got {args.expectile}"
         )
+    if not 0 <= getattr(args, "diffusion_ema", 0.0) < 1:
+        raise RunError(
+            f"--diffusion-ema must be in [0, 1) (the weight average's decay; 0: off), got {args.diffusion_ema}"
+        )
     if not 0 < args.gamma <= 1:
         raise RunError(f"--gamma must be in (0, 1] (the discount), got {args.gamma}")
     if not 0 < args.polyak <= 1:
