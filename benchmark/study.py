@@ -111,6 +111,7 @@ STUDIES = {
             "60,000 steps": "--diffusion-steps 60000",
             "1,000,000 transitions (40,000 episodes)": "--dataset-transitions 1000000",
             "weight average (EMA 0.999)": "--diffusion-ema 0.999",
+            "EDM's noise levels (lognormal)": "--diffusion-t-sampling lognormal",
         },
     ),
 }
