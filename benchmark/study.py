@@ -99,6 +99,20 @@ STUDIES = {
             "behaviour models trained on batches of 1024": "--diffusion-batch-size 1024",
         },
     ),
+    # the critic-limited qualities: ten times the transitions at the same training budget (OMAR's datasets hold
+    # 1M), with the chosen beta and weaker ones (stage 1 cached across beta)
+    "dataset_size": (
+        ("random", "medium"),
+        ("sequential",),
+        {
+            "1,000,000 transitions": "--dataset-transitions 1000000",
+            "1,000,000 transitions, beta x5": {
+                "random": "--dataset-transitions 1000000 --beta 0.1",
+                "medium": "--dataset-transitions 1000000 --beta 0.1",
+            },
+            "1,000,000 transitions, authors' beta": {"random": "--dataset-transitions 1000000 --beta 0.5"},
+        },
+    ),
     # three conventions: what stage 1a needs to act at the data's level (diagnostics.behaviour.sampler)
     "behaviour_models": (
         ("multimodal-3",),
