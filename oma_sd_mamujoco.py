@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -125,6 +126,12 @@ class Args:
     """residual blocks"""
     diffusion_lr: float = 3e-4
     """AdamW learning rate, cosine-annealed to 1e-5"""
+    diffusion_t_sampling: str = "uniform"
+    """noise levels of the training loss: uniform, t ~ U(1e-3, 1) | lognormal, EDM's log(sigma_t / alpha_t) ~
+    N(-1.2, 1.2^2), most of them where the modes of the actions separate (the held-out loss stays uniform in t)"""
+    diffusion_ema: float = 0.0
+    """decay of an exponential moving average of the behaviour models' weights, which replaces them after
+    stage 1a (0: off, the last iterate is used)"""
 
     # Stage 1b: centralised IQL critic
     critic_steps: int = 10_000
@@ -241,6 +248,13 @@ def vp_sde(t):
     return alpha_t, sigma_t
 
 
+def t_of_lambda(lams):
+    """The t at which log(alpha_t / sigma_t) = lams: L = -2 log alpha_t, inverted for the linear beta(t):
+    0.5*19.9 t^2 + 0.1 t = L."""
+    L = torch.log1p(torch.exp(-2 * lams))
+    return 2 * L / (0.1 + torch.sqrt(0.1**2 + 2 * 19.9 * L))
+
+
 class ScoreNet(nn.Module):
     """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position.
 
@@ -331,10 +345,16 @@ class Actors(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
-def diffusion_loss(score_net, a0, cond, gen):
+def diffusion_loss(score_net, a0, cond, gen, t_sampling: str = "uniform"):
     """Noise-prediction loss of every position's model: E ||eps_k(alpha_t a + sigma_t z, t | cond_k) - z||^2,
-    t ~ U(1e-3, 1); summed over action dims, averaged over the batch. Returns (n,)."""
-    t = torch.rand(a0.shape[0], a0.shape[1], 1, generator=gen) * (1 - 1e-3) + 1e-3
+    t ~ U(1e-3, 1) or, with t_sampling="lognormal", EDM's noise levels log(sigma_t / alpha_t) ~ N(-1.2, 1.2^2)
+    (most samples where the modes of the actions separate; uniform t spends half of them at alpha_t < 0.3);
+    summed over action dims, averaged over the batch. Returns (n,)."""
+    shape = (a0.shape[0], a0.shape[1], 1)
+    if t_sampling == "lognormal":
+        t = t_of_lambda(1.2 + 1.2 * torch.randn(shape, generator=gen)).clamp(1e-3, 1.0)
+    else:
+        t = torch.rand(shape, generator=gen) * (1 - 1e-3) + 1e-3
     z = torch.randn(a0.shape, generator=gen)
     alpha_t, sigma_t = vp_sde(t)
     eps_hat = score_net(alpha_t * a0 + sigma_t * z, t, cond)
@@ -388,8 +408,7 @@ def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
         return torch.log(alpha_t / sigma_t)
 
     lams = torch.linspace(lam(t_start).item(), lam(t_end).item(), steps + 1, dtype=torch.float64)
-    L = torch.log1p(torch.exp(-2 * lams))  # -2 log alpha_t, inverted for the linear beta(t): 0.5*19.9 t^2 + 0.1 t = L
-    return (2 * L / (0.1 + torch.sqrt(0.1**2 + 2 * 19.9 * L))).float()
+    return t_of_lambda(lams).float()
 
 
 @torch.no_grad()
@@ -477,6 +496,9 @@ def diffusion_fields(args: Args, stage1: dict) -> dict:
             k: getattr(args, k)
             for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
         },
+        # only when on, so that the cached models trained without them keep their keys
+        **({"diffusion_ema": args.diffusion_ema} if args.diffusion_ema else {}),
+        **({"diffusion_t_sampling": args.diffusion_t_sampling} if args.diffusion_t_sampling != "uniform" else {}),
     )
 
 
@@ -931,17 +953,23 @@ def main(args: Args) -> dict:
         opt = torch.optim.AdamW(score_net.parameters(), lr=args.diffusion_lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
         g, objs = gen(1), {"model": score_net, "opt": opt, "sched": sched}
+        if args.diffusion_ema:
+            objs["ema"] = ema = copy.deepcopy(score_net).requires_grad_(False)
         start, spent, _ = resume_stage(args, path, fields, "stage 1a", objs, g)
         bar = Progress("stage 1a: diffusion", args.diffusion_steps, start)
         for step in range(start + 1, args.diffusion_steps + 1):
             idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=device)
             a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
-            loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g)
+            loss = diffusion_loss(score_net, a0, condition(cond_base(idx), a0, mask), g, args.diffusion_t_sampling)
             check_finite(loss, "stage 1a (diffusion)", step)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
             sched.step()
+            if args.diffusion_ema:  # the average of the last ~1/(1 - decay) iterates: less SGD noise in the models
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), score_net.parameters()):
+                        p_ema.lerp_(p, 1.0 - args.diffusion_ema)
             if step % 100 == 0 or step == args.diffusion_steps:
                 for k in range(n):
                     writer.add_scalar(f"losses/diffusion_position{k}", loss[k].item(), step)
@@ -955,6 +983,8 @@ def main(args: Args) -> dict:
             "steps_per_s": args.diffusion_steps / (spent + bar.seconds),
         }
         run.trained("diffusion", timing["diffusion"])
+        if args.diffusion_ema:
+            score_net.load_state_dict(ema.state_dict())
         run.save_stage(path, {"model": score_net.state_dict(), "fields": json.dumps(fields)})
     score_net.eval().requires_grad_(False)
 

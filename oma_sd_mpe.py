@@ -528,7 +528,7 @@ def diffusion_fields(args: Args, stage1: dict) -> dict:
             k: getattr(args, k)
             for k in ("diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_blocks", "diffusion_lr")
         },
-        # only when on, so that the cached models trained without an average keep their keys
+        # only when on, so that the cached models trained without them keep their keys
         **({"diffusion_ema": args.diffusion_ema} if args.diffusion_ema else {}),
         **({"diffusion_t_sampling": args.diffusion_t_sampling} if args.diffusion_t_sampling != "uniform" else {}),
     )
@@ -941,7 +941,6 @@ def resolve_args(args: Args) -> Args:
             "team_reward": ("agent0", "mean"),
             "actor_init": ("random", "samples"),
             "init_select": ("shared", "per_state"),
-            "diffusion_t_sampling": ("uniform", "lognormal"),
         },
         ("init_steps", "init_candidates", "init_states", "sample_steps", "video_episodes"),
         n_agents,

@@ -39,6 +39,7 @@ CHOICES = {
     "condition": ("obs", "state"),
     "prefix": ("start", "updated"),
     "weighting": ("sigma2", "one", "alpha_over_sigma"),
+    "diffusion_t_sampling": ("uniform", "lognormal"),
 }
 POSITIVE = (
     "diffusion_steps",
@@ -102,7 +103,7 @@ def check_common_args(args, n_agents: int | None = None):
         raise RunError(
             f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), got {args.expectile}"
         )
-    if not 0 <= getattr(args, "diffusion_ema", 0.0) < 1:
+    if not 0 <= args.diffusion_ema < 1:
         raise RunError(
             f"--diffusion-ema must be in [0, 1) (the weight average's decay; 0: off), got {args.diffusion_ema}"
         )

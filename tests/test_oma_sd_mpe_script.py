@@ -97,6 +97,17 @@ def test_cache_reuse_and_determinism(workdir):
     assert third["eval_history"] != first["eval_history"]
 
 
+def test_weight_average_replaces_the_behaviour_models(workdir):
+    """--diffusion-ema: the average is what later stages use; a decay of ~0 averages the last iterate alone."""
+    args = ["--env-id", "bandit", *TINY, "--exp-name", "ema"]
+    plain = results_of(workdir, run(workdir, *args).stdout)
+    last = results_of(workdir, run(workdir, *args, "--diffusion-ema", "1e-12").stdout)
+    avg = results_of(workdir, run(workdir, *args, "--diffusion-ema", "0.9").stdout)
+    assert not last["stages"]["diffusion"].get("cached") and not avg["stages"]["diffusion"].get("cached")
+    assert last["eval_history"] == plain["eval_history"]
+    assert avg["eval_history"] != plain["eval_history"]
+
+
 def _bad(workdir, *args, creates_run=False):
     runs = workdir / "runs"
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}

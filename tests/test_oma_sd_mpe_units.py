@@ -38,6 +38,28 @@ def test_diffusion_loss_value():
     assert t.min() >= 1e-3
 
 
+def test_t_of_lambda_inverts_the_vp_sde():
+    t = torch.tensor([1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    alpha_t, sigma_t = om.vp_sde(t)
+    assert torch.allclose(om.t_of_lambda(torch.log(alpha_t / sigma_t)), t, rtol=1e-9)
+
+
+def test_lognormal_noise_levels():
+    """EDM's levels: log(sigma_t / alpha_t) ~ N(-1.2, 1.2^2), so most t lie where the modes separate."""
+    a0 = torch.randn(3, 64, 2)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    loss = om.diffusion_loss(Echo(), a0, None, g1, "lognormal")
+    t = om.t_of_lambda(1.2 + 1.2 * torch.randn(3, 64, 1, generator=g2)).clamp(1e-3, 1.0)
+    z = torch.randn(a0.shape, generator=g2)
+    alpha_t, sigma_t = om.vp_sde(t)
+    assert torch.allclose(loss, ((0.5 * (alpha_t * a0 + sigma_t * z) - z) ** 2).sum(-1).mean(-1))
+    big = om.t_of_lambda(1.2 + 1.2 * torch.randn(100_000, generator=torch.Generator().manual_seed(0)))
+    alpha_t, sigma_t = om.vp_sde(big)
+    lam = torch.log(alpha_t / sigma_t)
+    assert lam.mean().item() == pytest.approx(1.2, abs=0.02) and lam.std().item() == pytest.approx(1.2, abs=0.02)
+    assert (big < 0.3).float().mean() > 0.85  # uniform t: 0.3
+
+
 def test_expectile_loss():
     assert om.expectile_loss(torch.tensor([1.0, -1.0]), 0.7).item() == pytest.approx(0.5)
     assert om.expectile_loss(torch.tensor([2.0]), 0.9).item() == pytest.approx(3.6)

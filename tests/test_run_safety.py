@@ -105,6 +105,8 @@ BAD_SETTINGS = [
     (["--seed", "99999999999999999"], "--seed must be an integer in 0..4294967295"),
     (["--stage1-seed", "-1"], "--stage1-seed must be an integer in 0..4294967295"),
     (["--expectile", "1.5"], "--expectile must be in (0, 1)"),
+    (["--diffusion-ema", "1"], "--diffusion-ema must be in [0, 1)"),
+    (["--diffusion-t-sampling", "cosine"], "--diffusion-t-sampling must be one of uniform, lognormal"),
     (["--gamma", "2"], "--gamma must be in (0, 1]"),
     (["--polyak", "0"], "--polyak must be in (0, 1]"),
     (["--beta", "inf"], "--beta must be a finite number"),
