@@ -99,18 +99,15 @@ STUDIES = {
             "behaviour models trained on batches of 1024": "--diffusion-batch-size 1024",
         },
     ),
-    # the critic-limited qualities: ten times the transitions at the same training budget (OMAR's datasets hold
+    # the critic-limited random data: ten times the transitions at the same training budget (OMAR's datasets hold
     # 1M), with the chosen beta and weaker ones (stage 1 cached across beta)
     "dataset_size": (
-        ("random", "medium"),
+        ("random",),
         ("sequential",),
         {
             "1,000,000 transitions": "--dataset-transitions 1000000",
-            "1,000,000 transitions, beta x5": {
-                "random": "--dataset-transitions 1000000 --beta 0.1",
-                "medium": "--dataset-transitions 1000000 --beta 0.1",
-            },
-            "1,000,000 transitions, authors' beta": {"random": "--dataset-transitions 1000000 --beta 0.5"},
+            "1,000,000 transitions, beta x5": "--dataset-transitions 1000000 --beta 0.1",
+            "1,000,000 transitions, authors' beta": "--dataset-transitions 1000000 --beta 0.5",
         },
     ),
     # three conventions: what stage 1a needs to act at the data's level (diagnostics.behaviour.sampler)
