@@ -183,9 +183,10 @@ class Args:
     """evaluation episodes (decentralised execution, deterministic actions)"""
     actor_init: str | None = None
     """random (the authors') | samples: first regress the actors onto joint behaviour samples drawn with one noise
-    vector for all states, so that they start in one joint mode (depends on --env-id)"""
+    vector for all states, so that they start in one joint mode (depends on --env-id) | data: first regress them
+    onto the dataset's actions (behaviour cloning: each state's mean action)"""
     init_steps: int = 2000
-    """regression steps of --actor-init samples"""
+    """regression steps of --actor-init samples or data"""
     init_states: int = 20_000
     """--actor-init samples: dataset states (drawn at random) whose behaviour samples the actors are fitted to"""
     init_candidates: int = 1
@@ -470,12 +471,17 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
     """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
     modes, so the actors first imitate one joint sample per state. The noise z is shared by all states, so the mode
     a sample lands in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of
-    agents < k. Of --init-candidates noise vectors, the one whose samples have the highest mean Q is used."""
+    agents < k. Of --init-candidates noise vectors, the one whose samples have the highest mean Q is used.
+    --actor-init data regresses the actors onto the dataset's own actions at the same states instead."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
     rows = torch.randperm(N, generator=g)[: args.init_states].to(device)
     R, best = len(rows), None
-    for c in range(args.init_candidates):
+    if args.actor_init == "data":  # behaviour cloning as the start: each state's mean action, no mode chosen
+        with torch.no_grad():
+            q = q_target(data["critic_state"][rows], data["act"][rows].reshape(R, -1)).mean(0)
+        best = (q, None, data["act"][rows].transpose(0, 1))
+    for c in range(args.init_candidates if args.actor_init == "samples" else 0):
         shape = (n, 1, act_dim) if args.init_select == "shared" else (n, R, act_dim)
         z = torch.randn(shape, generator=g, device=device).expand(n, R, act_dim)
         target = sample_actions(score_net, cond_base(rows), mask, z, args.sample_steps)
@@ -494,12 +500,14 @@ def init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, 
     )
     mean_q = best[0].mean().item()
     which = f"candidate {best[1]}" if args.init_select == "shared" else f"best of {args.init_candidates} per state"
+    what = "the dataset's actions (" if args.actor_init == "data" else f"behaviour samples ({which}, "
     print(
-        f"[stage 2] actors initialised from behaviour samples ({which}, mean Q {mean_q:.2f}, "
+        f"[stage 2] actors initialised from {what}mean Q {mean_q:.2f}, "
         f"regression loss {init_loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
         file=sys.stderr,
     )
     return {
+        "source": args.actor_init,
         "select": args.init_select,
         "candidate": best[1] if args.init_select == "shared" else None,
         "mean_q": mean_q,
@@ -939,7 +947,7 @@ def resolve_args(args: Args) -> Args:
         args,
         {
             "team_reward": ("agent0", "mean"),
-            "actor_init": ("random", "samples"),
+            "actor_init": ("random", "samples", "data"),
             "init_select": ("shared", "per_state"),
         },
         ("init_steps", "init_candidates", "init_states", "sample_steps", "video_episodes"),
@@ -1147,7 +1155,7 @@ def main(args: Args) -> dict:
     }
     start, spent, extra = resume_stage(args, run.marker, run.fields, "stage 2", objs, g)
     init_record = extra.get("init")
-    if args.actor_init == "samples" and start == 0:
+    if args.actor_init != "random" and start == 0:
         init_record = init_from_samples(actors, score_net, q_target, data, cond_base, mask, args, gen(4))
     bar = Progress("stage 2: actors", args.policy_steps, start)
     eval_history = extra.get("eval_history") or [{"step": 0, "return": evaluate(actors, args, order, obs_max, prey)}]
