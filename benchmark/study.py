@@ -110,6 +110,12 @@ STUDIES = {
             "1,000,000 transitions, authors' beta": "--dataset-transitions 1000000 --beta 0.5",
         },
     ),
+    # stage 2's start: behaviour cloning (the dataset's actions) instead of one joint behaviour sample per state
+    "actor_init": (
+        ("multimodal-3", "mixture", "medium-replay", "multimodal-2"),
+        ("sequential",),
+        {"start from the dataset's actions": "--actor-init data"},
+    ),
     # three conventions: what stage 1a needs to act at the data's level (diagnostics.behaviour.sampler)
     "behaviour_models": (
         ("multimodal-3",),
