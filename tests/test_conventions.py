@@ -159,6 +159,7 @@ def test_init_from_samples_selects_by_q(select):
     s = torch.tensor([1.0, -1.0]).repeat(N // 2)[:, None]
     data = {"act": torch.zeros(N, n, 1), "obs": torch.randn(N, n, 3), "critic_state": s}
     args = types.SimpleNamespace(
+        actor_init="samples",
         init_states=200,
         init_candidates=8,
         init_select=select,
@@ -200,6 +201,47 @@ def test_init_from_samples_selects_by_q(select):
             torch.Generator().manual_seed(0),
         )
         assert rec["mean_q"] > rec_shared["mean_q"] + 0.002, rec_shared
+
+
+def test_init_from_the_data_regresses_onto_the_dataset_actions():
+    """--actor-init data: the actors start from behaviour cloning, not from behaviour samples (never drawn here: the
+    score network would raise)."""
+
+    class NoScore(torch.nn.Module):
+        def forward(self, *a):
+            raise AssertionError("--actor-init data must not sample the behaviour models")
+
+    torch.manual_seed(0)
+    n, N = 3, 512
+    obs = torch.randn(N, n, 4)
+    s = torch.randn(N, 1)
+    data = {"act": torch.tanh(obs[..., :1]), "obs": obs, "critic_state": s}
+    args = types.SimpleNamespace(
+        actor_init="data",
+        init_states=N,
+        init_candidates=8,
+        init_select="shared",
+        sample_steps=20,
+        init_steps=800,
+        policy_batch_size=64,
+        actor_lr=3e-3,
+    )
+    actors = om.Actors(n, 4, 1, 32)
+    rec = om.init_from_samples(
+        actors,
+        NoScore(),
+        PreferQ(),
+        data,
+        None,
+        om.prefix_mask(n, "sequential"),
+        args,
+        torch.Generator().manual_seed(0),
+    )
+    assert rec["source"] == "data" and rec["candidate"] is None
+    q_data = PreferQ()(s, data["act"].reshape(N, -1))[0].mean().item()
+    assert rec["mean_q"] == pytest.approx(q_data, rel=1e-5)  # Q of the dataset's own actions
+    fit = ((actors(obs.transpose(0, 1)) - data["act"].transpose(0, 1)) ** 2).mean().item()
+    assert fit < 0.05 * data["act"].var().item()
 
 
 def test_fit_actors_regresses_onto_targets():
