@@ -236,8 +236,16 @@ def job_error(e: Exception) -> str:
     return (parts[-2] if len(parts) >= 3 else str(e)).strip().splitlines()[-1]
 
 
+# while a job is being submitted, SIGINT/SIGTERM wait: its process exists before the grid holds it in `running`,
+# and an interrupt in between would leave it running (submitit's jobs ignore SIGTERM; only cancel() stops them)
+SUBMITTING = {"now": False, "interrupted": False}
+
+
 def interrupt(signum, frame):
     """SIGTERM as Ctrl-C: the grid cancels its local jobs (they would hold their runs' locks) and exits 130."""
+    if SUBMITTING["now"]:
+        SUBMITTING["interrupted"] = True
+        return
     raise KeyboardInterrupt
 
 
@@ -306,11 +314,18 @@ def run_grid(cfg: Cfg, out: str):
         todo = []
     failed = []
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the local jobs too, as Ctrl-C does
+    signal.signal(signal.SIGINT, interrupt)
     try:
         while todo or running:
             while todo and len(running) < cfg.parallel:
                 cell = todo.pop(0)
-                submitted([(executor.submit(cell), cell)])
+                SUBMITTING["now"] = True
+                try:
+                    submitted([(executor.submit(cell), cell)])
+                finally:
+                    SUBMITTING["now"] = False
+                if SUBMITTING["interrupted"]:
+                    raise KeyboardInterrupt
             for job, cell in [jc for jc in running if jc[0].done()]:
                 running.remove((job, cell))
                 try:

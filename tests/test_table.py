@@ -237,6 +237,19 @@ def test_slurm_job_array_carries_the_options(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in sbatch
 
 
+def test_an_interrupt_during_a_submission_waits_for_it():
+    """A job's process starts inside executor.submit, before the grid holds it; an interrupt there is deferred to
+    the end of the submission, so the job is in `running` and cancelled with the others."""
+    try:
+        table.SUBMITTING["now"] = True
+        assert table.interrupt(15, None) is None and table.SUBMITTING["interrupted"]
+        table.SUBMITTING["now"] = False
+        with pytest.raises(KeyboardInterrupt):
+            table.interrupt(15, None)
+    finally:
+        table.SUBMITTING.update(now=False, interrupted=False)
+
+
 def test_sigterm_stops_the_grid_and_its_local_jobs(tmp_path):
     """`kill` of the grid cancels its running jobs, as Ctrl-C does (a job left running would hold its run's lock)."""
     cmd = [sys.executable, os.path.join(REPO, "benchmark", "table.py"), "--tasks", "simple_spread", "--qualities"]
