@@ -128,7 +128,7 @@ class Args:
     """AdamW learning rate, cosine-annealed to 1e-5"""
     diffusion_t_sampling: str = "uniform"
     """noise levels of the training loss: uniform, t ~ U(1e-3, 1) | lognormal, EDM's log(sigma_t / alpha_t) ~
-    N(-1.2, 1.2^2), most of them where the modes of the actions separate (the held-out loss stays uniform in t)"""
+    N(-1.2, 1.2^2), most of them where the modes of the actions separate (the diagnostics' loss stays uniform in t)"""
     diffusion_ema: float = 0.0
     """decay of an exponential moving average of the behaviour models' weights, which replaces them after
     stage 1a (0: off, the last iterate is used)"""
