@@ -7,9 +7,11 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -237,17 +239,36 @@ def test_slurm_job_array_carries_the_options(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in sbatch
 
 
-def test_an_interrupt_during_a_submission_waits_for_it():
-    """A job's process starts inside executor.submit, before the grid holds it; an interrupt there is deferred to
-    the end of the submission, so the job is in `running` and cancelled with the others."""
+def test_a_kill_during_a_submission_cancels_that_job(tmp_path, monkeypatch):
+    """A job's process starts inside executor.submit, before the grid holds it: a SIGTERM arriving there waits until
+    the submission ends, so that job is cancelled with the others (submitit's jobs ignore SIGTERM)."""
+    cancelled = []
+
+    class Job:
+        job_id, paths = "1", types.SimpleNamespace(stderr="log")
+
+        def done(self):
+            return False
+
+        def cancel(self, check=True):
+            cancelled.append(self)
+
+    class Executor:
+        def submit(self, cell):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, inside the submission
+            return Job()
+
+    monkeypatch.setattr(table, "make_executor", lambda cfg, folder: Executor())
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = table.Cfg(tasks=("simple_spread",), qualities=("random",), decompositions=("sequential",), seeds=(1,))
     try:
-        table.SUBMITTING["now"] = True
-        assert table.interrupt(15, None) is None and table.SUBMITTING["interrupted"]
-        table.SUBMITTING["now"] = False
-        with pytest.raises(KeyboardInterrupt):
-            table.interrupt(15, None)
+        with pytest.raises(SystemExit) as e:
+            table.run_grid(cfg, str(tmp_path))
     finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
         table.SUBMITTING.update(now=False, interrupted=False)
+    assert e.value.code == 130 and len(cancelled) == 1
 
 
 def test_sigterm_stops_the_grid_and_its_local_jobs(tmp_path):
