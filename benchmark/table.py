@@ -437,6 +437,16 @@ def mean_std(x):
     return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
 
 
+def run_minutes(rs) -> str:
+    """Wall-clock minutes of a cell's runs, fewest–most ("–": no row records it). Stage 1 trained or read from the
+    cache, and other jobs sharing the cores, make most of the spread."""
+    secs = [r["total_seconds"] for r in rs if r.get("total_seconds") is not None]
+    if not secs:
+        return "–"
+    lo, hi = min(secs) / 60, max(secs) / 60
+    return f"{lo:.1f}" if len(secs) == 1 else f"{lo:.1f}–{hi:.1f}"
+
+
 def report(family, out, figures, reps):
     """Print the per-cell table and the aggregate statistics of every <family>*.jsonl in `out`, and draw the
     learning curves, interval estimates and performance profile into `figures`: everything from the rows, so a
@@ -461,8 +471,9 @@ def report(family, out, figures, reps):
         f"Final return, normalized score in brackets: mean ± std over seeds (sample std, ddof=1), from {out}",
         "",
         "| task | dataset | β | OMSD sequential: return (normalized), mean ± std (ddof=1) "
-        f"| independent: return (normalized), mean ± std (ddof=1) {bc_col}| seeds | command (seed 1) |",
-        "|---|---|---|---|---|" + "---|" * len(methods),
+        f"| independent: return (normalized), mean ± std (ddof=1) {bc_col}| seeds "
+        "| minutes per OMSD run (fewest–most) | command (seed 1) |",
+        "|---|---|---|---|---|---|" + "---|" * len(methods),
     ]
     for task, quality in sorted({(t, q) for t, q, _ in cells}, key=order):
         col, n, beta, cmd = [], [], "", ""
@@ -480,7 +491,10 @@ def report(family, out, figures, reps):
             beta = rs[0]["beta"] if dec in DECOMPOSITIONS else beta
             first = sorted(rs, key=lambda r: r["seed"])[0]["command"]  # OMSD's, else BC's (columns in this order)
             cmd = cmd or first.replace(" --decomposition sequential", "")
-        lines.append(f"| {task} | {quality} | {beta} | {' | '.join(col)} | {'/'.join(map(str, n))} | `{cmd}` |")
+        minutes = run_minutes([r for dec in DECOMPOSITIONS for r in cells.get((task, quality, dec), [])])
+        lines.append(
+            f"| {task} | {quality} | {beta} | {' | '.join(col)} | {'/'.join(map(str, n))} | {minutes} | `{cmd}` |"
+        )
     refs = {}  # what the normalized scores are normalised with, per task (rows of older runs may not say)
     for r in rows:
         ref = r.get("normalization")

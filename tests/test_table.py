@@ -177,17 +177,19 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
         f.writelines(json.dumps(r) + "\n" for r in rows)
     table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
     text = capsys.readouterr().out
-    assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 |" in text
+    assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 | – |" in text
     assert "P(sequential > independent)" in text
     assert "Normalized with" not in text  # these rows do not say with what
     ref = {"random": 169.2, "expert": 548.8, "source": "the checkpoint"}
-    for r in rows:
+    for i, r in enumerate(rows):
         r.update(normalization=ref, final_paper_normalized_score=r["final_normalized_score"] + 10)
+        r["total_seconds"] = 60.0 * (i + 2)  # 2, 3, ..., 7 minutes over the cell's six OMSD runs
     with open(tmp_path / "mpe_x.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
     text = capsys.readouterr().out
     assert "| 2.0 ± 1.0 (2.0 ± 1.0; paper's constants 12.0 ± 1.0) |" in text
+    assert "| 3/3 | 2.0–7.0 | `python oma_sd_mpe.py" in text  # minutes per run, fewest to most
     assert "- simple_spread: R_random 169.2, R_expert 548.8 (the checkpoint)" in text
     del rows[0]["normalization"]  # a row made before rows recorded their constants is said to be one
     with open(tmp_path / "mpe_x.jsonl", "w") as f:
