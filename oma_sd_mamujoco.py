@@ -205,15 +205,16 @@ class Args:
     --capture-video) into <run>/eval_<E>_episodes.json, training nothing"""
 
 
-# beta per --dataset, in the authors' convention (small = strong constraint): starting values from the authors'
-# scripts and comments, expert checked on HalfCheetah 2x3, the others untuned (docs/omsd.md, "Defaults").
+# beta per --dataset, in the authors' convention (small = strong constraint). medium-replay, medium,
+# medium-expert and mixture chosen on HalfCheetah 2x3, seed 0, sequential, stage 1 cached (docs/results.md, "beta
+# per quality"); random is the authors' starting value, untuned.
 BETA_DEFAULTS = {
     "random": 0.1,
-    "medium-replay": 0.02,
-    "medium": 0.01,
+    "medium-replay": 0.001,  # of 0.02 / 0.003 / 0.001 / 0.0003
+    "medium": 0.001,  # of 0.01 / 0.003 / 0.001 / 0.0003
     "expert": 0.003,
-    "medium-expert": 0.005,
-    "mixture": 0.001,  # chosen on HalfCheetah 2x3, seed 0, of 0.005 / 0.001 / 0.0003 (docs/results.md)
+    "medium-expert": 0.001,  # of 0.005 / 0.003 / 0.001 / 0.0003
+    "mixture": 0.001,  # of 0.005 / 0.001 / 0.0003
 }
 # stage-2 length per --env-id (Hopper needs more: docs/results.md, "Hopper 3x1: policy steps and beta")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
