@@ -437,14 +437,13 @@ def mean_std(x):
     return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
 
 
-def run_minutes(rs) -> str:
-    """Wall-clock minutes of a cell's runs, fewest–most ("–": no row records it). Stage 1 trained or read from the
-    cache, and other jobs sharing the cores, make most of the spread."""
-    secs = [r["total_seconds"] for r in rs if r.get("total_seconds") is not None]
+def run_minutes(secs: list, runs: int) -> str:
+    """Wall-clock minutes of a cell's runs, fewest–most, and how many of its `runs` rows record them ("–": none).
+    Stage 1 trained or read from the cache, and other jobs sharing the cores, make most of the spread."""
     if not secs:
         return "–"
-    lo, hi = min(secs) / 60, max(secs) / 60
-    return f"{lo:.1f}" if len(secs) == 1 else f"{lo:.1f}–{hi:.1f}"
+    lo, hi = f"{min(secs) / 60:.1f}", f"{max(secs) / 60:.1f}"
+    return (lo if lo == hi else f"{lo}–{hi}") + ("" if len(secs) == runs else f" ({len(secs)} of {runs} runs)")
 
 
 def report(family, out, figures, reps):
@@ -476,12 +475,15 @@ def report(family, out, figures, reps):
         "|---|---|---|---|---|---|" + "---|" * len(methods),
     ]
     for task, quality in sorted({(t, q) for t, q, _ in cells}, key=order):
-        col, n, beta, cmd = [], [], "", ""
+        col, n, beta, cmd, secs, omsd_runs = [], [], "", "", [], 0
         for dec in methods:
             rs = cells.get((task, quality, dec), [])
             if not rs:
                 col.append("–")
                 continue
+            if dec in DECOMPOSITIONS:
+                secs += [r["total_seconds"] for r in rs if r.get("total_seconds") is not None]
+                omsd_runs += len(rs)
             ret = mean_std(np.array([r["final_return"] for r in rs]))
             nor = [r["final_normalized_score"] for r in rs if r["final_normalized_score"] is not None]
             pap = [r["final_paper_normalized_score"] for r in rs if r.get("final_paper_normalized_score") is not None]
@@ -491,7 +493,7 @@ def report(family, out, figures, reps):
             beta = rs[0]["beta"] if dec in DECOMPOSITIONS else beta
             first = sorted(rs, key=lambda r: r["seed"])[0]["command"]  # OMSD's, else BC's (columns in this order)
             cmd = cmd or first.replace(" --decomposition sequential", "")
-        minutes = run_minutes([r for dec in DECOMPOSITIONS for r in cells.get((task, quality, dec), [])])
+        minutes = run_minutes(secs, omsd_runs)
         lines.append(
             f"| {task} | {quality} | {beta} | {' | '.join(col)} | {'/'.join(map(str, n))} | {minutes} | `{cmd}` |"
         )
