@@ -539,7 +539,8 @@ def report(family, out, figures, reps):
             "|---|---|",
             f"| all ({len(agg['cells'])}) | {fmt_ci(agg['poi'], agg['poi_ci'], 2)} |",
         ]
-        name = f"multimodal data: {', '.join(MULTIMODAL)}"
+        found = [q for q in MULTIMODAL if multi and any(k[1] == q for k in multi["cells"])]  # name only those run
+        name = f"multimodal data: {', '.join(found or MULTIMODAL)}"
         lines.append(
             f"| {name} ({len(multi['cells'])}) | {fmt_ci(multi['poi'], multi['poi_ci'], 2)} |"
             if multi

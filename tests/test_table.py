@@ -179,6 +179,7 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     text = capsys.readouterr().out
     assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 | – |" in text
     assert "P(sequential > independent)" in text
+    assert "| multimodal data: mixture, multimodal-2, multimodal-3 | no such cells |" in text
     assert "Normalized with" not in text  # these rows do not say with what
     ref = {"random": 169.2, "expert": 548.8, "source": "the checkpoint"}
     for i, r in enumerate(rows):
@@ -305,3 +306,20 @@ def test_sigterm_stops_the_grid_and_its_local_jobs(tmp_path):
             break
         time.sleep(0.1)
     assert not jobs()
+
+
+def test_report_names_only_the_multimodal_qualities_it_has(tmp_path, capsys):
+    rows = rows_of(
+        {
+            ("simple_spread", "expert", "sequential"): [1, 2, 3],
+            ("simple_spread", "expert", "independent"): [1, 1, 4],
+            ("simple_spread", "mixture", "sequential"): [3, 4, 5],
+            ("simple_spread", "mixture", "independent"): [1, 2, 3],
+        }
+    )
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    text = capsys.readouterr().out
+    assert "| all (2) |" in text
+    assert "| multimodal data: mixture (1) | 0.94 [" in text  # 8 of 9 seed pairs better, one tie
