@@ -291,6 +291,14 @@ def test_stage2_length_defaults_per_env_and_flags_win():
     assert (mine.policy_steps, mine.eval_every) == (300, 100)
 
 
+def test_beta_defaults_per_quality_with_per_task_exceptions_and_the_flag_wins():
+    # Hopper's own seed 0 picks 0.005 on medium-expert (docs/results.md); the other tasks keep the per-quality value
+    assert tiny_args(env_id="Hopper-3x1", dataset="medium-expert").beta == 0.005
+    assert tiny_args(env_id="Hopper-3x1", dataset="medium").beta == om.BETA_DEFAULTS["medium"] == 0.001
+    assert tiny_args(dataset="medium-expert").beta == om.BETA_DEFAULTS["medium-expert"] == 0.001
+    assert tiny_args(env_id="Hopper-3x1", dataset="medium-expert", beta=0.02).beta == 0.02
+
+
 WRAPPER = """
 import runpy, sys
 import envs.mamujoco as mj
