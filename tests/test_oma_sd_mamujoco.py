@@ -292,8 +292,11 @@ def test_stage2_length_defaults_per_env_and_flags_win():
 
 
 def test_beta_defaults_per_quality_with_per_task_exceptions_and_the_flag_wins():
-    # Hopper's own seed 0 picks 0.005 on medium-expert (docs/results.md); the other tasks keep the per-quality value
+    # Hopper's and Ant's own seed 0 pick another beta on some qualities (docs/results.md); the rest keep BETA_DEFAULTS
     assert tiny_args(env_id="Hopper-3x1", dataset="medium-expert").beta == 0.005
+    assert tiny_args(env_id="Ant-2x4", dataset="medium").beta == 0.0003
+    assert tiny_args(env_id="Ant-2x4", dataset="medium-replay").beta == 0.0003
+    assert tiny_args(env_id="Ant-2x4", dataset="medium-expert").beta == 0.001
     assert tiny_args(env_id="Hopper-3x1", dataset="medium").beta == om.BETA_DEFAULTS["medium"] == 0.001
     assert tiny_args(dataset="medium-expert").beta == om.BETA_DEFAULTS["medium-expert"] == 0.001
     assert tiny_args(env_id="Hopper-3x1", dataset="medium-expert", beta=0.02).beta == 0.02
