@@ -224,7 +224,7 @@ BETA_ENV_DEFAULTS = {
     ("Hopper-3x1", "mixture"): 0.0003,  # of 0.005 / 0.001 / 0.0003 / 0.0001
     ("Ant-2x4", "medium-replay"): 0.0003,  # of 0.003 / 0.001 / 0.0003 / 0.0001
     ("Ant-2x4", "medium"): 0.0003,  # of 0.003 / 0.001 / 0.0003 / 0.0001
-    ("HalfCheetah-6x1", "expert"): 0.001,  # of 0.001 / 0.0003 / 0.0001
+    ("HalfCheetah-6x1", "expert"): 0.0001,  # of 0.001 / 0.0003 / 0.0001
 }
 # stage-2 length per --env-id (Hopper needs more: docs/results.md, "Hopper 3x1: policy steps and beta")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}

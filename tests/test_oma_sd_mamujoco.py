@@ -297,7 +297,7 @@ def test_beta_defaults_per_quality_with_per_task_exceptions_and_the_flag_wins():
     assert tiny_args(env_id="Hopper-3x1", dataset="mixture").beta == 0.0003
     assert tiny_args(env_id="Hopper-3x1", dataset="expert").beta == 0.001
     assert tiny_args(env_id="HalfCheetah-6x1", dataset="mixture").beta == om.BETA_DEFAULTS["mixture"] == 0.001
-    assert tiny_args(env_id="HalfCheetah-6x1", dataset="expert").beta == 0.001
+    assert tiny_args(env_id="HalfCheetah-6x1", dataset="expert").beta == 0.0001
     assert tiny_args(dataset="expert").beta == om.BETA_DEFAULTS["expert"] == 0.0003
     assert tiny_args(env_id="Ant-2x4", dataset="medium").beta == 0.0003
     assert tiny_args(env_id="Ant-2x4", dataset="medium-replay").beta == 0.0003
