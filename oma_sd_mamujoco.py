@@ -217,7 +217,7 @@ BETA_DEFAULTS = {
     "mixture": 0.001,  # of 0.005 / 0.001 / 0.0003
 }
 # beta where a task's own seed 0 (sequential, stage 1 cached) picks another value than BETA_DEFAULTS (docs/results.md,
-# "Hopper 3x1: policy steps and beta" and "beta on Ant 2x4's seed 0")
+# "Hopper 3x1: policy steps and beta", "beta on Ant 2x4's seed 0" and "beta on HalfCheetah 6x1's seed 0")
 BETA_ENV_DEFAULTS = {
     ("Hopper-3x1", "expert"): 0.001,  # of 0.003 / 0.001 / 0.0003 / 0.0001
     ("Hopper-3x1", "medium-expert"): 0.005,  # of 0.005 / 0.003 / 0.001 / 0.0003

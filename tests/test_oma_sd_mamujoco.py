@@ -292,7 +292,7 @@ def test_stage2_length_defaults_per_env_and_flags_win():
 
 
 def test_beta_defaults_per_quality_with_per_task_exceptions_and_the_flag_wins():
-    # Hopper's and Ant's own seed 0 pick another beta on some qualities (docs/results.md); the rest keep BETA_DEFAULTS
+    # Hopper's, Ant's and HalfCheetah 6x1's own seed 0 pick another beta on some qualities (docs/results.md)
     assert tiny_args(env_id="Hopper-3x1", dataset="medium-expert").beta == 0.005
     assert tiny_args(env_id="Hopper-3x1", dataset="mixture").beta == 0.0003
     assert tiny_args(env_id="Hopper-3x1", dataset="expert").beta == 0.001
