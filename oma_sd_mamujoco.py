@@ -27,11 +27,13 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-from envs import render, saved
-from envs.dataset import episode_ends, normalized_score
+from envs import render
 from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
-from envs.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
-from envs.runs import (
+from omsd_data.dataset import episode_ends
+from omsd_data.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, reference_returns
+from omsd_data.sources import read_dataset
+from omsd_utils import saved
+from omsd_utils.runs import (
     Progress,
     RunError,
     cache_path,
@@ -39,6 +41,7 @@ from envs.runs import (
     check_dirs,
     check_finite,
     checkpoint,
+    normalized_score,
     open_writer,
     report_finished,
     resume_stage,
@@ -47,7 +50,6 @@ from envs.runs import (
     start_run,
     write_json_atomic,
 )
-from envs.sources import read_dataset
 
 
 @dataclass
@@ -645,7 +647,7 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
 
 def capture_video(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict:
     """--capture-video: the evaluation of `actors` again, recorded, and GIFs of its first --video-episodes episodes
-    in `out` (envs/saved.py checks that each drawn episode is the evaluation's own, return included)."""
+    in `out` (omsd_utils/saved.py checks that each drawn episode is the evaluation's own, return included)."""
     E = max(args.eval_episodes, args.video_episodes)
     run_args = Args(**{**asdict(args), "eval_episodes": E})
     names = make_env(args.env_id).possible_agents

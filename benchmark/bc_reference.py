@@ -25,8 +25,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from envs.dataset import DatasetError, normalized_score  # noqa: E402
-from envs.runs import RunError  # noqa: E402
+from omsd_data.dataset import DatasetError  # noqa: E402
+from omsd_utils.runs import (
+    RunError,  # noqa: E402
+    normalized_score,  # noqa: E402
+)
 
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of that family's script]"
@@ -56,7 +59,7 @@ def run(family: str, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if family == "mpe":
-        from envs.sources import load_prey_arg
+        from omsd_data.sources import load_prey_arg
 
         prey, _ = load_prey_arg(args)
         evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max, prey)  # noqa: E731

@@ -31,9 +31,9 @@ import tyro
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs.dataset import episode_returns  # noqa: E402
 from envs.mpe import EPISODE_LEN, MPEEnv, paper_metric  # noqa: E402
-from envs.mpe_data import (  # noqa: E402
+from omsd_data.dataset import episode_returns  # noqa: E402
+from omsd_data.mpe_data import (  # noqa: E402
     COLLECT_NOISE,
     CONTROLLED,
     CONVENTIONS,

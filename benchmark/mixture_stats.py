@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs.dataset import DatasetError, episode_ends, load_dataset, n_agents_of  # noqa: E402
+from omsd_data.dataset import DatasetError, episode_ends, load_dataset, n_agents_of  # noqa: E402
 
 
 def policy_action_stats(arrays: dict, policies: list) -> dict:
@@ -58,7 +58,7 @@ def disagreement(arrays: dict, meta: dict, n_obs: int = 10_000) -> list[float]:
     distance / (2 * total action variance). Uses the committed checkpoints the generator used (MaMuJoCo)."""
     import torch
 
-    from envs import mamujoco_data as md
+    from omsd_data import mamujoco_data as md
 
     plan = md._plan(meta["task"], meta["quality"], len(arrays["obs_0"]))
     now, then = md.plan_snapshots(meta["task"], plan), meta["behaviour"]["snapshots"]

@@ -297,11 +297,11 @@ def sampler_table(rows):
 
     import torch
 
-    from envs.dataset import episode_returns
-    from envs.mamujoco_data import team_return
     from envs.mpe import paper_metric
-    from envs.mpe_data import CONTROLLED
-    from envs.runs import cache_path, load_cached
+    from omsd_data.dataset import episode_returns
+    from omsd_data.mamujoco_data import team_return
+    from omsd_data.mpe_data import CONTROLLED
+    from omsd_utils.runs import cache_path, load_cached
 
     os.chdir(REPO)
     torch.set_num_threads(1)

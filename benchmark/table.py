@@ -102,18 +102,18 @@ def family_lists(family: str):
     """(tasks, standard qualities, every quality in table order) of a family, from the dataset modules."""
     if family == "mpe":
         from envs.mpe import TASKS
-        from envs.mpe_data import CONTROLLED, QUALITIES
+        from omsd_data.mpe_data import CONTROLLED, QUALITIES
 
         return TASKS, QUALITIES, QUALITIES + tuple(CONTROLLED)
     from envs.mamujoco import ENV_IDS
-    from envs.mamujoco_data import QUALITIES
+    from omsd_data.mamujoco_data import QUALITIES
 
     return ENV_IDS, QUALITIES, QUALITIES
 
 
 def task_qualities(family: str, task: str):
     if family == "mpe":
-        from envs.mpe_data import task_qualities
+        from omsd_data.mpe_data import task_qualities
 
         return task_qualities(task)
     return family_lists(family)[1]

@@ -1,41 +1,14 @@
 """The paper's 2-agent continuous bandit (its "combinatorial mode shift" toy).
 
 Two agents see the same constant 5-d vector of ones, act once in [-1, 1] each, and get the team
-reward a1 * a2. The data come from two equally likely joint modes, N((0.8, 0.8), 0.1^2 I) and
-N((-0.8, -0.8), 0.1^2 I), clipped to [-1, 1]: every agent's marginal is bimodal, the product of
-the marginals puts half its mass on the mis-coordinated corners (+, -) and (-, +).
+reward a1 * a2 (its data: omsd_data/bandit_data.py).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 N_AGENTS, OBS_DIM, ACT_DIM = 2, 5, 1
 MODE, MODE_STD = 0.8, 0.1
-DEFAULT_SAMPLES = 1_000_000
 
 
 def reward(a1, a2):
     return a1 * a2
-
-
-def make_dataset(n_samples: int = DEFAULT_SAMPLES, seed: int = 42) -> tuple[dict, dict]:
-    """The toy dataset in the project's format (one-step episodes, every row terminal)."""
-    rng = np.random.default_rng(seed)
-    sign = np.where(rng.random(n_samples) < 0.5, 1.0, -1.0)
-    acts = np.clip(sign[:, None] * MODE + MODE_STD * rng.standard_normal((n_samples, N_AGENTS)), -1, 1).astype(
-        np.float32
-    )
-    ones = np.ones((n_samples, OBS_DIM), np.float32)
-    r = reward(acts[:, 0], acts[:, 1]).astype(np.float32)
-    arrays = {
-        "terminals": np.ones(n_samples, bool),
-        "truncations": np.zeros(n_samples, bool),
-        "state": ones,
-        "next_state": ones,
-    }
-    for i in range(N_AGENTS):
-        arrays[f"obs_{i}"], arrays[f"next_obs_{i}"] = ones, ones
-        arrays[f"actions_{i}"], arrays[f"rewards_{i}"] = acts[:, i : i + 1], r
-    meta = {"env_family": "bandit", "task": "bandit", "quality": "two-mode mixture", "generation_seed": seed}
-    return arrays, meta

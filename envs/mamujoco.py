@@ -69,7 +69,7 @@ def make_env(env_id: str, agent_obsk: int = 1):
 
 
 def env_spec(env_id: str) -> dict:
-    """What a dataset for this env must have (same keys as envs.mpe_data.env_spec)."""
+    """What a dataset for this env must have (same keys as omsd_data.mpe_data.env_spec)."""
     env = make_env(env_id)
     agents = env.possible_agents
     spec = {

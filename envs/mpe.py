@@ -13,9 +13,9 @@ from stock mpe2 (see docs/datasets.md, "Environments"):
   `simple_world_comm`;
 - in tag/world only the 3 predators are controlled; the prey is driven inside the env by a frozen
   learned policy, `LearnedPrey` (trained together with predators by MATD3, as OMAR's prey was, and
-  committed as `envs/behaviour/mpe/<task>_prey.pt`); `MPEEnv(task, prey="scripted")` uses the
+  committed as `envs/prey/<task>.pt`); `MPEEnv(task, prey="scripted")` uses the
   hand-written flee rule `scripted_prey_action` instead, and `MPEEnv(task, prey=...)` any policy of the
-  prey's observation, e.g. OMAR's pretrained prey (`envs.published.load_prey`).
+  prey's observation, e.g. OMAR's pretrained prey (`envs.omar_prey.load_prey`).
 
 Each env is a PettingZoo `ParallelEnv` whose agents are the controlled agents only.
 `paper_metric` is the return the paper reports, used by dataset cards and evaluation alike.
@@ -42,7 +42,7 @@ EPISODE_LEN = 25
 # Bump when dynamics, rewards, observations or the prey change: stored in every dataset.
 # v2: the default prey of tag/world is the learned one (v1: the scripted flee rule).
 ENV_VERSION = "omar-mpe2-v2"
-PREY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour", "mpe")
+PREY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prey")
 # The paper's normalisation constants (its MPE table; the authors' code):
 # score = 100 (R - R_random) / (R_expert - R_random).
 PAPER_NORMALIZATION = {
@@ -258,21 +258,23 @@ PREY_EFFORT = 0.5  # fraction of full thrust the prey uses
 PREY_OBS_DIMS = {"simple_tag": 14, "simple_world": 22}
 
 
+class PreyError(ValueError):
+    """A prey file that cannot be used (missing, not a prey, another task's); the scripts print it as one line."""
+
+
 class LearnedPrey:
     """The default prey of tag/world: the prey's actor of a prey-predator MATD3 co-training run, frozen
-    (`python -m envs.train_behaviour --task <task> --train-prey`), run in numpy: tanh(MLP(obs)).
+    (`python -m omsd_data.train_behaviour --task <task> --train-prey`), run in numpy: tanh(MLP(obs)).
 
     Call it with one observation (obs_dim,) or a batch (B, obs_dim); returns the action(s) in [-1, 1]."""
 
     def __init__(self, path: str):
         import torch  # only where a prey is loaded
 
-        from envs.dataset import DatasetError  # the scripts' one-line error
-
         if not os.path.isfile(path):
-            raise DatasetError(
+            raise PreyError(
                 f"the learned prey {path} is missing; restore it from git or retrain it with "
-                f"`python -m envs.train_behaviour --task {os.path.basename(path)[: -len('_prey.pt')]} --train-prey`"
+                f"`python -m omsd_data.train_behaviour --task {os.path.basename(path)[: -len('.pt')]} --train-prey`"
             )
         obj = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain tensors
         self.path = path
@@ -294,7 +296,7 @@ class LearnedPrey:
 @functools.cache
 def learned_prey(task: str) -> LearnedPrey:
     """The committed learned prey of `task` (loaded once per process)."""
-    return LearnedPrey(os.path.join(PREY_DIR, f"{task}_prey.pt"))
+    return LearnedPrey(os.path.join(PREY_DIR, f"{task}.pt"))
 
 
 class MPEEnv(ParallelEnv):
@@ -310,11 +312,11 @@ class MPEEnv(ParallelEnv):
     the scenario's `observation` function, which follows OMAR's (and mpe2's) layout: own velocity,
     own position, landmark positions, other agents' positions (all relative to the prey), and in
     world the two in-forest flags; OMAR's prey network takes this vector as it is. A policy with an
-    `obs_dim` attribute (envs.published.load_prey) is checked against it.
+    `obs_dim` attribute (envs.omar_prey.load_prey) is checked against it.
 
     control_prey (tag/world only): the prey is a controlled agent too, the last one (observation of
     PREY_OBS_DIMS[task] values, mpe2's prey reward: -10 per catch and the arena-boundary penalty); for
-    co-training prey and predators (`python -m envs.train_behaviour --task simple_tag --train-prey`).
+    co-training prey and predators (`python -m omsd_data.train_behaviour --task simple_tag --train-prey`).
     """
 
     metadata = {"render_modes": [], "is_parallelizable": True}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from envs import bandit
-from envs.dataset import normalized_score
+from omsd_utils.runs import normalized_score
 from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("bc_reference", os.path.join(REPO, "benchmark", "bc_reference.py"))

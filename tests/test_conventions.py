@@ -1,4 +1,4 @@
-"""The controlled multimodal spread data (envs/mpe_data.py) and the diagnostics and sampler of oma_sd_mpe.py that
+"""The controlled multimodal spread data (omsd_data/mpe_data.py) and the diagnostics and sampler of oma_sd_mpe.py that
 use them: the conventions are what their names say, and every measure gives known values on constructed input."""
 
 import types
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import oma_sd_mpe as om
-from envs import mpe_data
 from envs.mpe import MPEEnv, paper_metric
+from omsd_data import mpe_data
 from tests.helpers import ConstQ
 
 

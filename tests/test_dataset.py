@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from envs.dataset import DatasetError, checksum, episode_returns, load_dataset, save_dataset
+from omsd_data.dataset import DatasetError, checksum, episode_returns, load_dataset, save_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,7 +138,7 @@ def test_cut_short(tmp_path):
 
 def _cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "envs.mpe_data", *args],
+        [sys.executable, "-m", "omsd_data.mpe_data", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

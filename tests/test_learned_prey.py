@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from envs import generation, mpe_data
-from envs.dataset import load_dataset, normalized_score, save_dataset
 from envs.mpe import PAPER_NORMALIZATION, PREY_DIR, PREY_OBS_DIMS, LearnedPrey, MPEEnv, learned_prey, paper_comparison
-from envs.policies import actor_from_state_dict
-from envs.runs import RunError
-from envs.train_behaviour import PREY_DEFAULTS, TASK_DEFAULTS, Args
-from envs.train_behaviour import main as train
+from omsd_data import generation, mpe_data
+from omsd_data.dataset import load_dataset, save_dataset
+from omsd_data.policies import actor_from_state_dict
+from omsd_data.train_behaviour import PREY_DEFAULTS, TASK_DEFAULTS, Args
+from omsd_data.train_behaviour import main as train
+from omsd_utils.runs import RunError, normalized_score
 
 PREY_TASKS = tuple(PREY_OBS_DIMS)
 
 
 @pytest.mark.parametrize("task", PREY_TASKS)
 def test_committed_prey_loads_weights_only_and_is_the_trained_actor(task):
-    obj = torch.load(os.path.join(PREY_DIR, f"{task}_prey.pt"), weights_only=True)  # plain tensors only
+    obj = torch.load(os.path.join(PREY_DIR, f"{task}.pt"), weights_only=True)  # plain tensors only
     info = json.loads(obj["info_json"])
     assert info["kind"] == "omsd-learned-prey" and info["task"] == task and info["obs_dim"] == PREY_OBS_DIMS[task]
     assert info["args"]["train_prey"] and info["step"] == info["curve"][-1][0]  # the prey of the last evaluation

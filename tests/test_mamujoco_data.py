@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from envs import mamujoco_data as md
-from envs.dataset import DatasetError, checksum, load_dataset, save_dataset, validate
 from envs.mamujoco import ENV_IDS, env_spec
-from envs.train_behaviour import Args
-from envs.train_behaviour import main as train
+from omsd_data import mamujoco_data as md
+from omsd_data.dataset import DatasetError, checksum, load_dataset, save_dataset, validate
+from omsd_data.train_behaviour import Args
+from omsd_data.train_behaviour import main as train
 
 
 def _episodes_are_consistent(a):
@@ -54,7 +54,7 @@ def test_missing_behaviour_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(
         DatasetError,
         match="behaviour checkpoint .*HalfCheetah-2x3_seed0.pt is missing.*"
-        "python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0",
+        "python -m omsd_data.train_behaviour --task HalfCheetah-2x3 --seed 0",
     ):
         md.generate("HalfCheetah-2x3", "expert", 300, workers=1, verbose=False)
     assert md.reference_returns("HalfCheetah-2x3") is None

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from envs import mpe_data
-from envs.dataset import load_dataset, save_dataset
 from envs.mpe import TASKS
+from omsd_data import mpe_data
+from omsd_data.dataset import load_dataset, save_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_concurrent_generation_of_one_dataset(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "envs.mpe_data",
+        "omsd_data.mpe_data",
         "--task",
         "simple_spread",
         "--quality",
@@ -80,7 +80,7 @@ def test_missing_behaviour_checkpoint(tmp_path, monkeypatch):
 
 def test_a_retrained_checkpoint_gets_new_default_files(tmp_path, monkeypatch):
     """Default dataset names carry a hash of the behaviour checkpoint: data made by an old one is not reused."""
-    from envs import mamujoco_data
+    from omsd_data import mamujoco_data
 
     for mod, task in ((mpe_data, "simple_spread"), (mamujoco_data, "HalfCheetah-2x3")):
         monkeypatch.setattr(mod, "BEHAVIOUR_DIR", str(tmp_path))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import oma_sd_mamujoco as om
-from envs import mamujoco_data as md
 from envs.mamujoco import ENV_IDS, EPISODE_LEN
+from omsd_data import mamujoco_data as md
 from tests.helpers import MAMUJOCO_TINY, ConstQ, results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from envs import mpe_data
-from envs.dataset import normalized_score
 from envs.mpe import normalized_score as paper_score
 from envs.mpe import paper_comparison
+from omsd_data import mpe_data
+from omsd_utils.runs import normalized_score
 from tests.helpers import MPE_TINY, results_of, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_dataset_of_another_env(workdir):
 
 
 def test_non_finite_data(workdir):
-    from envs.dataset import load_dataset
+    from omsd_data.dataset import load_dataset
 
     run(workdir, "--env-id", "simple_spread", *TINY)
     src = next((workdir / "data" / "mpe").glob("simple_spread-expert-*.npz"))

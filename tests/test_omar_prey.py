@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from envs.dataset import DatasetError, normalized_score
-from envs.mpe import PREY_DIR, PREY_OBS_DIMS, MPEEnv
-from envs.published import convert_omar_prey, load_prey, prey_file_kind
+from envs.mpe import PREY_DIR, PREY_OBS_DIMS, MPEEnv, PreyError
+from envs.omar_prey import convert_omar_prey, load_prey, prey_file_kind
+from omsd_utils.runs import normalized_score
 from tests.helpers import MPE_TINY, run_script
 from tests.helpers import results_of as results_of_stdout
 
@@ -112,7 +112,7 @@ def test_prey_observation_is_what_omars_network_takes():
 def test_refuses_pickle_without_trust(tmp_path):
     src, dst = tmp_path / "adv.pt", tmp_path / "out.pt"
     fake_omar_file(src)
-    with pytest.raises(DatasetError) as e:
+    with pytest.raises(PreyError) as e:
         convert_omar_prey(str(src), str(dst))
     msg = str(e.value)
     assert "\n" not in msg and "pickle" in msg and "arbitrary code" in msg and "--trust-pickle" in msg
@@ -122,9 +122,9 @@ def test_refuses_pickle_without_trust(tmp_path):
     for i, zipped in enumerate((False, True)):
         torch.save({"agent_params": [Evil(marker)]}, tmp_path / f"evil{i}.pt", _use_new_zipfile_serialization=zipped)
         assert prey_file_kind(str(tmp_path / f"evil{i}.pt")) == "pickle"
-        with pytest.raises(DatasetError, match="--trust-pickle"):
+        with pytest.raises(PreyError, match="--trust-pickle"):
             convert_omar_prey(str(tmp_path / f"evil{i}.pt"), str(dst))
-        with pytest.raises(DatasetError, match="not a converted prey file"):
+        with pytest.raises(PreyError, match="not a converted prey file"):
             load_prey(str(tmp_path / f"evil{i}.pt"))
     assert not marker.exists()
 
@@ -146,10 +146,10 @@ def test_conversion_keeps_only_tensors(files, tmp_path, capsys):
     convert_omar_prey(str(d / "tag_adv.pt"), str(out), trust_pickle=True)
     assert capsys.readouterr().err.startswith("warning: unpickling")
     before = out.read_bytes()
-    with pytest.raises(DatasetError, match="already exists"):
+    with pytest.raises(PreyError, match="already exists"):
         convert_omar_prey(str(d / "world_adv.pt"), str(out), trust_pickle=True)
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["again.pt"]
-    with pytest.raises(DatasetError, match="already a converted prey file"):
+    with pytest.raises(PreyError, match="already a converted prey file"):
         convert_omar_prey(str(out), str(tmp_path / "x.pt"), trust_pickle=True)
 
 
@@ -162,7 +162,7 @@ def test_conversion_keeps_only_tensors(files, tmp_path, capsys):
 )
 def test_bad_prey_network(tmp_path, kw, msg):
     fake_omar_file(tmp_path / "adv.pt", **kw)
-    with pytest.raises(DatasetError, match=msg):
+    with pytest.raises(PreyError, match=msg):
         convert_omar_prey(str(tmp_path / "adv.pt"), str(tmp_path / "out.pt"), trust_pickle=True)
     assert not (tmp_path / "out.pt").exists()
 
@@ -174,7 +174,7 @@ def test_bad_prey_shapes(tmp_path):
         src,
         _use_new_zipfile_serialization=False,
     )
-    with pytest.raises(DatasetError, match=r"fc3.weight has shape \(3, 64\), expected \(2, 64\)"):
+    with pytest.raises(PreyError, match=r"fc3.weight has shape \(3, 64\), expected \(2, 64\)"):
         convert_omar_prey(str(src), str(tmp_path / "out.pt"), trust_pickle=True)
 
 
@@ -238,14 +238,14 @@ def test_env_moves_prey_by_the_policy(files):
 
 def test_wrong_task_refused(files, tmp_path):
     world = str(files["dir"] / "world_prey.pt")
-    with pytest.raises(DatasetError, match="holds the prey of simple_world .*not of simple_tag"):
+    with pytest.raises(PreyError, match="holds the prey of simple_world .*not of simple_tag"):
         load_prey(world, task="simple_tag")
     with pytest.raises(ValueError, match="takes observations of 22 values, but the prey of simple_tag observes 14"):
         MPEEnv("simple_tag", prey=load_prey(world))
     with pytest.raises(ValueError, match="simple_spread has no prey"):
         MPEEnv("simple_spread", prey=load_prey(world))
     MPEEnv("simple_world", prey=load_prey(world, task="simple_world")).reset(seed=0)
-    with pytest.raises(DatasetError, match="takes 22 inputs, but the prey of simple_tag observes 14"):
+    with pytest.raises(PreyError, match="takes 22 inputs, but the prey of simple_tag observes 14"):
         convert_omar_prey(
             str(files["dir"] / "world_adv.pt"), str(tmp_path / "x.pt"), trust_pickle=True, task="simple_tag"
         )
@@ -254,7 +254,7 @@ def test_wrong_task_refused(files, tmp_path):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "envs.published", *args],
+        [sys.executable, "-m", "envs.omar_prey", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -265,12 +265,12 @@ def _cli(*args, cwd):
 
 def test_cli(files, tmp_path):
     src = str(files["dir"] / "tag_adv.pt")
-    r = _cli("--convert-prey", src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", cwd=tmp_path)
+    r = _cli(src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", cwd=tmp_path)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and "--trust-pickle" in lines[0], r.stderr
     assert not (tmp_path / "p.pt").exists()
     r = _cli(
-        "--convert-prey", src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle", cwd=tmp_path
+        src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle", cwd=tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert "warning: unpickling" in r.stderr and "simple_tag prey" in r.stdout
@@ -296,8 +296,8 @@ def test_script_with_omar_prey(files, workdir):
     src = str(files["dir"] / "tag_adv.pt")
     args = ["--env-id", "simple_tag", *TINY, "--dataset", "medium", "--exp-name", "prey"]
     learned = results_of(workdir, run(workdir, *args))  # the default: the env's learned prey, named by content
-    want = hashlib.sha256(open(os.path.join(PREY_DIR, "simple_tag_prey.pt"), "rb").read()).hexdigest()
-    file = "envs/behaviour/mpe/simple_tag_prey.pt"
+    want = hashlib.sha256(open(os.path.join(PREY_DIR, "simple_tag.pt"), "rb").read()).hexdigest()
+    file = "omsd_data/behaviour/mpe/simple_tag_prey.pt"
     assert learned["prey"] == {"kind": "learned", "file": file, "source_sha256": want}
     r = run(workdir, *args, "--prey", "scripted")
     scripted = results_of(workdir, r)

@@ -1,4 +1,4 @@
-"""Loaders of the published datasets (envs/published.py) on miniature files written in each source layout."""
+"""Loaders of the published datasets (omsd_data/published.py) on miniature files written in each source layout."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from envs.dataset import DatasetError, checksum, load_dataset, save_dataset
 from envs.mpe import PAPER_NORMALIZATION
-from envs.mpe_data import env_spec
-from envs.published import detect_format, load_published
+from omsd_data.dataset import DatasetError, checksum, load_dataset, save_dataset
+from omsd_data.mpe_data import env_spec
+from omsd_data.published import detect_format, load_published
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

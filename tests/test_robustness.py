@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import oma_sd_mpe as om
-from envs import dataset as ds
+from omsd_data import dataset as ds
 from tests.helpers import MAMUJOCO_5_STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +265,7 @@ def test_same_seed_gives_byte_identical_dataset_files(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "envs.mpe_data",
+                "omsd_data.mpe_data",
                 "--task",
                 "simple_world",
                 "--quality",
@@ -341,7 +341,7 @@ def test_unwritable_dataset_directory_fails_before_generating(tmp_path):
         [
             sys.executable,
             "-m",
-            "envs.mpe_data",
+            "omsd_data.mpe_data",
             "--task",
             "simple_spread",
             "--quality",
@@ -366,7 +366,7 @@ MJ_SCRIPT = os.path.join(REPO, "oma_sd_mamujoco.py")
 @pytest.fixture(scope="module")
 def mj_dataset(tmp_path_factory):
     """A tiny HalfCheetah-2x3 dataset in the project's format (the random behaviour policy)."""
-    from envs import mamujoco_data as md
+    from omsd_data import mamujoco_data as md
 
     d = tmp_path_factory.mktemp("mj")
     arrays, meta = md.generate("HalfCheetah-2x3", "random", 200, workers=1, verbose=False)

@@ -22,13 +22,14 @@ import torch
 import tyro
 
 import oma_sd_mpe as om
-from envs import dataset as ds
-from envs import files, generation, mamujoco_data, mpe_data, runs
-from envs.files import LockFile, lock_path
 from envs.mpe import ENV_VERSION as MPE_VERSION
-from envs.published import prey_file_kind
-from envs.train_behaviour import Args as BehaviourArgs
-from envs.train_behaviour import main as train_behaviour
+from envs.omar_prey import prey_file_kind
+from omsd_data import dataset as ds
+from omsd_data import generation, mamujoco_data, mpe_data
+from omsd_data.train_behaviour import Args as BehaviourArgs
+from omsd_data.train_behaviour import main as train_behaviour
+from omsd_utils import files, runs
+from omsd_utils.files import LockFile, lock_path
 from tests.helpers import MAMUJOCO_5_STEPS, MPE_TINY
 from tests.test_dataset import toy_arrays
 
@@ -311,7 +312,7 @@ def test_generator_refuses_an_existing_file_of_another_dataset(here, spread):
     before = path.read_bytes()
     line = one_error(
         *as_main(
-            "envs.mpe_data",
+            "omsd_data.mpe_data",
             "--task",
             "simple_spread",
             "--quality",
@@ -326,7 +327,7 @@ def test_generator_refuses_an_existing_file_of_another_dataset(here, spread):
     assert f"{path} exists but holds another dataset (quality 'expert', not 'random')" in line
     assert path.read_bytes() == before
     code, _, err = as_main(
-        "envs.mpe_data",
+        "omsd_data.mpe_data",
         "--task",
         "simple_spread",
         "--quality",
@@ -345,7 +346,7 @@ def test_mamujoco_generator_refuses_an_existing_file_of_another_dataset(here):
     ds.save_dataset("hc.npz", arrays, meta)
     line = one_error(
         *as_main(
-            "envs.mamujoco_data",
+            "omsd_data.mamujoco_data",
             "--task",
             "HalfCheetah-2x3",
             "--quality",
@@ -399,7 +400,7 @@ def test_generator_help_keeps_paragraphs_apart(module, capsys):
 KILL_WRITER = """
 import os, signal, sys
 import numpy as np
-from envs import dataset as ds
+from omsd_data import dataset as ds
 from tests.test_dataset import toy_arrays
 real = np.lib.format.write_array
 calls = []
@@ -431,7 +432,7 @@ def test_kill_during_a_dataset_write_leaves_a_temporary_the_next_write_removes(t
 
 HOLDER = """
 import os, shutil, sys
-from envs.files import LockFile, lock_path
+from omsd_utils.files import LockFile, lock_path
 path, src, tmp = sys.argv[1:4]
 lock = LockFile(lock_path(path))
 lock.acquire()
@@ -620,5 +621,5 @@ def test_behaviour_trainer_refuses_other_files_locks_and_write_errors(tmp_path, 
 
 
 def test_behaviour_trainer_unknown_task_is_one_line_exit_2():
-    code, _, err = as_main("envs.train_behaviour", "--task", "Walker-2x3", module=True)
+    code, _, err = as_main("omsd_data.train_behaviour", "--task", "Walker-2x3", module=True)
     assert "unknown --task 'Walker-2x3'" in one_error(code, err)

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from envs.policies import StackedActor
-from envs.runs import RunError
-from envs.train_behaviour import FAMILY_DEFAULTS, TASK_DEFAULTS, Args, StackedTwinCritic, actor_loss
-from envs.train_behaviour import main as train
+from omsd_data.policies import StackedActor
+from omsd_data.train_behaviour import FAMILY_DEFAULTS, TASK_DEFAULTS, Args, StackedTwinCritic, actor_loss
+from omsd_data.train_behaviour import main as train
+from omsd_utils.runs import RunError
 
 TINY = dict(
     total_steps=480,

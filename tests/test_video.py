@@ -1,4 +1,4 @@
-"""--capture-video and --eval-from in both scripts (envs/saved.py, envs/render.py): GIFs of evaluation episodes,
+"""--capture-video and --eval-from in both scripts (omsd_utils/saved.py, envs/render.py): GIFs of evaluation episodes,
 headless, that are the evaluation's own episodes; a saved run evaluated again without training."""
 
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from envs import runs, saved
+from omsd_utils import runs, saved
 from tests.helpers import MAMUJOCO_TINY, MPE_TINY, REPO, results_of, run_script
 
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
@@ -151,7 +151,7 @@ def test_mamujoco_capture_video_and_eval_from(tmp_path):
     assert len(eps) == 2 and res["videos"]["return"] == res["final_return"]
     ev = res["eval_history"][-1]
     for k, v in enumerate(eps):
-        # the replay is the evaluation's episode: its length and return, exactly (envs/saved.py checks both)
+        # the replay is the evaluation's episode: its length and return, exactly (omsd_utils/saved.py checks both)
         assert v["steps"] == ev["episode_lengths"][k] and v["return"] == ev["episode_returns"][k]
         # the first frame, one every 2 steps, and the last
         assert v["frames"] == 1 + v["steps"] // 2 + (v["steps"] % 2 > 0)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from envs import render
-from envs.files import unwritable_dir
-from envs.runs import RunError, write_json_atomic
+from omsd_utils.files import unwritable_dir
+from omsd_utils.runs import RunError, write_json_atomic
 
 
 def read_run(run_dir: str, args_cls, resolve) -> tuple:
@@ -54,7 +54,6 @@ EVAL_SETTINGS = (
     "eval_from",
     "eval_episodes",
     "capture_video",
-    "video_episodes",
     "video_every",
     "trust_pickle",
     "threads",
@@ -69,9 +68,7 @@ def open_saved(args, args_cls, resolve) -> tuple:
     why = unwritable_dir(run_dir)
     if why:
         raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
-    ev_args = dataclasses.replace(
-        run_args, track=False, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)}
-    )
+    ev_args = dataclasses.replace(run_args, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)})
     return ev_args, run_args, results
 
 
@@ -197,7 +194,7 @@ def record_evaluation(
     actors,
     draw,
     names: list[str],
-    args,
+    seed: int,
     order: list[int],
     obs_max: int,
     out: str,
@@ -217,13 +214,13 @@ def record_evaluation(
     failed = {f["episode"]: f for f in ev.get("failed_episodes", [])}
     videos = []
     for k in range(episodes):
-        seed = args.seed + 100 + k
+        env_seed = seed + 100 + k
         if k in failed:
-            videos.append({"episode": k, "env_seed": seed, "failed": failed[k]["what"]})
+            videos.append({"episode": k, "env_seed": env_seed, "failed": failed[k]["what"]})
             continue
         rewards: list = []
         policy = replay_policy(episode_steps(rec.calls, lengths, failed, k), names, order, obs_max, k)
-        frames, ret = draw(policy, seed, rewards)
+        frames, ret = draw(policy, env_seed, rewards)
         if len(rewards) != lengths[k] or (ev_returns is not None and ret != ev_returns[k]):
             raise RunError(
                 f"episode {k}: the replay ({len(rewards)} steps, return {ret}) differs from the evaluation "
@@ -234,7 +231,7 @@ def record_evaluation(
         videos.append(
             {
                 "episode": k,
-                "env_seed": seed,
+                "env_seed": env_seed,
                 "steps": len(rewards),
                 "return": ret,
                 "gif": path,
@@ -243,14 +240,7 @@ def record_evaluation(
             }
         )
         print(
-            f"episode {k} (env seed {seed}): {len(rewards)} steps, return {ret:.4f}; {len(frames)} frames, "
+            f"episode {k} (env seed {env_seed}): {len(rewards)} steps, return {ret:.4f}; {len(frames)} frames, "
             f"{nbytes / 1024:.0f} KiB -> {path}"
         )
     return {"return": ev["return"], "episodes": videos}
-
-
-def upload_videos(videos: list[dict]):
-    """The GIFs to Weights & Biases (--track), as wandb.Video under videos/episode_<k>."""
-    import wandb
-
-    wandb.log({f"videos/episode_{v['episode']}": wandb.Video(v["gif"], format="gif") for v in videos if "gif" in v})

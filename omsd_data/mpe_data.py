@@ -22,8 +22,8 @@ they have the same return distribution (landmarks are placed i.i.d.) and every a
   miscoordinated  each agent draws its own convention among the 3 (what mixing marginals does)
 
 Usage:
-  python -m envs.mpe_data --task simple_spread --quality expert        # make one (cached)
-  python -m envs.mpe_data --task all --quality all --card              # cards of all made so far
+  python -m omsd_data.mpe_data --task simple_spread --quality expert        # make one (cached)
+  python -m omsd_data.mpe_data --task all --quality all --card              # cards of all made so far
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import os
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (
+from envs.mpe import ENV_VERSION, EPISODE_LEN, PREY_OBS_DIMS, TASKS, MPEEnv, paper_metric
+from omsd_data.dataset import DatasetError, episode_returns, return_stats
+from omsd_data.generation import (
     N_CHUNKS,
     behaviour_tag,
     cli,
@@ -45,9 +46,8 @@ from envs.generation import (
     run_chunks,
     snapshot_info,
 )
-from envs.generation import check_metadata as _check_metadata
-from envs.mpe import ENV_VERSION, EPISODE_LEN, PREY_OBS_DIMS, TASKS, MPEEnv, paper_metric
-from envs.policies import actor_from_state_dict
+from omsd_data.generation import check_metadata as _check_metadata
+from omsd_data.policies import actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
 CONVENTIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # convention k: agent i heads for landmark CONVENTIONS[k][i]
@@ -58,7 +58,7 @@ MIXTURE_ROLES = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # agent i is driven by the ex
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mpe")
+BEHAVIOUR_DIR = os.path.join(REPO, "omsd_data", "behaviour", "mpe")
 DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
@@ -80,14 +80,14 @@ def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIO
 def load_behaviour(task: str, seed: int = 0) -> tuple[dict, dict]:
     return load_behaviour_file(
         os.path.join(BEHAVIOUR_DIR, f"{task}_seed{seed}.pt"),
-        f"python -m envs.train_behaviour --task {task} --seed {seed}",
+        f"python -m omsd_data.train_behaviour --task {task} --seed {seed}",
     )
 
 
 def normalization(task: str) -> dict:
     """The reference returns of every generated dataset of `task` (the scripted ones too): the random and expert
     snapshots of the task's behaviour checkpoint (seed 0), evaluated on this env version."""
-    return reference_returns(load_behaviour(task, 0)[1], f"envs/behaviour/mpe/{task}_seed0.pt")
+    return reference_returns(load_behaviour(task, 0)[1], f"omsd_data/behaviour/mpe/{task}_seed0.pt")
 
 
 def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
@@ -236,13 +236,13 @@ def generate(
         "generation_seed": seed,
         "collect_noise": COLLECT_NOISE,
         "behaviour": {
-            "trainer": "envs/train_behaviour.py (MATD3)",
+            "trainer": "omsd_data/train_behaviour.py (MATD3)",
             "policies": [[n, k] for n, _, k in plan],
             "snapshots": {n: snapshot(task, n) for n, _, _ in plan},
         }
         if quality not in CONTROLLED
         else {
-            "trainer": "scripted (envs/mpe_data.py convention_actions)",
+            "trainer": "scripted (omsd_data/mpe_data.py convention_actions)",
             "policies": [[n, k] for n, _, k in plan],
             "controller": CONTROLLER,
             "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],

@@ -14,8 +14,8 @@ and Ant end early when unhealthy (a terminal). Datasets hold an exact number of 
 of each chunk of work is cut there and marked as a truncation.
 
 Usage:
-  python -m envs.mamujoco_data --task HalfCheetah-2x3 --quality expert        # make one (cached)
-  python -m envs.mamujoco_data --task all --quality all --card                 # cards of all made so far
+  python -m omsd_data.mamujoco_data --task HalfCheetah-2x3 --quality expert        # make one (cached)
+  python -m omsd_data.mamujoco_data --task all --quality all --card                 # cards of all made so far
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import os
 import numpy as np
 import torch
 
-from envs.dataset import DatasetError, episode_returns, return_stats
-from envs.generation import (
+from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
+from omsd_data.dataset import DatasetError, episode_returns, return_stats
+from omsd_data.generation import (
     N_CHUNKS,
     behaviour_tag,
     cli,
@@ -36,10 +37,9 @@ from envs.generation import (
     run_chunks,
     snapshot_info,
 )
-from envs.generation import check_metadata as _check_metadata
-from envs.generation import reference_returns as _reference_returns
-from envs.mamujoco import ENV_IDS, ENV_VERSION, EPISODE_LEN, env_spec, make_env
-from envs.policies import StackedActor, actor_from_state_dict
+from omsd_data.generation import check_metadata as _check_metadata
+from omsd_data.generation import reference_returns as _reference_returns
+from omsd_data.policies import StackedActor, actor_from_state_dict
 
 QUALITIES = ("random", "medium-replay", "medium", "expert", "medium-expert", "mixture")
 MIXTURE_SEEDS = (0, 1, 2)
@@ -56,7 +56,7 @@ COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 1_000_000  # D4RL's size: 1,000 full episodes
 WAVE = 16  # episodes stepped together (one batched actor call per step)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEHAVIOUR_DIR = os.path.join(REPO, "envs", "behaviour", "mamujoco")
+BEHAVIOUR_DIR = os.path.join(REPO, "omsd_data", "behaviour", "mamujoco")
 DATA_DIR = os.environ.get("OMSD_DATA_DIR", os.path.join(REPO, "datasets"))
 
 
@@ -69,7 +69,7 @@ def default_path(env_id: str, quality: str, n_transitions: int = DEFAULT_TRANSIT
 def load_behaviour(env_id: str, seed: int = 0) -> tuple[dict, dict]:
     return load_behaviour_file(
         os.path.join(BEHAVIOUR_DIR, f"{env_id}_seed{seed}.pt"),
-        f"python -m envs.train_behaviour --task {env_id} --seed {seed}",
+        f"python -m omsd_data.train_behaviour --task {env_id} --seed {seed}",
     )
 
 
@@ -85,7 +85,7 @@ def reference_returns(env_id: str) -> dict | None:
         info = load_behaviour(env_id, 0)[1]
     except DatasetError:
         return None
-    return _reference_returns(info, f"envs/behaviour/mamujoco/{env_id}_seed0.pt")
+    return _reference_returns(info, f"omsd_data/behaviour/mamujoco/{env_id}_seed0.pt")
 
 
 def random_actor(env_id: str) -> dict:
@@ -234,7 +234,7 @@ def generate(
         "generation_seed": seed,
         "collect_noise": COLLECT_NOISE,
         "behaviour": {
-            "trainer": "envs/train_behaviour.py (MATD3)",
+            "trainer": "omsd_data/train_behaviour.py (MATD3)",
             "policies": [[n, k] for n, _, k in plan],
             "snapshots": plan_snapshots(env_id, plan),
         },

@@ -33,7 +33,7 @@ import zipfile
 
 import numpy as np
 
-from envs.files import LockFile, describe_write_error, lock_path, remove_stale
+from omsd_utils.files import LockFile, describe_write_error, lock_path, remove_stale
 
 FORMAT = "omsd-marl-dataset"
 FORMAT_VERSION = 1
@@ -73,14 +73,6 @@ def episode_returns(arrays: dict, metric) -> np.ndarray:
     rew = np.stack([arrays[f"rewards_{i}"] for i in range(n)], axis=1)
     starts = np.concatenate([[0], episode_ends(arrays)[:-1] + 1])
     return np.array([metric(rew[s : e + 1]) for s, e in zip(starts, episode_ends(arrays))])
-
-
-def normalized_score(ret, ref: dict | None):
-    """100 * (R - R_random) / (R_expert - R_random) with a dataset's reference returns (its metadata's
-    "normalization"); None without them."""
-    if ret is None or ref is None:
-        return None
-    return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
 
 
 def return_stats(returns: np.ndarray, metric_name: str) -> dict:
@@ -177,7 +169,7 @@ def check_writable(path: str):
 
 
 def tmp_pattern(path: str) -> str:
-    """The names of the temporary files `save_dataset` writes for `path` (regex, see envs.files.remove_stale)."""
+    """The names of the temporary files `save_dataset` writes for `path` (regex, see omsd_utils.files.remove_stale)."""
     return re.escape(f".tmp-{os.path.basename(path)}-") + r"\d+-[0-9a-f]{8}\.part"
 
 
@@ -323,7 +315,7 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
 
 
 def dataset_spec(arrays: dict, task: str | None = None) -> dict:
-    """What a (validated) dataset offers, in the keys of `expect` / `envs.mpe_data.env_spec`."""
+    """What a (validated) dataset offers, in the keys of `expect` / `omsd_data.mpe_data.env_spec`."""
     n = n_agents_of(arrays)
     return {
         "task": task,

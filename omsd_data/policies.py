@@ -1,6 +1,6 @@
 """Behaviour-policy networks: one small tanh MLP per agent, all agents stacked in one tensor op.
 
-Used by the online trainer (`envs/train_behaviour.py`) that makes the behaviour policies
+Used by the online trainer (`omsd_data/train_behaviour.py`) that makes the behaviour policies
 and by dataset generation, which loads its committed checkpoints (plain tensors, loaded with
 `weights_only=True`).
 """

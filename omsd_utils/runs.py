@@ -5,7 +5,6 @@ timings that span every process of a resumed run."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,9 +17,7 @@ import time
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from envs.dataset import DatasetError
-from envs.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
-from envs.published import FORMATS
+from omsd_utils.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
 
 SEED_RANGE = 2**32  # numpy's seeds are 0 .. 2**32 - 1
 
@@ -34,12 +31,8 @@ class RunError(Exception):
 # ---------------------------------------------------------------------------------------------
 # the option values both scripts accept (each script adds its own)
 CHOICES = {
-    "dataset_format": ("auto", "project", *FORMATS),
     "decomposition": ("sequential", "independent"),
-    "condition": ("obs", "state"),
-    "prefix": ("start", "updated"),
     "weighting": ("sigma2", "one", "alpha_over_sigma"),
-    "diffusion_t_sampling": ("uniform", "lognormal"),
 }
 POSITIVE = (
     "diffusion_steps",
@@ -54,7 +47,6 @@ POSITIVE = (
     "diffusion_hidden",
     "critic_hidden",
     "actor_hidden",
-    "diffusion_blocks",
     "checkpoint_every",
 )
 
@@ -71,8 +63,6 @@ def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents
     for k in POSITIVE + tuple(positive):
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
-    if not 0 < args.t_min < args.t_max < 1:
-        raise RunError(f"need 0 < --t-min < --t-max < 1, got {args.t_min}, {args.t_max}")
     check_common_args(args, n_agents)
 
 
@@ -93,24 +83,17 @@ def check_common_args(args, n_agents: int | None = None):
             f"--exp-name must be a plain name of 1 to 100 bytes without '/' (it becomes part of the run "
             f"directory's name), got {name!r}"
         )
-    for k in ("beta", "t_min", "t_max", "diffusion_lr", "critic_lr", "actor_lr", "expectile", "gamma", "polyak"):
+    for k in ("beta", "actor_lr", "expectile", "gamma"):
         if not math.isfinite(getattr(args, k)):
             raise RunError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
-    for k in ("diffusion_lr", "critic_lr", "actor_lr"):
-        if not getattr(args, k) > 0:
-            raise RunError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    if not args.actor_lr > 0:
+        raise RunError(f"--actor-lr must be > 0, got {args.actor_lr}")
     if not 0 < args.expectile < 1:
         raise RunError(
             f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), got {args.expectile}"
         )
-    if not 0 <= args.diffusion_ema < 1:
-        raise RunError(
-            f"--diffusion-ema must be in [0, 1) (the weight average's decay; 0: off), got {args.diffusion_ema}"
-        )
     if not 0 < args.gamma <= 1:
         raise RunError(f"--gamma must be in (0, 1] (the discount), got {args.gamma}")
-    if not 0 < args.polyak <= 1:
-        raise RunError(f"--polyak must be in (0, 1] (the target network's update rate), got {args.polyak}")
     order = list(args.agent_order)
     if order and n_agents is not None and sorted(order) != list(range(n_agents)):
         raise RunError(
@@ -119,16 +102,16 @@ def check_common_args(args, n_agents: int | None = None):
         )
 
 
-def check_dirs(args):
+def check_dirs(cache_dir: str):
     """The run directory and --cache-dir can be written (checked without creating anything, before data are made)."""
     why = unwritable_dir("runs")
     if why:
         raise RunError(
             f"cannot create a run directory under {os.path.abspath('runs')} ({why}); run from a writable directory"
         )
-    why = unwritable_dir(args.cache_dir)
+    why = unwritable_dir(cache_dir)
     if why:
-        raise RunError(f"cannot write to --cache-dir {args.cache_dir} ({why}); give a writable directory")
+        raise RunError(f"cannot write to --cache-dir {cache_dir} ({why}); give a writable directory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +151,9 @@ def check_finite(loss, stage: str, step: int):
         )
 
 
-def cache_path(args, kind: str, fields: dict) -> str:
+def cache_path(cache_dir: str, env_id: str, kind: str, fields: dict) -> str:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(args.cache_dir, f"{args.env_id}-{kind}-{key}.pt")
+    return os.path.join(cache_dir, f"{env_id}-{kind}-{key}.pt")
 
 
 def load_cached(path: str, fields: dict):
@@ -264,10 +247,10 @@ def partial_path(path: str) -> str:
     return path[: -len(".pt")] + ".partial.pt"
 
 
-def resume_stage(args, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
+def resume_stage(resume: bool, path: str, fields: dict, stage: str, objs: dict, g) -> tuple[int, float, dict]:
     """Load the checkpoint of an interrupted stage into `objs` (models, optimisers, schedulers) and the RNG `g`.
     Returns (steps done, seconds spent, extra state); (0, 0.0, {}) when there is nothing to resume."""
-    ckpt = load_cached(partial_path(path), fields) if args.resume else None
+    ckpt = load_cached(partial_path(path), fields) if resume else None
     if ckpt is None:
         return 0, 0.0, {}
     for k, o in objs.items():
@@ -278,7 +261,7 @@ def resume_stage(args, path: str, fields: dict, stage: str, objs: dict, g) -> tu
 
 
 def checkpoint(
-    args,
+    every: int,
     path: str,
     fields: dict,
     stage: str,
@@ -289,10 +272,10 @@ def checkpoint(
     seconds: float,
     extra: dict | None = None,
 ):
-    """Save the stage every --checkpoint-every steps, and stop cleanly after a Ctrl-C / SIGTERM. The open run's
-    marker is saved first, with the run's time so far (see Run)."""
+    """Save the stage every `every` steps, and stop cleanly after a Ctrl-C / SIGTERM. The open run's marker is saved
+    first, with the run's time so far (see Run)."""
     stop = STOP["signal"] is not None
-    if stop or (step % args.checkpoint_every == 0 and step < total):
+    if stop or (step % every == 0 and step < total):
         if _ACTIVE["run"] is not None:
             _ACTIVE["run"].save_marker()
         save_atomic(
@@ -325,13 +308,10 @@ def remove(path: str):
 _ACTIVE = {"run": None}  # the run this process opened last (main() opens one per call)
 
 
-def run_name(args) -> str:
-    dataset_name = (
-        args.dataset
-        if not args.dataset_path
-        else os.path.splitext(os.path.basename(os.path.normpath(args.dataset_path)))[0]
-    )
-    return f"{args.env_id}__{dataset_name}__{args.exp_name}__{args.decomposition}__{args.seed}__{int(time.time())}"
+def run_name(args: dict) -> str:
+    path = args.get("dataset_path")
+    dataset_name = args["dataset"] if not path else os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return f"{args['env_id']}__{dataset_name}__{args['exp_name']}__{args['decomposition']}__{args['seed']}__{int(time.time())}"
 
 
 class Run:
@@ -341,10 +321,31 @@ class Run:
     command started twice works in one directory once. Stage-1 cache files are locked while one is trained
     (`claim`): a second run needing the same models waits for them and reuses them."""
 
-    def __init__(self, marker: str, fields: dict, lock: LockFile, t_start: float):
+    def __init__(self, marker, fields, lock, t_start, cache_dir: str, env_id: str, resume: bool):
         self.marker, self.fields, self.lock = marker, fields, lock
         self.t_start = t_start  # time.time() minus the seconds earlier processes of this run spent
         self.dir, self.stages, self.finished, self.stage_locks = None, {}, None, {}
+        self.cache_dir, self.env_id, self.resume = cache_dir, env_id, resume
+        self.timing, self.cache_files, self.policy_extra, self.writer = {}, {}, {}, None
+
+    def cache_file(self, kind: str, fields: dict) -> str:
+        self.cache_files[kind] = cache_path(self.cache_dir, self.env_id, kind, fields)
+        return self.cache_files[kind]
+
+    def stage(self, name: str, fields: dict | None, objs: dict, g, total: int, every: int) -> Stage:
+        """The loop of one stage (see Stage); fields: the settings that key a stage-1 model, None for stage 2."""
+        stage = Stage(self, name, fields, objs, g, total, every)
+        if fields is None:
+            self.policy_extra = stage.extra
+        return stage
+
+    def report_finished(self) -> dict:
+        """The results of a run `open_run` found finished, reported as the run itself would have."""
+        res = self.finished
+        if res.get("status", "ok") != "ok" or res.get("final_return") is None:
+            raise RunError(f"this run already ended with status {res.get('status')!r}; see {self.dir}/results.json")
+        print(f"final return {res['final_return']:.2f} (finished earlier) -> {self.dir}/results.json")
+        return res
 
     def save_marker(self):
         save_atomic(
@@ -422,32 +423,30 @@ class Run:
         self.abandon()
 
 
-def open_run(args, fields: dict, t_start: float) -> Run:
+def open_run(args: dict, cache_dir: str, resume: bool, fields: dict, t_start: float) -> Run:
     """Lock the run of these settings and find its directory: the interrupted run's (continued), a finished
     run's whose checkpoints a kill left behind (`Run.finished` holds its results.json), or a new one."""
     if _ACTIVE["run"] is not None:  # a previous main() in this process that ended with an exception
         _ACTIVE["run"].abandon()
-    marker = cache_path(args, "run", fields)
+    marker = cache_path(cache_dir, args["env_id"], "run", fields)
     lock = LockFile(lock_path(marker))
     try:
         os.makedirs(os.path.dirname(marker) or ".", exist_ok=True)
         free = lock.acquire(blocking=False)
     except OSError as e:
-        raise RunError(
-            f"cannot write to --cache-dir {args.cache_dir} ({e.strerror}); give a writable directory"
-        ) from None
+        raise RunError(f"cannot write to --cache-dir {cache_dir} ({e.strerror}); give a writable directory") from None
     if not free:
         raise RunError(
             f"this run (the same command on the same data) is already in progress in process "
             f"{lock.holder() or '(unknown)'}; wait for it to finish, or change --seed or --exp-name to "
             f"start another run"
         )
-    run = Run(marker, fields, lock, t_start)
+    run = Run(marker, fields, lock, t_start, cache_dir, args["env_id"], resume)
     _ACTIVE["run"] = run
     try:
         for p in (marker, partial_path(marker)):
             remove_stale(os.path.dirname(p), _tmp_pattern(p))
-        previous = load_cached(marker, fields) if args.resume else None
+        previous = load_cached(marker, fields) if resume else None
         if previous is not None and os.path.isdir(previous["run_dir"]):
             run.dir = previous["run_dir"]
             results = os.path.join(run.dir, "results.json")
@@ -499,61 +498,143 @@ def open_run(args, fields: dict, t_start: float) -> Run:
 
 
 # how a run is executed or shown, not what it computes
-NOT_IN_KEY = ("resume", "checkpoint_every", "threads", "capture_video", "video_episodes", "video_every", "eval_from")
+NOT_IN_KEY = ("resume", "checkpoint_every", "threads", "capture_video", "video_every", "eval_from")
 
 
-def start_run(args, t_start: float, exclude: tuple = (), **fields) -> Run:
-    """`open_run` for the run these arguments (all but NOT_IN_KEY and `exclude`) and `fields` (e.g. the data's
-    checksum) define: an interrupted run of the same command on the same data is continued in its directory."""
-    keyed = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY + tuple(exclude)}
-    return open_run(args, {**keyed, **fields}, t_start)
+def start_run(args: dict, cache_dir: str, resume: bool, t_start: float, exclude=(), **fields) -> Run:
+    """`open_run` for the run these settings (all but NOT_IN_KEY and `exclude`) and `fields` (e.g. the data's
+    checksum) define: an interrupted run of the same command on the same data is continued in its directory. The
+    run's TensorBoard writer (`run.writer`) holds every setting as text."""
+    keyed = {k: v for k, v in args.items() if k not in NOT_IN_KEY + tuple(exclude)}
+    run = open_run(args, cache_dir, resume, {**keyed, **fields}, t_start)
+    if run.finished is None:
+        run.writer = SummaryWriter(run.dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in args.items())
+        run.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run
 
 
-def wandb_id(run_dir: str) -> str:
-    """The W&B run id of a run directory: its name's hash (W&B ids are short and may not contain every character
-    a directory name can), so every process of one run logs to one W&B run."""
-    return hashlib.sha256(os.path.basename(os.path.normpath(run_dir)).encode()).hexdigest()[:16]
+class Stage:
+    """One stage's loop, one object per stage: the stage-1 model cached under `fields` is loaded instead of trained
+    (fields None: stage 2, checkpointed with the run's marker); an interrupted stage resumes from its checkpoint;
+    `steps()` yields the step numbers, then shows progress and checkpoints every `every` steps and at a stop signal.
+    `extra` (a dict) is checkpointed with the stage; `g` is its RNG."""
+
+    KINDS = {"diffusion": "diffusion", "critic": "critic", None: "policy"}
+
+    def __init__(self, run: Run, name: str, fields: dict | None, objs: dict, g, total: int, every: int):
+        self.run, self.name, self.objs, self.g, self.total, self.every = run, name, objs, g, total, every
+        self.kind = self.KINDS[fields["stage"] if fields else None]
+        self.path, self.fields = (run.cache_file(self.kind, fields), fields) if fields else (run.marker, run.fields)
+        self.cached = run.claim(self.path, fields, name.split(":")[0]) if fields else None
+        self.start, self.spent, self.extra = 0, 0.0, {}
+        if self.cached is not None:
+            for k, o in objs.items():
+                if k in self.cached:
+                    o.load_state_dict(self.cached[k])
+            run.timing[self.kind] = {"cached": self.path}
+            print(f"[{name.split(':')[0]}] reusing the cached {self.path}", file=sys.stderr)
+            return
+        self.start, self.spent, self.extra = resume_stage(run.resume, self.path, self.fields, name, objs, g)
+        self.bar = Progress(name, total, self.start)
+
+    @property
+    def seconds(self) -> float:
+        return self.spent + self.bar.seconds
+
+    def steps(self):
+        if self.cached is not None:
+            return
+        for step in range(self.start + 1, self.total + 1):
+            yield step
+            checkpoint(self.every, self.path, self.fields, self.name, self.objs, self.g, step, self.total,
+                       self.seconds, self.extra)  # fmt: skip
+
+    def log(self, step: int, scalars: dict, status: str):
+        """TensorBoard scalars (and samples/s) every 100 steps, and the progress line."""
+        if step % 100 == 0 or step == self.total:
+            for k, v in scalars.items():
+                self.run.writer.add_scalar(k, float(v), step)
+            self.run.writer.add_scalar(f"charts/SPS_{self.kind}", self.bar.rate(step), step)
+        self.bar.update(step, status)
+
+    def evaluated(self, step: int, ret: float, ref: dict | None):
+        """Record an evaluation of stage 2 (its history is checkpointed with the stage)."""
+        self.extra["eval_history"].append({"step": step, "return": ret})
+        self.extra["eval_seconds"].append(time.time() - self.run.t_start)
+        self.run.writer.add_scalar("eval/episodic_return", ret, step)
+        if ref is not None:
+            self.run.writer.add_scalar("eval/normalized_score", normalized_score(ret, ref), step)
+
+    def save(self, models: dict | None):
+        """The stage is done: its time, and a stage-1 model saved to its cache file (models: name -> module)."""
+        if self.cached is not None:
+            return
+        self.run.timing[self.kind] = {"seconds": self.seconds, "steps_per_s": self.total / self.seconds}
+        if models is not None:
+            self.run.trained(self.kind, self.run.timing[self.kind])
+            obj = {k: m.state_dict() for k, m in models.items()}
+            self.run.save_stage(self.path, {**obj, "fields": json.dumps(self.fields)})
 
 
-def open_writer(args, run_dir: str):
-    """The run's TensorBoard writer (mirrored to Weights & Biases with --track), with every argument as text."""
-    if args.track:
-        import wandb
+def normalized_score(ret, ref: dict | None):
+    """100 * (R - R_random) / (R_expert - R_random), or None without reference returns."""
+    if ret is None or ref is None:
+        return None
+    return 100.0 * (ret - ref["random"]) / (ref["expert"] - ref["random"])
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=os.path.basename(run_dir),
-            id=wandb_id(run_dir),  # a resumed run (same directory) continues the same W&B run
-            resume="allow",
-            save_code=True,
+
+def finish_run(run: Run, results: dict, actors, order, args: dict, ref, paper=None, draw=None) -> dict:
+    """results.json and actors.pt of a finished run (`results`: what the script reports; here the evaluation history
+    of stage 2, the scores normalised with `ref` and the `paper`'s constants, times and settings are added), then
+    videos (`draw(out_dir)`), and the run's checkpoint and marker removed."""
+    history = run.policy_extra["eval_history"]
+    for h in history:
+        h["normalized_score"] = normalized_score(h["return"], ref)
+    final = history[-1]["return"]
+    results = {
+        **results,
+        "final_return": final,
+        "final_normalized_score": history[-1]["normalized_score"],
+        "normalization": {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None,
+        "final_paper_normalized_score": normalized_score(final, paper),
+        "paper_normalization": paper,
+        "eval_history": history,
+        "eval_seconds": run.policy_extra["eval_seconds"],
+        "total_seconds": time.time() - run.t_start,
+        "stages": run.stages_of(run.timing),
+        "stage1_cache": {k: v for k, v in run.cache_files.items()},
+        "args": args,
+    }
+    save_atomic({"actors": actors.state_dict(), "order": torch.tensor(order)}, os.path.join(run.dir, "actors.pt"))
+    write_json_atomic(results, os.path.join(run.dir, "results.json"))
+    if draw is not None:
+        results["videos"] = draw(os.path.join(run.dir, "videos"))
+        write_json_atomic(results, os.path.join(run.dir, "results.json"))
+    run.writer.close()
+    run.close()  # removes the run's checkpoint and marker
+    score = ""
+    if ref:
+        score = (
+            f", normalized score {results['final_normalized_score']:.1f} with R_random {ref['random']:.1f}, "
+            f"R_expert {ref['expert']:.1f} ({ref['source']})"
         )
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
-    return writer
+    if paper and (paper["random"], paper["expert"]) != (ref["random"], ref["expert"]):
+        score += f"; {results['final_paper_normalized_score']:.1f} with the paper's constants"
+    if results.get("diagnostics"):
+        print(f"diagnostics: {json.dumps(results['diagnostics'])}", file=sys.stderr)
+    print(f"final return {final:.2f}{score} -> {run.dir}/results.json")
+    return results
 
 
-def report_finished(run: Run) -> dict:
-    """The results of a run `open_run` found finished, reported as the run itself would have."""
-    res = run.finished
-    if res.get("status", "ok") != "ok" or res.get("final_return") is None:
-        raise RunError(f"this run already ended with status {res.get('status')!r}; see {run.dir}/results.json")
-    print(f"final return {res['final_return']:.2f} (finished earlier) -> {run.dir}/results.json")
-    return res
-
-
-def run_command(main, args):
-    """A script's `__main__`: Ctrl-C / SIGTERM stop at the end of a step with a checkpoint; bad input and failed
-    runs print one line and exit with 2, an interrupted run exits with 130."""
+def run_command(main, args, errors: tuple = ()):
+    """A script's `__main__`: Ctrl-C / SIGTERM stop at the end of a step with a checkpoint; bad input (RunError and
+    the script's `errors`) and failed runs print one line and exit with 2, an interrupted run exits with 130."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_stop_signal)
     try:
         main(args)
-    except (RunError, DatasetError) as e:
+    except (RunError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as e:

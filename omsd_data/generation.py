@@ -1,4 +1,4 @@
-"""What the dataset generators of both env families (`envs/mpe_data.py`, `envs/mamujoco_data.py`) and their
+"""What the dataset generators of both env families (`omsd_data/mpe_data.py`, `omsd_data/mamujoco_data.py`) and their
 behaviour trainers share: picking the behaviour snapshots of a training run, loading them, running rollout
 chunks on worker processes with a progress line, making a dataset once and caching it, dataset cards."""
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.dataset import (
+from omsd_data.dataset import (
     TMP_ANY,
     TMP_OLD,
     DatasetError,
@@ -25,7 +25,7 @@ from envs.dataset import (
     remove_stale_temporaries,
     write_locked,
 )
-from envs.files import LockFile, lock_path
+from omsd_utils.files import LockFile, lock_path
 
 N_CHUNKS = 16  # work split of a dataset: fixed, so that the file does not depend on the number of workers
 

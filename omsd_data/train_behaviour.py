@@ -9,7 +9,7 @@ that collected it. This trainer saves, in one small checkpoint per (task, seed):
                 from random to expert
   expert        the snapshot with the best evaluation return
 Checkpoints are plain tensors (loadable with `weights_only=True`) and are committed to the repo
-under `envs/behaviour/`, so that making a dataset on a fresh machine is only rollouts.
+under `omsd_data/behaviour/`, so that making a dataset on a fresh machine is only rollouts.
 
 MATD3 here: decentralised tanh actors (one per predator / agent, stacked into one tensor op),
 a centralised twin critic on all controlled agents' observations and actions, target policy smoothing,
@@ -18,8 +18,8 @@ MaMuJoCo the reward is the team's, so one twin critic serves all agents. MaMuJoC
 observations are zero-padded to the largest; early terminations (Hopper, Ant) do not bootstrap.
 Some tasks train with settings of their own (`TASK_DEFAULTS`), recorded in every checkpoint's info.
 
-Usage: python -m envs.train_behaviour --task simple_spread --seed 0
-       python -m envs.train_behaviour --task HalfCheetah-2x3 --seed 0
+Usage: python -m omsd_data.train_behaviour --task simple_spread --seed 0
+       python -m omsd_data.train_behaviour --task HalfCheetah-2x3 --seed 0
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-from envs import mamujoco, mamujoco_data, mpe, mpe_data
-from envs.dataset import DatasetError, episode_returns
-from envs.files import LockFile, lock_path, remove_stale, unwritable_dir
-from envs.generation import select_snapshots
-from envs.policies import StackedActor, StackedLinear
-from envs.runs import SEED_RANGE, RunError, save_atomic
+from envs import mamujoco, mpe
+from omsd_data import mamujoco_data, mpe_data
+from omsd_data.dataset import DatasetError, episode_returns
+from omsd_data.generation import select_snapshots
+from omsd_data.policies import StackedActor, StackedLinear
+from omsd_utils.files import LockFile, lock_path, remove_stale, unwritable_dir
+from omsd_utils.runs import SEED_RANGE, RunError, save_atomic
 
 BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour")
 # Per family; MPE's are OMAR's generator settings, MaMuJoCo's a cheaper TD3 (half an update per transition).
@@ -77,7 +78,7 @@ FAMILY_DEFAULTS = {
     ),
 }
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
-# `python -m envs.train_behaviour --task T --seed K` remakes it. Why they differ: docs/datasets.md.
+# `python -m omsd_data.train_behaviour --task T --seed K` remakes it. Why they differ: docs/datasets.md.
 # MaMuJoCo's total_steps are the seed-0 runs' budgets, not set by convergence (several were still rising).
 TASK_DEFAULTS = {
     # Four times the updates: at one per 32 transitions the spread actors fell below their random
@@ -154,9 +155,9 @@ class Args:
     train_prey: bool = False
     """simple_tag / simple_world: train the prey together with the predators (its own actor and twin critic on
     mpe2's prey reward) and, at the end, write the prey's actor to the prey checkpoint, the frozen learned prey of
-    the env (envs/behaviour/mpe/<task>_prey.pt), instead of a behaviour checkpoint"""
+    the env (envs/prey/<task>.pt), instead of a behaviour checkpoint"""
     out: str = ""
-    """checkpoint path (default envs/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt, or <task>_prey.pt)"""
+    """checkpoint path (default omsd_data/behaviour/<mpe|mamujoco>/<task>_seed<seed>.pt, or envs/prey/<task>.pt)"""
 
 
 class StackedTwinCritic(nn.Module):
@@ -218,8 +219,9 @@ def save_checkpoint(args: Args, family: str, snapshots: list, curve: list, secon
 
 
 def out_path(args: Args, family: str) -> str:
-    name = f"{args.task}_prey.pt" if args.train_prey else f"{args.task}_seed{args.seed}.pt"
-    return args.out or os.path.join(BEHAVIOUR_DIR, family, name)
+    if args.train_prey:  # the learned prey is part of the environment
+        return args.out or os.path.join(mpe.PREY_DIR, f"{args.task}.pt")
+    return args.out or os.path.join(BEHAVIOUR_DIR, family, f"{args.task}_seed{args.seed}.pt")
 
 
 def save_prey(args: Args, actor, curve: list, step: int, seconds: float):
