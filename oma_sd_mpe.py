@@ -1,26 +1,21 @@
-# OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968),
-# on the paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see docs/omsd.md.
-#
+# OMSD: Offline Multi-agent RL via (Sequential) Score Decomposition (Qiao et al., arXiv 2505.05968), on the
+# paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see docs/omsd.md.
 #   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
 #   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
 #   Stage 2   deterministic decentralised actors pi_i(o_i), each regularised towards the behaviour
 #             *conditional* of its agent given the actions of the agents before it in the order
-#
 # Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import nn
 
 from envs import bandit, render
@@ -30,114 +25,55 @@ from omsd_data.bandit_data import bandit_data
 from omsd_data.dataset import DatasetError, episode_ends
 from omsd_data.mpe_data import DEFAULT_TRANSITIONS, check_metadata, ensure_dataset, env_spec, task_qualities
 from omsd_data.sources import load_prey_arg, read_dataset, same_prey
-from omsd_utils import saved
-from omsd_utils.diagnostics import diagnose
-from omsd_utils.runs import RunError, check_args, check_dirs, check_finite, finish_run, run_command, start_run
-
-ENV_IDS = TASKS + ("bandit",)
+from omsd_utils import runs, saved
+from omsd_utils.diagnostics import diagnose, held_out
+from omsd_utils.runs import RunError, check_finite, finish_run, start_run
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode"""
-    stage1_seed: int | None = None
-    """seed of stages 1a/1b (default: --seed); runs with the same one share the cached behaviour models and critic"""
-    cuda: bool = False
-    """use CUDA if available (everything here is sized for CPU)"""
-    threads: int = 1
-    """torch CPU threads (0: all cores)"""
-
-    # Data
-    env_id: str = "simple_spread"
-    """simple_spread | simple_tag | simple_world | bandit (sets the defaults marked 'per --env-id')"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode
+    stage1_seed: int | None = None  # seed of stages 1a/1b (default: --seed); runs with one share the cached models
+    cuda: bool = False  # use CUDA if available (everything here is sized for CPU)
+    threads: int = 1  # torch CPU threads (0: all cores)
+    env_id: str = "simple_spread"  # simple_spread | simple_tag | simple_world | bandit (sets the per-env defaults)
     dataset: str = "expert"
-    """random | medium-replay | medium | expert | mixture, and on simple_spread the controlled unimodal |
-    multimodal-2 | multimodal-3 | miscoordinated (made on first use; docs/datasets.md)"""
-    dataset_path: str = ""
-    """a dataset for this env instead (overrides --dataset): the project's .npz, or a published one (OMAR's
-    seed_<k>_data directories, OMIGA hdf5, og-marl vault, MADiff npy; docs/datasets.md)"""
-    dataset_seed: int = 0
-    """which dataset seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's seed row)"""
-    dataset_transitions: int = DEFAULT_TRANSITIONS
-    """size of the generated MPE dataset; the bandit always uses 1,000,000 samples"""
-    prey_path: str = ""
-    """tag/world: evaluate against OMAR's pretrained prey instead of the env's learned one: a file converted with
-    `python -m envs.omar_prey ...`, or OMAR's original .pt with --trust-pickle"""
-    trust_pickle: bool = False
-    """allow unpickling OMAR's original prey .pt (runs any code it contains), converted once into --cache-dir"""
-
-    # The method
-    decomposition: str = "sequential"
-    """sequential: agent i's behaviour model conditions on the actions of the agents before it (OMSD);
-    independent: on its own observation only, i.e. the marginal (the paper's BRPO-CTDE baseline)"""
-    agent_order: tuple[int, ...] = ()
-    """order of the sequential decomposition, a permutation of 0..n-1 (default: identity)"""
-    beta: float | None = None
-    """weight of grad_a Q in the actor loss w(t) <eps_hat, a> - beta <grad_a Q, a>: a SMALL beta is a STRONG
-    behaviour constraint (depends on --env-id and --dataset: BETA_DEFAULTS)"""
-    weighting: str = "alpha_over_sigma"
-    """w(t) of the score term: alpha_over_sigma (mode-seeking; docs/studies.md) | sigma2 (the authors') | one"""
-    z_baseline: bool = True
-    """use eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction; same expected gradient)"""
-
-    # Stage 1a: diffusion behaviour models
-    diffusion_steps: int | None = None
-    """gradient steps, all agents' models together (depends on --env-id)"""
-    diffusion_batch_size: int = 256
-    """minibatch size"""
-    diffusion_hidden: int | None = None
-    """width of the residual trunk (depends on --env-id; the authors: 512)"""
-
-    # Stage 1b: centralised IQL critic
-    critic_steps: int | None = None
-    """gradient steps (depends on --env-id)"""
-    critic_batch_size: int = 256
-    """minibatch size"""
-    critic_hidden: int = 256
-    """width of the two hidden layers of Q and V"""
-    expectile: float = 0.7
-    """IQL expectile tau"""
-    gamma: float = 0.99
-    """discount"""
-    bootstrap_truncation: bool = False
-    """bootstrap through time-limit ends (default: treat them as terminal, as the authors' code does on MPE)"""
-
-    # Stage 2: actors
-    policy_steps: int | None = None
-    """gradient steps per agent (depends on --env-id)"""
-    policy_batch_size: int = 256
-    """minibatch size (one batch of indices shared by all agents)"""
-    actor_hidden: int = 256
-    """width of the two hidden layers of each actor"""
-    actor_lr: float | None = None
-    """Adam learning rate, cosine-annealed to 0 (depends on --env-id)"""
-    actor_init: str | None = None
-    """random (the authors') | samples: first regress the actors onto joint behaviour samples drawn with one noise
-    vector for all states, so that they start in one joint mode (depends on --env-id)"""
-    sample_steps: int = 20
-    """steps of the deterministic DDIM sampler of the behaviour models"""
-    eval_every: int | None = None
-    """policy steps between evaluations (depends on --env-id)"""
-    eval_episodes: int = 10
-    """evaluation episodes (decentralised execution, deterministic actions)"""
-    diagnostics: bool = True
-    """after training, measure the behaviour models' fit, the critic's quality and the policy's support distance"""
-
-    # Files, resume, videos
-    cache_dir: str = "runs/cache"
-    """where stage-1 models and the checkpoints of the stage in progress are kept"""
-    resume: bool = True
-    """continue an interrupted run of the same command from its last checkpoint, with the same final numbers"""
-    checkpoint_every: int = 1000
-    """steps between checkpoints of the stage in progress (a kill loses at most this many steps)"""
-    capture_video: int = 0
-    """draw this many episodes of the final evaluation to runs/<run_name>/videos/episode_<k>.gif (0: none)"""
-    eval_from: str = ""
-    """a finished run's directory: evaluate its actors.pt with its settings (--eval-episodes episodes, drawn with
-    --capture-video) into <run>/eval_<E>_episodes.json, training nothing"""
+    """random | medium-replay | medium | expert | mixture (spread also: unimodal | multimodal-2 | multimodal-3 |
+    miscoordinated)"""
+    dataset_path: str = ""  # the project's .npz, or a published dataset (OMAR, OMIGA, og-marl, MADiff)
+    dataset_seed: int = 0  # which seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's)
+    dataset_transitions: int = DEFAULT_TRANSITIONS  # size of the generated MPE dataset (bandit: 1,000,000)
+    prey_path: str = ""  # tag/world: OMAR's pretrained prey, converted by `python -m envs.omar_prey`
+    trust_pickle: bool = False  # allow unpickling OMAR's original prey .pt (runs any code it contains) to convert it
+    decomposition: str = "sequential"  # sequential: mu_i given the actions of agents < i (OMSD) | independent
+    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1
+    beta: float | None = None  # weight of grad_a Q: SMALL beta = STRONG behaviour constraint (BETA_DEFAULTS)
+    weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
+    z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
+    diffusion_steps: int | None = None  # gradient steps, all agents' models together (depends on --env-id)
+    diffusion_batch_size: int = 256  # minibatch size
+    diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
+    critic_steps: int | None = None  # gradient steps (depends on --env-id)
+    critic_batch_size: int = 256  # minibatch size
+    critic_hidden: int = 256  # width of the two hidden layers of Q and V
+    expectile: float = 0.7  # IQL expectile tau
+    gamma: float = 0.99  # discount
+    bootstrap_truncation: bool = False  # bootstrap through time-limit ends (default: terminal, the authors' code)
+    policy_steps: int | None = None  # gradient steps per agent (depends on --env-id)
+    policy_batch_size: int = 256  # minibatch size (one batch of indices shared by all agents)
+    actor_hidden: int = 256  # width of the two hidden layers of each actor
+    actor_lr: float | None = None  # Adam learning rate, cosine-annealed to 0 (depends on --env-id)
+    actor_init: str | None = None  # random (the authors') | samples: start in one joint behaviour mode (per env)
+    sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
+    eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
+    eval_episodes: int = 10  # evaluation episodes (decentralised execution, deterministic actions)
+    diagnostics: bool = True  # measure which part limits the score (omsd_utils/diagnostics.py)
+    cache_dir: str = "runs/cache"  # where stage-1 models and the checkpoints of the stage in progress are kept
+    resume: bool = True  # continue an interrupted run of the same command from its last checkpoint
+    checkpoint_every: int = 1000  # steps between checkpoints of the stage in progress
+    capture_video: int = 0  # draw this many episodes of the final evaluation to runs/<run>/videos (GIFs)
+    eval_from: str = ""  # a finished run's directory: evaluate its actors.pt (and draw videos), training nothing
 
 
 # Per --env-id (docs/studies.md); the paper's scale is in docs/omsd.md.
@@ -148,8 +84,7 @@ ENV_DEFAULTS = {
     "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, policy_steps=3000, actor_lr=1e-2,
                    eval_every=100, actor_init="random", beta=0.05),
 }
-# beta per --env-id and --dataset. simple_spread: chosen on seed 0 (docs/studies.md, "beta per dataset"); the
-# controlled datasets are expert-level data and get the expert's value. tag / world: the authors' starting values.
+# beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
     "simple_spread": {"expert": 0.001, "medium": 0.02, "medium-replay": 0.01, "random": 0.02, "mixture": 0.001,
                       "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001},
@@ -160,12 +95,12 @@ BETA_DEFAULTS = {
 DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
-HOLDOUT_EVERY = 50  # every 50th episode is left out of stage 1a's training, to measure the models' fit
+METRIC = (
+    "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"
+)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks: every agent's network is evaluated in one batched op over a leading agent axis
-# ---------------------------------------------------------------------------------------------
+# ====== Networks: every agent's network is evaluated in one batched op over a leading agent axis
 class StackedLinear(nn.Module):
     """n independent Linear layers as one batched matmul: (n, B, i) -> (n, B, o)."""
 
@@ -188,11 +123,9 @@ def vp_sde(t):
 
 
 class ScoreNet(nn.Module):
-    """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position.
-
-    Gaussian Fourier time features (fixed W ~ N(0, 30^2)) -> time MLP; [x_t, cond, t_emb] -> hidden;
-    residual blocks h + W2 relu(W1 LayerNorm(h)); relu -> linear output (the predicted noise).
-    """
+    """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position. Gaussian
+    Fourier time features (fixed W ~ N(0, 30^2)) -> time MLP; [x_t, cond, t_emb] -> hidden; residual blocks
+    h + W2 relu(W1 LayerNorm(h)); relu -> linear output (the predicted noise)."""
 
     def __init__(self, n: int, act_dim: int, cond_dim: int, hidden: int, blocks: int = DIFFUSION_BLOCKS):
         super().__init__()
@@ -223,10 +156,8 @@ def prefix_mask(n: int, decomposition: str) -> torch.Tensor:
 
 def condition(base, a_prev_source, mask):
     """cond_k = [o_k, a_1, ..., a_{k-1}, 0, ...]: a fixed width for every position; the zero slots of agents that
-    are not in the prefix make the stacked models equal to per-agent models of varying width.
-
-    base (n, B, d): own observations; a_prev_source (n, B, act): actions in position order.
-    """
+    are not in the prefix make the stacked models equal to per-agent models of varying width. base (n, B, d): own
+    observations; a_prev_source (n, B, act): actions in position order."""
     n, B, act = a_prev_source.shape
     src = a_prev_source[: mask.shape[1]]  # (n-1, B, act): position n-1 is never anyone's prefix
     prefix = mask[:, :, None, None] * src[None]  # (n, n-1, B, act)
@@ -271,9 +202,7 @@ class Actors(nn.Module):
         return h
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# ====== Losses
 def diffusion_loss(score_net, a0, cond, gen):
     """Noise-prediction loss of every position's model: E ||eps_k(alpha_t a + sigma_t z, t | cond_k) - z||^2,
     t ~ U(1e-3, 1); summed over action dims, averaged over the batch. Returns (n,)."""
@@ -316,13 +245,11 @@ def actor_surrogate(a, eps_hat, g, w, beta):
     return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The behaviour models' DDIM sampler, and the actors' start from its samples
-# ---------------------------------------------------------------------------------------------
+# ====== The behaviour models' DDIM sampler, and the actors' start from its samples
 def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
     """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing: a
     uniform grid in t takes too large steps at small noise, and DDIM's samples then lose most of their spread).
-    lambda -> t inverts L = -2 log alpha_t = log(1 + exp(-2 lambda)) for the linear beta(t): 0.5*19.9 t^2 + 0.1 t = L."""
+    lambda -> t inverts L = -2 log alpha_t = log(1 + exp(-2 lambda)) for the linear beta(t): 9.95 t^2 + 0.1 t = L."""
 
     def lam(t):
         alpha_t, sigma_t = vp_sde(torch.tensor(t, dtype=torch.float64))
@@ -335,12 +262,10 @@ def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
-    """Deterministic DDIM samples of every position's behaviour model, from x_1 = z (n, B, act).
-
-    The prefix of position k is a_prev (e.g. the dataset's actions) if given, else the samples of positions < k:
-    ancestral sampling of mu(a|s) = prod_k mu_k(a_k | s, a_<k), one pass per position (one pass if no position
-    has a prefix). x0_hat = (x_t - sigma_t eps_hat) / alpha_t is clipped to the action box [-1, 1] at each step.
-    """
+    """Deterministic DDIM samples of every position's behaviour model, from x_1 = z (n, B, act). The prefix of
+    position k is a_prev (e.g. the dataset's actions) if given, else the samples of positions < k: ancestral sampling
+    of mu(a|s) = prod_k mu_k(a_k | s, a_<k), one pass per position (one pass if no position has a prefix).
+    x0_hat = (x_t - sigma_t eps_hat) / alpha_t is clipped to the action box [-1, 1] at each step."""
     n, B, _ = z.shape
     ts = logsnr_grid(1.0, 1e-3, steps).to(z.device)
     passes = 1 if a_prev is not None or not mask.any() else n
@@ -380,39 +305,24 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
-    print(
-        f"[stage 2] actors initialised from behaviour samples (mean Q {q:.2f}, regression loss "
-        f"{loss.mean().item():.4f}, {time.time() - t0:.0f} s)",
-        file=sys.stderr,
-    )
+    print(f"[stage 2] actors start from behaviour samples (mean Q {q:.2f}, loss {loss.mean():.4f})", file=sys.stderr)
     return {"mean_q": q, "regression_loss": loss.detach().tolist(), "seconds": time.time() - t0}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data and evaluation
-# ---------------------------------------------------------------------------------------------
+# ====== Data and evaluation
 def load_data(args: Args) -> tuple[dict, dict, str]:
-    """(arrays in the project's format, metadata, source): the bandit's data are made in memory, MPE data from the
-    committed behaviour policies (cached under datasets/ or $OMSD_DATA_DIR), or read from --dataset-path."""
+    """(arrays, metadata, source): the bandit's made in memory, MPE's made once (datasets/) or --dataset-path."""
     if args.env_id == "bandit":
         return read_dataset(args.dataset_path, bandit_data, BANDIT_SPEC, published=False)
+    make = lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions)  # noqa: E731
     return read_dataset(
-        args.dataset_path,
-        lambda: ensure_dataset(args.env_id, args.dataset, args.dataset_transitions),
-        env_spec(args.env_id),
-        check_metadata,
-        env_id=args.env_id,
-        dataset_seed=args.dataset_seed,
+        args.dataset_path, make, env_spec(args.env_id), check_metadata, True, args.env_id, args.dataset_seed
     )
 
 
 def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> dict:
     """Stack agents in the order of the decomposition: obs (N, n, obs_max) zero-padded, act (N, n, act)."""
-    n = len(order)
-    act_dims = {arrays[f"actions_{i}"].shape[1] for i in range(n)}
-    if len(act_dims) != 1:
-        raise RunError(f"agents have different action sizes {sorted(act_dims)}; this script needs equal ones")
-    obs_max = max(arrays[f"obs_{i}"].shape[1] for i in range(n))
+    obs_max = max(arrays[f"obs_{i}"].shape[1] for i in order)  # (the env's spec checked the data's sizes)
     pad = lambda x: np.pad(x, ((0, 0), (0, obs_max - x.shape[1])))
     t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
     done = arrays["terminals"] | (arrays["truncations"] & (not bootstrap_truncation))
@@ -428,10 +338,10 @@ def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> di
 
 
 @torch.no_grad()
-def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: list | None = None) -> float:
+def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: bool = False):
     """Mean return of --eval-episodes episodes (env seeds seed + 100 + e), decentralised: each agent acts on its own
-    observation. `record` (a list) receives (obs (n, E, obs), act (n, E, act)) of every step in position order, and
-    its last entry also the observations after the last step."""
+    observation. With `record` also the obs (n, steps, obs) and actions (n, steps, act) of every step in position
+    order, and the observations after the last step (n, E, obs), for the diagnostics."""
     actors.eval()
     if args.env_id == "bandit":
         a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
@@ -440,27 +350,20 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
     envs = [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)]
     names = envs[0].possible_agents
     obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
-    rewards = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names)))
+    rewards, steps = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names))), []
     stack = lambda: np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
     for t in range(envs[0].max_cycles):
         o = stack()
         act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
-        if record is not None:
-            record.append((o.astype(np.float32), act))
+        steps.append((o.astype(np.float32), act))
         for e, env in enumerate(envs):
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
             rewards[e, t] = [r[a] for a in names]
-    if record is not None:
-        record[-1] = (*record[-1], stack().astype(np.float32))
     actors.train()
-    return float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
-
-
-def rollout(policy, args: Args, order: list[int], obs_max: int, prey):
-    """The final evaluation's episodes played by `policy`: (mean return, obs, act of every step, last obs)."""
-    record = []
-    ret = evaluate(policy, args, order, obs_max, prey, record)
-    return ret, np.concatenate([r[0] for r in record], 1), np.concatenate([r[1] for r in record], 1), record[-1][2]
+    ret = float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
+    if not record:
+        return ret
+    return ret, *(np.concatenate(x, 1) for x in zip(*steps)), stack().astype(np.float32)
 
 
 def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -> dict:
@@ -471,19 +374,16 @@ def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -
         frames = render.mpe_frames(env, policy, seed, rewards=rewards)
         return frames, paper_metric(args.env_id, np.array([[r[a] for a in env.possible_agents] for r in rewards]))
 
-    E = max(args.eval_episodes, args.capture_video)
-    run_eval = lambda rec: {  # noqa: E731
-        "return": evaluate(rec, Args(**{**asdict(args), "eval_episodes": E}), order, obs_max, prey),
-        "episode_lengths": [env.max_cycles] * E,
-    }
-    rec = saved.record_evaluation(run_eval, actors, draw, env.possible_agents, args.seed, order, obs_max, out,
-                                  args.capture_video, fps=10)  # fmt: skip
+    E = max(args.eval_episodes, args.capture_video)  # the evaluation's episodes, and as many as are drawn
+    run_eval = lambda rec: {"return": evaluate(rec, replace(args, eval_episodes=E), order, obs_max, prey),  # noqa: E731
+                            "episode_lengths": [env.max_cycles] * E}  # fmt: skip
+    rec = saved.record_evaluation(
+        run_eval, actors, draw, env.possible_agents, args.seed, order, obs_max, out, args.capture_video, 10
+    )
     return {**rec, "eval_episodes": E}
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
-# ---------------------------------------------------------------------------------------------
+# ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 def env_defaults(args: Args) -> Args:
     """Fill the settings left at None with the defaults of --env-id (ENV_DEFAULTS) and --dataset (BETA_DEFAULTS)."""
     for k, v in ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"].items():
@@ -496,40 +396,28 @@ def env_defaults(args: Args) -> Args:
 
 def cli_args(argv: list[str] | None = None) -> Args:
     """Args from the command line, its defaults those of the --env-id and --dataset given (--help shows them)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--env-id", "--env_id", default=Args.env_id)
-    pre.add_argument("--dataset", default=Args.dataset)
-    try:
-        known = pre.parse_known_args(argv)[0]
-    except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
-        known = Args()
-    return tyro.cli(Args, args=argv, default=env_defaults(Args(env_id=known.env_id, dataset=known.dataset)))
+    return runs.parse_cli(Args, env_defaults, argv)
 
 
 def resolve_args(args: Args) -> Args:
     """Fill the defaults still unset and reject bad settings before anything is written."""
-    if args.env_id not in ENV_IDS:
-        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(ENV_IDS)}")
+    if args.env_id not in TASKS + ("bandit",):
+        raise RunError(f"unknown --env-id {args.env_id!r}; choose one of {', '.join(TASKS)}, bandit")
     if args.env_id != "bandit" and not args.dataset_path and args.dataset not in task_qualities(args.env_id):
+        qualities = ", ".join(task_qualities(args.env_id))
         raise RunError(
-            f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of "
-            f"{', '.join(task_qualities(args.env_id))} or give --dataset-path"
+            f"unknown --dataset {args.dataset!r} for {args.env_id}; choose one of {qualities} or give --dataset-path"
         )
     env_defaults(args)
     args.stage1_seed = args.seed if args.stage1_seed is None else args.stage1_seed
     if args.prey_path and args.env_id not in ("simple_tag", "simple_world"):
         raise RunError(f"--prey-path is for simple_tag and simple_world (the envs with a prey), not {args.env_id}")
-    n_agents = (
-        (bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"])
-        if args.agent_order
-        else None
-    )
-    check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps",), n_agents)
+    n = bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"] if args.agent_order else None
+    runs.check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps",), n)
     if args.capture_video and args.env_id == "bandit":
         raise RunError("--capture-video: the bandit has no episodes to draw")
     if not args.eval_from:
-        check_dirs(args.cache_dir)
+        runs.check_dirs(args.cache_dir)
     return args
 
 
@@ -542,78 +430,41 @@ def evaluate_saved(args: Args) -> dict:
     if res.get("prey") is not None and not same_prey(prey_record, res["prey"]):
         raise RunError(f"--eval-from {args.eval_from}: the prey {prey_record} is not the run's ({res['prey']})")
     actors, order, obs_max = saved.saved_actors(Actors, MPEEnv(ev_args.env_id, prey=prey), ev_args, res)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    t0, out = time.time(), os.path.join(args.eval_from, "videos")
     ev = {"return": evaluate(actors, ev_args, order, obs_max, prey)}
-    out = os.path.join(args.eval_from, "videos")
     vids = videos(actors, ev_args, order, obs_max, prey, out) if args.capture_video else None
     return saved.write_evaluation(ev_args, run_args, res, ev, vids, time.time() - t0)
 
 
-# ---------------------------------------------------------------------------------------------
-# The three stages
-# ---------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    t_start = time.time()
-    args = resolve_args(args)
-    if args.eval_from:
-        return evaluate_saved(args)
-    prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    arrays, meta, source = load_data(args)
-    n = sum(1 for k in arrays if k.startswith("obs_"))
-    order = list(args.agent_order) or list(range(n))
-    data = to_tensors(arrays, order, args.bootstrap_truncation)
-    (N, _, obs_max), act_dim, S = data["obs"].shape, data["act"].shape[-1], data["critic_state"].shape[1]
-    ends = episode_ends(arrays)
-    episode = np.searchsorted(ends, np.arange(N))
-    is_held = (
-        (episode % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
-        if episode.max() >= HOLDOUT_EVERY - 1
-        else episode == episode.max()
-    )
-    train_idx = torch.as_tensor(np.flatnonzero(~is_held))
-    prey_key = {"prey_sha256": prey_record["source_sha256"]} if args.prey_path else {}  # the prey, not its path
-    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, ("trust_pickle",), dataset_sha256=meta["sha256"], **prey_key)  # fmt: skip
-    if run.finished is not None:  # killed after its results.json was written: nothing left to do
-        return run.report_finished()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    data = {k: v.to(device) for k, v in data.items()}
-    print(f"data: {source}, {N:,} transitions, {n} agents, order {order}", file=sys.stderr)
-    # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
-    gen = lambda stage: torch.Generator(device).manual_seed(
-        (args.seed if stage >= 3 else args.stage1_seed) * 1000 + stage
-    )  # noqa: E731
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 3}
-
-    # ------------------------------------------------------------------ Stage 1a: behaviour models
-    mask = prefix_mask(n, args.decomposition).to(device)
+# ====== The three stages; `run.stage` loads a cached stage-1 model, resumes and checkpoints (omsd_utils/runs.py)
+def stage1a_behaviour_models(run, data, train_idx, mask, args: Args, stage1: dict, g):
+    """Per-agent conditional diffusion behaviour models eps_k(a_t, t | o_k, a_<k), trained by noise prediction."""
+    n, act_dim, obs_max = data["act"].shape[1], data["act"].shape[2], data["obs"].shape[2]
     torch.manual_seed(args.stage1_seed * 1000 + 1)
-    score_net = ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden).to(device)
+    score_net = ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden).to(mask.device)
     opt = torch.optim.AdamW(score_net.parameters(), lr=DIFFUSION_LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
-    fields = dict(stage1, stage="diffusion", **{k: getattr(args, k) for k in ("decomposition", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden")})  # fmt: skip
-    stage = run.stage("stage 1a: diffusion", fields, {"model": score_net, "opt": opt, "sched": sched}, gen(1), args.diffusion_steps, args.checkpoint_every)  # fmt: skip
+    keys = ("decomposition", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden")
+    fields = dict(stage1, stage="diffusion", **{k: getattr(args, k) for k in keys})
+    objs = {"model": score_net, "opt": opt, "sched": sched}
+    stage = run.stage("stage 1a: diffusion", fields, objs, g, args.diffusion_steps, args.checkpoint_every)
     for step in stage.steps():
-        idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=stage.g)].to(device)
+        idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=g)].to(mask.device)
         a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
-        loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), stage.g)
+        loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), g)
         check_finite(loss, "stage 1a (diffusion)", step)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
         sched.step()
-        stage.log(step, {f"losses/diffusion_position{k}": loss[k] for k in range(n)}, f"loss {loss.mean().item():.3f}")
+        stage.log(step, {f"losses/diffusion_position{k}": loss[k] for k in range(n)}, f"loss {loss.mean():.3f}")
     stage.save({"model": score_net})
-    score_net.eval().requires_grad_(False)
+    return score_net.eval().requires_grad_(False)
 
-    # ------------------------------------------------------------------ Stage 1b: centralised IQL critic
+
+def stage1b_critic(run, data, args: Args, stage1: dict, g):
+    """Centralised IQL critic: V by expectile regression onto min(Q1, Q2) of the target heads, Q onto r + gamma V'."""
+    (N, n, act_dim), S, device = data["act"].shape, data["critic_state"].shape[1], data["act"].device
     torch.manual_seed(args.stage1_seed * 1000 + 2)
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
@@ -622,11 +473,13 @@ def main(args: Args) -> dict:
         torch.optim.Adam(q_net.parameters(), lr=CRITIC_LR),
         torch.optim.Adam(v_net.parameters(), lr=CRITIC_LR),
     )
-    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")})  # fmt: skip
-    stage = run.stage("stage 1b: IQL critic", fields, {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}, gen(2), args.critic_steps, args.checkpoint_every)  # fmt: skip
+    keys = ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")
+    fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
+    objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
+    stage = run.stage("stage 1b: IQL critic", fields, objs, g, args.critic_steps, args.checkpoint_every)
     joint = data["act"].reshape(N, -1)
     for step in stage.steps():
-        idx = torch.randint(N, (args.critic_batch_size,), generator=stage.g, device=device)
+        idx = torch.randint(N, (args.critic_batch_size,), generator=g, device=device)
         s, a, s2 = data["critic_state"][idx], joint[idx], data["next_critic_state"][idx]
         with torch.no_grad():
             q_t = q_target(s, a).min(0).values
@@ -644,33 +497,35 @@ def main(args: Args) -> dict:
         with torch.no_grad():
             for p, pt in zip(q_net.parameters(), q_target.parameters()):
                 pt.lerp_(p, POLYAK)
-        stage.log(
-            step, {"losses/q_loss": q_loss, "losses/v_loss": v_loss}, f"q {q_loss.item():.3f} v {v_loss.item():.3f}"
-        )
+        stage.log(step, {"losses/q_loss": q_loss, "losses/v_loss": v_loss}, f"q {q_loss:.3f} v {v_loss:.3f}")
     stage.save({"q": q_net, "q_target": q_target, "v": v_net})
-    q_target.eval().requires_grad_(False)
+    return q_target.eval().requires_grad_(False)
 
-    # ------------------------------------------------------------------ Stage 2: score-regularised actors
+
+def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_fn, ref):
+    """Deterministic actors, each following w(t) eps_hat(pi(o) | o, a_<k) - beta grad_a Q (the SRPO surrogate)."""
+    (N, n, act_dim), obs_max = data["act"].shape, data["obs"].shape[2]
     torch.manual_seed(args.seed * 1000 + 3)
-    actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(device)
+    actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(mask.device)
     opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}, **{f"sched{k}": s for k, s in enumerate(scheds)}}  # fmt: skip
-    stage = run.stage("stage 2: actors", None, objs, gen(3), args.policy_steps, args.checkpoint_every)
-    if args.actor_init == "samples" and stage.start == 0:
-        stage.extra["init"] = init_from_samples(actors, score_net, q_target, data, mask, args, gen(4))
+    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}}
+    objs.update({f"sched{k}": s for k, s in enumerate(scheds)})
+    stage = run.stage("stage 2: actors", None, objs, g, args.policy_steps, args.checkpoint_every)
     if stage.start == 0:
-        stage.extra.update(eval_history=[{"step": 0, "return": evaluate(actors, args, order, obs_max, prey)}],
-                           eval_seconds=[time.time() - run.t_start])  # fmt: skip
+        if args.actor_init == "samples":
+            g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)
+            stage.extra["init"] = init_from_samples(actors, score_net, q_target, data, mask, args, g4)
+        stage.extra.update(eval_history=[{"step": 0, "return": evaluate_fn(actors)}], eval_seconds=[run.seconds()])
     for step in stage.steps():
-        idx = torch.randint(N, (args.policy_batch_size,), generator=stage.g, device=device)
+        idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=mask.device)
         obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
         # every agent's prefix is the actors' actions at the start of the iteration (the authors' code), so one
         # critic backward gives grad_a Q for every slot and one batched diffusion forward every agent's eps_hat
         a = actors(obs)  # (n, B, act), live
         cur = a.detach()
         grad_q = q_grad(q_target, s, cur)
-        eps_hat, w = noised_eps_hat(score_net, cur, condition(obs, cur, mask), args.weighting, args.z_baseline, stage.g)
+        eps_hat, w = noised_eps_hat(score_net, cur, condition(obs, cur, mask), args.weighting, args.z_baseline, g)
         loss = actor_surrogate(a, eps_hat, grad_q, w, args.beta)  # (n,)
         check_finite(loss, "stage 2 (actors)", step)
         for o in opts:
@@ -680,42 +535,64 @@ def main(args: Args) -> dict:
             o.step()
             sc.step()
         if step % args.eval_every == 0 or step == args.policy_steps:
-            stage.evaluated(step, evaluate(actors, args, order, obs_max, prey), meta.get("normalization"))
-        stage.log(step, {f"losses/actor_position{k}": loss[k] for k in range(n)}, f"eval return {stage.extra['eval_history'][-1]['return']:.2f}")  # fmt: skip
+            stage.evaluated(step, evaluate_fn(actors), ref)
+        ret = stage.extra["eval_history"][-1]["return"]
+        stage.log(step, {f"losses/actor_position{k}": loss[k] for k in range(n)}, f"eval return {ret:.2f}")
     stage.save(None)
+    return actors, stage.extra.get("init")
 
-    # ------------------------------------------------------------------ Diagnostics and results
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    args = resolve_args(args)
+    if args.eval_from:
+        return evaluate_saved(args)
+    prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arrays, meta, source = load_data(args)
+    n = sum(1 for k in arrays if k.startswith("obs_"))
+    order = list(args.agent_order) or list(range(n))
+    data = to_tensors(arrays, order, args.bootstrap_truncation)
+    ends, ref = episode_ends(arrays), meta.get("normalization")
+    key = {"sha": meta["sha256"], **({"prey_sha256": prey_record["source_sha256"]} if args.prey_path else {})}
+    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, ("trust_pickle",), **key)  # data and prey
+    if run.finished is not None:  # killed after its results.json was written: nothing left to do
+        return run.report_finished()
+    runs.seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    data = {k: v.to(device) for k, v in data.items()}
+    print(f"data: {source}, {len(data['obs']):,} transitions, {n} agents, order {order}", file=sys.stderr)
+    # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
+    gen = lambda seed, stage: torch.Generator(device).manual_seed(seed * 1000 + stage)  # noqa: E731
+    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 3}
+    mask = prefix_mask(n, args.decomposition).to(device)
+    obs_max = data["obs"].shape[2]
+    evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max, prey)  # noqa: E731
+    train_idx = torch.as_tensor(np.flatnonzero(~held_out(ends, len(data["obs"]))))  # every 50th episode: held out
+    score_net = stage1a_behaviour_models(run, data, train_idx, mask, args, stage1, gen(args.stage1_seed, 1))
+    q_target = stage1b_critic(run, data, args, stage1, gen(args.stage1_seed, 2))
+    actors, init = stage2_actors(run, data, score_net, q_target, mask, args, gen(args.seed, 3), evaluate_fn, ref)
+
     diagnostics = None
-    if args.diagnostics:
+    if args.diagnostics:  # which part limits the score (omsd_utils/diagnostics.py)
         K = len(meta.get("behaviour", {}).get("conventions") or []) if args.env_id == "simple_spread" else 0
         fns = dict(sample_actions=sample_actions, diffusion_loss=diffusion_loss, condition=condition,
-                   rollout=lambda p: rollout(p, args, order, obs_max, prey))  # fmt: skip
-        diagnostics = diagnose(fns, score_net, q_target, None if args.env_id == "bandit" else actors, data, ends, mask,
-                               sample_steps=args.sample_steps, gamma=args.gamma, seed=args.seed, order=order,
+                   rollout=lambda policy: evaluate(policy, args, order, obs_max, prey, record=True))  # fmt: skip
+        diagnostics = diagnose(fns, score_net, q_target, None if args.env_id == "bandit" else actors, data, ends,
+                               mask, sample_steps=args.sample_steps, gamma=args.gamma, seed=args.seed, order=order,
                                heldout=True, n_conventions=K, writer=run.writer, step=args.policy_steps)  # fmt: skip
-    results = {
-        "env_id": args.env_id,
-        "dataset": args.dataset if not args.dataset_path else None,
-        "dataset_path": source,
-        "dataset_sha256": meta["sha256"],
-        "decomposition": args.decomposition,
-        "agent_order": order,
-        "beta": args.beta,
-        "weighting": args.weighting,
-        "seed": args.seed,
-        "prey": prey_record,
-        "metric": "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return;"
-        " bandit: a1 * a2",
-        "actor_init": stage.extra.get("init"),
-        "diagnostics": diagnostics,
-    }
+    results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
+                   dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,
+                   weighting=args.weighting, seed=args.seed, prey=prey_record, metric=METRIC, actor_init=init,
+                   diagnostics=diagnostics)  # fmt: skip
     if args.env_id == "bandit":
         with torch.no_grad():
             results["final_actions"] = actors(torch.ones(n, 1, bandit.OBS_DIM))[:, 0, 0].tolist()
     draw = (lambda out: videos(actors, args, order, obs_max, prey, out)) if args.capture_video else None
-    return finish_run(run, results, actors, order, asdict(args), meta.get("normalization"),
-                      paper_comparison(args.env_id, meta.get("normalization")), draw)  # fmt: skip
+    paper = paper_comparison(args.env_id, ref)  # the paper's constants, where ours are close to them
+    return finish_run(run, results, actors, order, asdict(args), ref, paper, draw)
 
 
 if __name__ == "__main__":
-    run_command(main, cli_args(), (DatasetError, PreyError))
+    runs.run_command(main, cli_args(), (DatasetError, PreyError))

@@ -158,6 +158,13 @@ def flat_scalars(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def held_out(ends: np.ndarray, n_rows: int, every: int = 50) -> np.ndarray:
+    """The rows of every `every`-th episode (the last episode of a smaller dataset): left out of stage 1a's training
+    on MPE, and where the behaviour models' fit and the data's own support distance are measured."""
+    episode = np.searchsorted(ends, np.arange(n_rows))
+    return (episode % every == every - 1) if episode.max() >= every - 1 else episode == episode.max()
+
+
 def diagnose(
     fns: dict,
     score_net,
@@ -182,15 +189,15 @@ def diagnose(
     """All of the above, rounded for results.json (and logged to TensorBoard under diagnostics/ with `writer`).
 
     fns: the script's "sample_actions", "diffusion_loss", "condition" and "rollout": rollout(policy) plays the final
-    evaluation's episodes and returns (mean return, obs (n, steps, obs), act (n, steps, act), last obs (n, E, obs)).
+    evaluation's episodes and returns (mean return, obs (n, steps, obs), act (n, steps, act), last obs (n, E, obs)),
+    optionally followed by a dict of more numbers of the episodes (reported with the behaviour sampler's return).
     ends: the last row of every episode. Every 50th episode (the last one of a smaller dataset) is where the models'
     fit and the data's own support distance are measured; `heldout`: stage 1a did not train on it. joint_state: the
     data key the support distance compares states by; max_policy_steps / max_pool: subsample the policy's steps and
     the pool of dataset rows (the exact nearest-neighbour search is quadratic)."""
     t0, device = time.time(), data["obs"].device
     N = data["obs"].shape[0]
-    episode = np.searchsorted(ends, np.arange(N))
-    is_ref = (episode % 50 == 49) if episode.max() >= 49 else episode == episode.max()
+    episode, is_ref = np.searchsorted(ends, np.arange(N)), held_out(ends, N)
     rows = torch.as_tensor(np.flatnonzero(is_ref))
     rows = (
         rows[: min(2048, len(rows))] if heldout else rows[torch.linspace(0, len(rows) - 1, min(2048, len(rows))).long()]
@@ -210,7 +217,7 @@ def diagnose(
         behaviour = {k: behaviour[k] for k in ("denoising_loss", "denoising_loss_rows", "sample_to_data_distance")}
     out = {"behaviour": behaviour, "critic": critic_quality(q_target, data, ends, gamma)}
     if actors is not None:
-        _, obs_e, act_e, obs_last = fns["rollout"](actors)  # the same episodes as the final evaluation
+        _, obs_e, act_e, obs_last, *_ = fns["rollout"](actors)  # the same episodes as the final evaluation
         obs_t, act_t = torch.as_tensor(obs_e), torch.as_tensor(act_e)
         if max_policy_steps is not None:
             pick = torch.linspace(0, obs_t.shape[1] - 1, min(max_policy_steps, obs_t.shape[1])).long()
@@ -246,9 +253,9 @@ def diagnose(
             out["policy"]["final_assignment"] = assignment_stats(obs_last, order, n_conventions)
         g = torch.Generator(device).manual_seed(seed * 1000 + 5)
         sampler = BehaviourSampler(fns["sample_actions"], score_net, mask, data["act"].shape[-1], sample_steps, g)
-        ret, _, _, s_last = fns["rollout"](sampler)
+        ret, _, _, s_last, *more = fns["rollout"](sampler)
         score_net.eval()  # the rollout leaves its policy in train mode
-        out["behaviour"]["sampler"] = {"return": ret}
+        out["behaviour"]["sampler"] = {"return": ret, **(more[0] if more else {})}
         if n_conventions:
             out["behaviour"]["sampler"]["final_assignment"] = assignment_stats(s_last, order, n_conventions)
     out["seconds"] = time.time() - t0

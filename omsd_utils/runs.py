@@ -5,16 +5,20 @@ timings that span every process of a resumed run."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import sys
 import time
 
+import numpy as np
 import torch
+import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from omsd_utils.files import LockFile, describe_write_error, lock_path, remove_stale, unwritable_dir
@@ -64,6 +68,20 @@ def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     check_common_args(args, n_agents)
+
+
+def parse_cli(args_cls, env_defaults, argv: list[str] | None = None):
+    """A script's Args from the command line (default: sys.argv), their defaults `env_defaults(Args(env_id=...,
+    dataset=...))` of the --env-id and --dataset given, so that --help shows the values a run uses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--env-id", "--env_id", default=args_cls.env_id)
+    pre.add_argument("--dataset", default=args_cls.dataset)
+    try:
+        known = pre.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
+        known = args_cls()
+    return tyro.cli(args_cls, args=argv, default=env_defaults(args_cls(env_id=known.env_id, dataset=known.dataset)))
 
 
 def check_common_args(args, n_agents: int | None = None):
@@ -141,6 +159,14 @@ class Progress:
 
     def rate(self, step: int) -> float:
         return (step - self.start) / max(self.seconds, 1e-9)
+
+
+def seed_everything(seed: int):
+    """Python's, numpy's and torch's global RNGs, and deterministic torch algorithms (same seed, same numbers)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
 
 
 def check_finite(loss, stage: str, step: int):
@@ -311,7 +337,8 @@ _ACTIVE = {"run": None}  # the run this process opened last (main() opens one pe
 def run_name(args: dict) -> str:
     path = args.get("dataset_path")
     dataset_name = args["dataset"] if not path else os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return f"{args['env_id']}__{dataset_name}__{args['exp_name']}__{args['decomposition']}__{args['seed']}__{int(time.time())}"
+    parts = (args["env_id"], dataset_name, args["exp_name"], args["decomposition"], args["seed"], int(time.time()))
+    return "__".join(map(str, parts))
 
 
 class Run:
@@ -327,6 +354,10 @@ class Run:
         self.dir, self.stages, self.finished, self.stage_locks = None, {}, None, {}
         self.cache_dir, self.env_id, self.resume = cache_dir, env_id, resume
         self.timing, self.cache_files, self.policy_extra, self.writer = {}, {}, {}, None
+
+    def seconds(self) -> float:
+        """The run's time so far, over all of its processes."""
+        return time.time() - self.t_start
 
     def cache_file(self, kind: str, fields: dict) -> str:
         self.cache_files[kind] = cache_path(self.cache_dir, self.env_id, kind, fields)
@@ -558,11 +589,17 @@ class Stage:
             self.run.writer.add_scalar(f"charts/SPS_{self.kind}", self.bar.rate(step), step)
         self.bar.update(step, status)
 
-    def evaluated(self, step: int, ret: float, ref: dict | None):
-        """Record an evaluation of stage 2 (its history is checkpointed with the stage)."""
-        self.extra["eval_history"].append({"step": step, "return": ret})
+    def evaluated(self, step: int, ret: float | None, ref: dict | None, **fields):
+        """Record an evaluation of stage 2 (its history is checkpointed with the stage). `fields`: more of it for
+        the history (e.g. episode_returns, episode_lengths, failed_episodes); a failed one (ret None) is not logged."""
+        self.extra["eval_history"].append({"step": step, "return": ret, **fields})
         self.extra["eval_seconds"].append(time.time() - self.run.t_start)
+        if ret is None:
+            return
         self.run.writer.add_scalar("eval/episodic_return", ret, step)
+        if fields.get("episode_lengths"):
+            lengths = fields["episode_lengths"]
+            self.run.writer.add_scalar("eval/episode_length", sum(lengths) / len(lengths), step)
         if ref is not None:
             self.run.writer.add_scalar("eval/normalized_score", normalized_score(ret, ref), step)
 
@@ -613,6 +650,8 @@ def finish_run(run: Run, results: dict, actors, order, args: dict, ref, paper=No
         write_json_atomic(results, os.path.join(run.dir, "results.json"))
     run.writer.close()
     run.close()  # removes the run's checkpoint and marker
+    if final is None:  # a failed evaluation (results["status"]): the script reports it
+        return results
     score = ""
     if ref:
         score = (

@@ -20,7 +20,7 @@ import torch
 
 from envs import render
 from omsd_utils.files import unwritable_dir
-from omsd_utils.runs import RunError, write_json_atomic
+from omsd_utils.runs import RunError, normalized_score, write_json_atomic
 
 
 def read_run(run_dir: str, args_cls, resolve) -> tuple:
@@ -69,6 +69,8 @@ def open_saved(args, args_cls, resolve) -> tuple:
     if why:
         raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
     ev_args = dataclasses.replace(run_args, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return ev_args, run_args, results
 
 
@@ -91,6 +93,8 @@ def write_evaluation(ev_args, run_args, results, ev: dict, videos, seconds: floa
     else the script's evaluate reports), and the line that says how it compares with the run's own final one."""
     E = ev_args.eval_episodes
     same = E == run_args.eval_episodes
+    ref = results.get("normalization")
+    ev.setdefault("normalized_score", normalized_score(ev["return"], ref.get("constants", ref) if ref else None))
     out = {
         "eval_from": os.path.abspath(ev_args.eval_from),
         "env_id": ev_args.env_id,
