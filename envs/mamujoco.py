@@ -25,6 +25,7 @@ import sys
 import warnings
 
 import mujoco
+import numpy as np
 
 # gymnasium_robotics warns, and prints a notice to stderr, about its Adroit envs (not used here) on import: an
 # error of the scripts stays the one line on stderr
@@ -81,3 +82,19 @@ def env_spec(env_id: str) -> dict:
     }  # = state()
     env.close()
     return spec
+
+
+def diverged(env, obs: dict, reward, names) -> str:
+    """Why one env step's output is unusable ('' if it is fine): a NaN/inf reward or observation, or MuJoCo's
+    instability warning (on a bad qpos/qvel/qacc MuJoCo resets the simulation itself, and the episode would go on
+    with finite but meaningless numbers; the warning counters say so until the env's next reset)."""
+    if not np.isfinite(reward):
+        return f"non-finite reward {reward}"
+    for a in names:
+        if not np.all(np.isfinite(obs[a])):
+            return f"non-finite observation of {a}"
+    data = getattr(getattr(getattr(env, "single_agent_env", None), "unwrapped", None), "data", None)
+    for w in ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC") if data is not None else ():
+        if data.warning[int(getattr(mujoco.mjtWarning, w))].number:
+            return f"unstable simulation (MuJoCo warning {w}; MuJoCo reset it)"
+    return ""

@@ -281,3 +281,17 @@ if __name__ == "__main__":
         default_path,
         ensure_dataset,
     )
+
+
+def normalization(env_id: str, meta: dict) -> dict | None:
+    """The normalisation constants of a run on these data, the dataset's own: a generated dataset's are its behaviour
+    policies' evaluation returns, a published one's those of its paper or benchmark (None: no normalized score)."""
+    ref = meta.get("normalization")
+    if ref is None and meta.get("env_family") == "mamujoco" and meta.get("env_version") == ENV_VERSION:
+        ref = reference_returns(env_id)  # a generated file made before datasets stored their constants
+    if ref is not None and not ref["expert"] > ref["random"]:
+        raise DatasetError(
+            f"reference returns of {env_id} have expert {ref['expert']} <= random {ref['random']} "
+            f"({ref['source']}); the normalized score would be meaningless"
+        )
+    return ref

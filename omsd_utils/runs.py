@@ -93,6 +93,8 @@ def check_common_args(args, n_agents: int | None = None):
             raise RunError(
                 f"--{k.replace('_', '-')} must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {v}"
             )
+    if args.capture_video < 0:
+        raise RunError(f"--capture-video must be 0 (none) or a number of episodes to draw, got {args.capture_video}")
     if args.threads < 0:
         raise RunError(f"--threads must be 0 (all cores) or a positive number of threads, got {args.threads}")
     name = args.exp_name

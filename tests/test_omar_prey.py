@@ -269,9 +269,7 @@ def test_cli(files, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and "--trust-pickle" in lines[0], r.stderr
     assert not (tmp_path / "p.pt").exists()
-    r = _cli(
-        src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle", cwd=tmp_path
-    )
+    r = _cli(src, "--out", str(tmp_path / "p.pt"), "--task", "simple_tag", "--trust-pickle", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "warning: unpickling" in r.stderr and "simple_tag prey" in r.stdout
     assert load_prey(str(tmp_path / "p.pt"), task="simple_tag").obs_dim == 14

@@ -106,12 +106,11 @@ BAD_SETTINGS = [
     (["--seed", "99999999999999999"], "--seed must be an integer in 0..4294967295"),
     (["--stage1-seed", "-1"], "--stage1-seed must be an integer in 0..4294967295"),
     (["--expectile", "1.5"], "--expectile must be in (0, 1)"),
-    (["--diffusion-ema", "1"], "--diffusion-ema must be in [0, 1)"),
-    (["--diffusion-t-sampling", "cosine"], "--diffusion-t-sampling must be one of uniform, lognormal"),
+    (["--capture-video", "-1"], "--capture-video must be 0 (none) or a number of episodes"),
+    (["--weighting", "sigma"], "--weighting must be one of sigma2, one, alpha_over_sigma"),
     (["--gamma", "2"], "--gamma must be in (0, 1]"),
-    (["--polyak", "0"], "--polyak must be in (0, 1]"),
     (["--beta", "inf"], "--beta must be a finite number"),
-    (["--critic-lr", "nan"], "--critic-lr must be a finite number"),
+    (["--actor-lr", "nan"], "--actor-lr must be a finite number"),
     (["--actor-lr", "0"], "--actor-lr must be > 0"),
     (["--exp-name", "a/b"], "--exp-name must be a plain name"),
 ]
@@ -495,7 +494,7 @@ def test_a_finished_run_whose_checkpoints_were_left_is_not_run_again(here, monke
 
 def test_timings_after_a_resume_span_every_process(here, monkeypatch):
     args = MPE_TINY + ["--checkpoint-every", "5"]
-    real = om.checkpoint
+    real = runs.checkpoint
 
     def stop_at_10(a, path, fields, stage, objs, g, step, *rest):
         if stage.startswith("stage 2") and step == 10:
@@ -503,11 +502,11 @@ def test_timings_after_a_resume_span_every_process(here, monkeypatch):
             runs.STOP["signal"] = signal.SIGTERM  # as Ctrl-C would
         return real(a, path, fields, stage, objs, g, step, *rest)
 
-    monkeypatch.setattr(om, "checkpoint", stop_at_10)
+    monkeypatch.setattr(runs, "checkpoint", stop_at_10)
     with pytest.raises(runs.Interrupted):
         om.main(main_args(om.Args, args))
     runs.STOP["signal"] = None
-    monkeypatch.setattr(om, "checkpoint", real)
+    monkeypatch.setattr(runs, "checkpoint", real)
     t0 = time.time()
     res = om.main(main_args(om.Args, args))
     second = time.time() - t0

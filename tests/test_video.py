@@ -7,13 +7,11 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from omsd_utils import runs, saved
 from tests.helpers import MAMUJOCO_TINY, MPE_TINY, REPO, results_of, run_script
 
 MPE = os.path.join(REPO, "oma_sd_mpe.py")
@@ -25,7 +23,7 @@ NO_GL = r"EGL|OpenGL|GL context|glGetError"
 def mpe_run(tmp_path_factory):
     """A finished tiny MPE run with --capture-video (2 evaluation episodes, both drawn)."""
     work = tmp_path_factory.mktemp("video_mpe")
-    r = run_script(MPE, work, "--env-id", "simple_spread", "--dataset", "expert", *MPE_TINY, "--capture-video")
+    r = run_script(MPE, work, "--env-id", "simple_spread", "--dataset", "expert", *MPE_TINY, "--capture-video", "2")
     res = results_of(work, r.stdout)
     return work, work / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1]), res, r.stdout
 
@@ -59,9 +57,7 @@ def test_eval_from_reproduces_the_final_return_and_trains_nothing(mpe_run, tmp_p
     work, run_dir, res, _ = mpe_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("videos"))
-    r = run_script(
-        MPE, work, "--eval-from", str(copy), "--eval-episodes", "2", "--capture-video", "--video-episodes", "1"
-    )
+    r = run_script(MPE, work, "--eval-from", str(copy), "--eval-episodes", "2", "--capture-video", "1")
     with open(copy / "eval_2_episodes.json") as f:
         ev = json.load(f)
     assert ev["return"] == res["final_return"] and ev["same_protocol_as_run"] is True
@@ -108,35 +104,20 @@ def test_eval_from_bad_runs(mpe_run, tmp_path):
     one_error_line(run_script(MAMUJOCO, work, "--eval-from", str(run_dir), check=False), "does not know")
 
 
-def test_track_resumes_the_same_wandb_run(monkeypatch, tmp_path):
-    calls = []
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    args = types.SimpleNamespace(track=True, wandb_project_name="omsd", wandb_entity=None, seed=1)
-    for _ in range(2):  # the first process and the one that resumes the run in the same directory
-        runs.open_writer(args, str(tmp_path / "simple_spread__expert__oma_sd_mpe__sequential__1__123")).close()
-    runs.open_writer(args, str(tmp_path / "simple_spread__expert__oma_sd_mpe__sequential__2__124")).close()
-    assert [c["resume"] for c in calls] == ["allow"] * 3
-    assert calls[0]["id"] == calls[1]["id"] != calls[2]["id"]
-    assert re.fullmatch(r"[0-9a-f]{16}", calls[0]["id"])
-
-
-def test_track_uploads_the_gifs_as_wandb_videos(monkeypatch):
-    logged = []
-    fake = types.SimpleNamespace(log=logged.append, Video=lambda path, format: ("video", path, format))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    saved.upload_videos(
-        [{"episode": 0, "gif": "v/episode_0.gif"}, {"episode": 1, "failed": "diverged"}, {"episode": 2, "gif": "g.gif"}]
-    )
-    assert logged == [
-        {"videos/episode_0": ("video", "v/episode_0.gif", "gif"), "videos/episode_2": ("video", "g.gif", "gif")}
-    ]
-
-
 def test_mamujoco_capture_video_and_eval_from(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
     r = subprocess.run(
-        [sys.executable, MAMUJOCO, "--env-id", "Hopper-3x1", *MAMUJOCO_TINY, "--capture-video", "--video-every", "2"],
+        [
+            sys.executable,
+            MAMUJOCO,
+            "--env-id",
+            "Hopper-3x1",
+            *MAMUJOCO_TINY,
+            "--capture-video",
+            "2",
+            "--video-every",
+            "2",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

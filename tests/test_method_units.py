@@ -1,14 +1,19 @@
-"""Unit tests of the pieces of oma_sd_mpe.py: VP-SDE, losses, conditioning, and the stage-2 gradient."""
+"""Unit tests of the algorithm's pieces: VP-SDE, losses, conditioning, the DDIM grid and the stage-2 gradient. Every
+test runs against both scripts, whose copies of the algorithm must not drift apart."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
-import oma_sd_mpe as om
+
+@pytest.fixture(params=["oma_sd_mpe", "oma_sd_mamujoco"])
+def om(request):
+    return importlib.import_module(request.param)
 
 
-def test_vp_sde_coefficients():
+def test_vp_sde_coefficients(om):
     t = torch.tensor([0.0, 0.5, 1.0])
     alpha_t, sigma_t = om.vp_sde(t)
     assert alpha_t[0] == pytest.approx(1.0) and sigma_t[0] == pytest.approx(0.0)
@@ -25,7 +30,7 @@ class Echo(torch.nn.Module):
         return 0.5 * x_t
 
 
-def test_diffusion_loss_value():
+def test_diffusion_loss_value(om):
     a0 = torch.randn(3, 64, 2)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     loss = om.diffusion_loss(Echo(), a0, None, g1)
@@ -38,35 +43,22 @@ def test_diffusion_loss_value():
     assert t.min() >= 1e-3
 
 
-def test_t_of_lambda_inverts_the_vp_sde():
-    t = torch.tensor([1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
-    alpha_t, sigma_t = om.vp_sde(t)
-    assert torch.allclose(om.t_of_lambda(torch.log(alpha_t / sigma_t)), t, rtol=1e-9)
-
-
-def test_lognormal_noise_levels():
-    """EDM's levels: log(sigma_t / alpha_t) ~ N(-1.2, 1.2^2), so most t lie where the modes separate."""
-    a0 = torch.randn(3, 64, 2)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    loss = om.diffusion_loss(Echo(), a0, None, g1, "lognormal")
-    t = om.t_of_lambda(1.2 + 1.2 * torch.randn(3, 64, 1, generator=g2)).clamp(1e-3, 1.0)
-    z = torch.randn(a0.shape, generator=g2)
-    alpha_t, sigma_t = om.vp_sde(t)
-    assert torch.allclose(loss, ((0.5 * (alpha_t * a0 + sigma_t * z) - z) ** 2).sum(-1).mean(-1))
-    big = om.t_of_lambda(1.2 + 1.2 * torch.randn(100_000, generator=torch.Generator().manual_seed(0)))
-    alpha_t, sigma_t = om.vp_sde(big)
+def test_logsnr_grid_is_uniform_in_log_snr_between_its_ends(om):
+    ts = om.logsnr_grid(1.0, 1e-3, 20).double()
+    alpha_t, sigma_t = om.vp_sde(ts)
     lam = torch.log(alpha_t / sigma_t)
-    assert lam.mean().item() == pytest.approx(1.2, abs=0.02) and lam.std().item() == pytest.approx(1.2, abs=0.02)
-    assert (big < 0.3).float().mean() > 0.85  # uniform t: 0.3
+    assert ts[0].item() == pytest.approx(1.0, rel=1e-5) and ts[-1].item() == pytest.approx(1e-3, rel=1e-4)
+    assert torch.allclose(lam.diff(), lam.diff().mean().expand(20), rtol=1e-3)  # equal steps in lambda
+    assert (lam.diff() > 0).all()
 
 
-def test_expectile_loss():
+def test_expectile_loss(om):
     assert om.expectile_loss(torch.tensor([1.0, -1.0]), 0.7).item() == pytest.approx(0.5)
     assert om.expectile_loss(torch.tensor([2.0]), 0.9).item() == pytest.approx(3.6)
     assert om.expectile_loss(torch.tensor([-2.0]), 0.9).item() == pytest.approx(0.4)
 
 
-def test_condition_prefix_masks():
+def test_condition_prefix_masks(om):
     n, B = 3, 4
     base = torch.zeros(n, B, 5)
     acts = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1).expand(n, B, 2)  # position k acts k+1
@@ -79,20 +71,20 @@ def test_condition_prefix_masks():
     assert torch.equal(ind[:, :, 5:], torch.zeros(n, B, 4))
 
 
-def test_stacked_actors_equal_per_agent_networks():
+def test_stacked_actors_equal_per_agent_networks(om):
     torch.manual_seed(0)
     actors = om.Actors(3, 7, 2, 16)
     obs = torch.randn(3, 10, 7)
     out = actors(obs)
     for k in range(3):
-        assert torch.allclose(out[k], actors.one(k, obs[k]), atol=1e-6)
+        assert torch.allclose(out[k], torch.tanh(actors.nets[k](obs[k])), atol=1e-6)
     assert out.abs().max() <= 1
 
 
-def test_stacked_score_net_equals_separate_positions():
+def test_stacked_score_net_equals_separate_positions(om):
     # position k's output must not depend on the inputs of other positions
     torch.manual_seed(0)
-    net = om.ScoreNet(3, 2, 9, 32, 2)
+    net = om.ScoreNet(3, 2, 9, 32)
     x, t, c = torch.randn(3, 5, 2), torch.rand(3, 5, 1), torch.randn(3, 5, 9)
     out = net(x, t, c)
     x2, c2 = x.clone(), c.clone()
@@ -100,7 +92,7 @@ def test_stacked_score_net_equals_separate_positions():
     assert torch.allclose(net(x2, t, c2)[0], out[0])
 
 
-def test_stage2_gradient_is_weighted_score_minus_beta_gradq_times_jacobian():
+def test_stage2_gradient_is_weighted_score_minus_beta_gradq_times_jacobian(om):
     torch.manual_seed(1)
     n, B, obs_dim, act = 2, 8, 4, 3
     actors = om.Actors(n, obs_dim, act, 16)
@@ -116,14 +108,14 @@ def test_stage2_gradient_is_weighted_score_minus_beta_gradq_times_jacobian():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_one_pass_equals_per_agent_loop():
+def test_one_pass_equals_per_agent_loop(om):
     """The default stage-2 path (one critic backward, one batched diffusion forward) gives every agent the
     same gradient as computing each agent's loss on its own, with the prefix taken from the actions at the
     start of the iteration."""
     torch.manual_seed(2)
     n, B, obs_dim, act = 3, 16, 5, 2
     actors = om.Actors(n, obs_dim, act, 16)
-    score_net = om.ScoreNet(n, act, obs_dim + (n - 1) * act, 32, 1).eval()
+    score_net = om.ScoreNet(n, act, obs_dim + (n - 1) * act, 32).eval()
     q = om.TwinQ(n * obs_dim + n * act, 32).eval()
     mask = om.prefix_mask(n, "sequential")
     obs = torch.randn(n, B, obs_dim)
@@ -133,7 +125,7 @@ def test_one_pass_equals_per_agent_loop():
     alpha_t, sigma_t = om.vp_sde(t)
     beta = 0.1
 
-    # batched, as in main()
+    # batched, as in stage 2
     a = actors(obs)
     cur = a.detach()
     grad_q = om.q_grad(q, s, cur)
@@ -144,7 +136,7 @@ def test_one_pass_equals_per_agent_loop():
     # explicit loop: agent k alone, its own conditioning vector and its own critic gradient
     per_agent = []
     for k in range(n):
-        a_k = actors.one(k, obs[k])
+        a_k = torch.tanh(actors.nets[k](obs[k]))
         slots = [cur[j] for j in range(n)]
         a_var = a_k.detach().requires_grad_(True)
         slots[k] = a_var
@@ -167,18 +159,20 @@ def test_one_pass_equals_per_agent_loop():
 class GaussianEps(torch.nn.Module):
     """The exact eps of behaviour data N(0, I): x_t ~ N(0, I) at every t, so eps(x_t, t) = sigma_t x_t."""
 
+    def __init__(self, om):
+        super().__init__()
+        self.vp_sde = om.vp_sde
+
     def forward(self, x_t, t, cond):
-        return om.vp_sde(t)[1] * x_t
+        return self.vp_sde(t)[1] * x_t
 
 
-@pytest.mark.parametrize("script", ["oma_sd_mpe", "oma_sd_mamujoco"])
-def test_z_baseline_keeps_the_expected_score_term_and_cuts_its_noise(script):
-    mod = __import__(script)
+def test_z_baseline_keeps_the_expected_score_term_and_cuts_its_noise(om):
     a = torch.rand(3, 1, 2).expand(3, 20000, 2) * 2 - 1  # the same action for every sample of each position
     terms = {}
     for z_baseline in (False, True):
-        args = mod.Args(z_baseline=z_baseline, weighting="sigma2")
-        eps_hat, w = mod.noised_eps_hat(GaussianEps(), a, None, args, torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        eps_hat, w = om.noised_eps_hat(GaussianEps(om), a, None, "sigma2", z_baseline, g)
         terms[z_baseline] = w * eps_hat  # what multiplies the actor's Jacobian, sample by sample
     mean = {k: v.mean(1) for k, v in terms.items()}
     se = terms[False].std(1) / math.sqrt(a.shape[1])
