@@ -20,6 +20,7 @@ from torch import nn
 
 from envs import bandit, render
 from envs.mpe import TASKS, MPEEnv, PreyError, paper_comparison, paper_metric
+from omsd_data import mpe_data
 from omsd_data.bandit_data import SPEC as BANDIT_SPEC
 from omsd_data.bandit_data import bandit_data
 from omsd_data.dataset import DatasetError, episode_ends
@@ -581,7 +582,8 @@ def main(args: Args) -> dict:
                    rollout=lambda policy: evaluate(policy, args, order, obs_max, prey, record=True))  # fmt: skip
         diagnostics = diagnose(fns, score_net, q_target, None if args.env_id == "bandit" else actors, data, ends,
                                mask, sample_steps=args.sample_steps, gamma=args.gamma, seed=args.seed, order=order,
-                               heldout=True, n_conventions=K, writer=run.writer, step=args.policy_steps)  # fmt: skip
+                               heldout=True, n_conventions=K, conventions=mpe_data, writer=run.writer,
+                               step=args.policy_steps)  # fmt: skip
     results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
                    dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,
                    weighting=args.weighting, seed=args.seed, prey=prey_record, metric=METRIC, actor_init=init,

@@ -22,7 +22,7 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import oma_sd_mpe as om  # noqa: E402
-from envs import bandit  # noqa: E402
+from omsd_data.bandit_data import MODE, MODE_STD  # noqa: E402
 
 SEEDS = (0, 37, 42, 99, 400, 1000, 32987, 50000, 77777, 9000000)  # the authors' bandit seeds
 
@@ -52,8 +52,8 @@ class Cfg:
 def analytic_eps(x, t):
     """eps*(x, t) = -sigma_t d/dx log p_t(x) for one agent's marginal (two modes +-0.8, std 0.1; clipping ignored)."""
     alpha_t, sigma_t = om.vp_sde(torch.as_tensor(t, dtype=torch.float64))
-    var = alpha_t**2 * bandit.MODE_STD**2 + sigma_t**2
-    mus = torch.tensor([bandit.MODE, -bandit.MODE], dtype=torch.float64) * alpha_t
+    var = alpha_t**2 * MODE_STD**2 + sigma_t**2
+    mus = torch.tensor([MODE, -MODE], dtype=torch.float64) * alpha_t
     x = torch.as_tensor(x, dtype=torch.float64)[:, None]
     logw = -((x - mus) ** 2) / (2 * var)
     resp = torch.softmax(logw, 1)
@@ -69,7 +69,7 @@ def plot_field(score_net_path: str, out: str):
 
     ckpt = torch.load(score_net_path, map_location="cpu", weights_only=True)
     fields = json.loads(ckpt["fields"])
-    net = om.ScoreNet(2, 1, 5 + 1, fields["diffusion_hidden"], fields["diffusion_blocks"])
+    net = om.ScoreNet(2, 1, 5 + 1, fields["diffusion_hidden"])
     net.load_state_dict(ckpt["model"])
     net.eval()
     x = np.linspace(-1.5, 1.5, 121)
@@ -114,7 +114,6 @@ def main(cfg: Cfg):
                     diffusion_batch_size=cfg.diffusion_batch_size,
                     actor_hidden=cfg.actor_hidden,
                     threads=cfg.threads,
-                    save_model=False,
                     exp_name="bandit_benchmark",
                 )
             )

@@ -26,10 +26,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from omsd_data.dataset import DatasetError  # noqa: E402
-from omsd_utils.runs import (
-    RunError,  # noqa: E402
-    normalized_score,  # noqa: E402
-)
+from omsd_data.mamujoco_data import normalization  # noqa: E402
+from omsd_utils.runs import RunError, normalized_score  # noqa: E402
 
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of that family's script]"
@@ -43,14 +41,6 @@ def split_family(argv: list[str]) -> tuple[str, list[str]]:
     return argv[1], argv[2:]
 
 
-def reference(om, args, meta):
-    """The normalisation constants the family's script would use for this data (None: no normalized score)."""
-    ref = meta.get("normalization")
-    if ref is None and hasattr(om, "reference_returns") and meta.get("env_version") == om.ENV_VERSION:
-        ref = om.reference_returns(args.env_id)  # a generated MaMuJoCo file made before datasets stored them
-    return ref
-
-
 def run(family: str, argv: list[str]) -> dict:
     """Train and evaluate BC with the family script's settings `argv`; returns the table launcher's row fields."""
     t_start = time.time()
@@ -61,7 +51,7 @@ def run(family: str, argv: list[str]) -> dict:
     if family == "mpe":
         from omsd_data.sources import load_prey_arg
 
-        prey, _ = load_prey_arg(args)
+        prey, _ = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
         evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max, prey)  # noqa: E731
     else:
 
@@ -78,11 +68,11 @@ def run(family: str, argv: list[str]) -> dict:
     arrays, meta, source = om.load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(range(n))
-    data = om.to_tensors(arrays, order, args)
+    data = om.to_tensors(arrays, order, args.bootstrap_truncation)
     del arrays
     obs, act = data["obs"].transpose(0, 1).contiguous(), data["act"].transpose(0, 1).contiguous()  # (n, N, .)
     N, obs_max = obs.shape[1], obs.shape[2]
-    ref = reference(om, args, meta)
+    ref = meta.get("normalization") if family == "mpe" else normalization(args.env_id, meta)  # as the script's
 
     torch.manual_seed(args.seed * 1000 + 3)  # the actors' initialisation of the script's stage 2
     actors = om.Actors(n, obs_max, act.shape[-1], args.actor_hidden)

@@ -4,7 +4,7 @@ decomposition x seed) as submitit jobs, then writes the table, rliable statistic
     python benchmark/table.py --family mpe --out runs/tables/mpe           # the whole MPE table, 2 runs at a time
     python benchmark/table.py --family mpe --out runs/tables/mpe --launcher slurm --slurm-partition cpu
     python benchmark/table.py --family mpe --out runs/tables/mpe --decompositions bc  # + a BC column
-    python benchmark/table.py --report-only                             # from benchmark/results/mpe*.jsonl
+    python benchmark/table.py --report-only --out benchmark/results/spread   # the spread table from its rows
     python benchmark/table.py --family mamujoco --report-only --out runs/tables/mamujoco
 
 Every finished run appends one row to <out>/<family>.jsonl (or <out>/<results>). Running the same command

@@ -128,6 +128,19 @@ def reference_returns(info: dict, checkpoint: str) -> dict:
     }
 
 
+def dataset_metadata(family: str, task: str, env_version: str, quality: str, seed: int, **rest) -> dict:
+    """The metadata every generated dataset carries: family, task, env version, quality, generation seed, and the
+    family's own fields `rest` (agent names, collection noise, behaviour policies, returns, normalisation...)."""
+    return {"env_family": family, "task": task, "env_version": env_version, "quality": quality, "generation_seed": seed,
+            **rest}  # fmt: skip
+
+
+def wanted(task: str, quality: str, env_version: str, n_transitions: int, seed: int) -> dict:
+    """The metadata values a cached generated dataset must have for `ensure` to use it."""
+    return {"task": task, "quality": quality, "env_version": env_version, "n_transitions": n_transitions,
+            "generation_seed": seed}  # fmt: skip
+
+
 def ensure(path: str, make, expect: dict, want: dict | None = None, normalization=None) -> tuple[dict, dict, str]:
     """Load the dataset at `path`, making it first with make() -> (arrays, metadata) if it does not exist.
     Processes making the same file take turns (a lock file beside it): the second waits for the first and

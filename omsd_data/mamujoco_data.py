@@ -31,11 +31,13 @@ from omsd_data.generation import (
     N_CHUNKS,
     behaviour_tag,
     cli,
+    dataset_metadata,
     ensure,
     load_behaviour_file,
     package_versions,
     run_chunks,
     snapshot_info,
+    wanted,
 )
 from omsd_data.generation import check_metadata as _check_metadata
 from omsd_data.generation import reference_returns as _reference_returns
@@ -203,14 +205,7 @@ def _chunk(job):
     return out
 
 
-def generate(
-    env_id: str,
-    quality: str,
-    n_transitions: int = DEFAULT_TRANSITIONS,
-    seed: int = 0,
-    workers: int = 2,
-    verbose: bool = True,
-) -> tuple[dict, dict]:
+def generate(env_id: str, quality: str, n_transitions=DEFAULT_TRANSITIONS, seed=0, workers=2, verbose=True):
     """Roll out the behaviour policies of (env_id, quality); returns (arrays, metadata)."""
     if env_id not in ENV_IDS:
         raise DatasetError(f"unknown MaMuJoCo env id {env_id!r}; choose one of {', '.join(ENV_IDS)}")
@@ -225,44 +220,25 @@ def generate(
         jobs += [(env_id, sd, int(c), [seed, p, j]) for j, c in enumerate(counts) if c > 0]
     parts = run_chunks(_chunk, jobs, workers, f"{env_id} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    meta = {
-        "env_family": "mamujoco",
-        "task": env_id,
-        "env_version": ENV_VERSION,
-        "quality": quality,
-        "agent_names": make_env(env_id).possible_agents,
-        "generation_seed": seed,
-        "collect_noise": COLLECT_NOISE,
-        "behaviour": {
-            "trainer": "omsd_data/train_behaviour.py (MATD3)",
-            "policies": [[n, k] for n, _, k in plan],
-            "snapshots": plan_snapshots(env_id, plan),
-        },
-        "episode_return": return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
-        "normalization": reference_returns(env_id),
-        "packages": package_versions(("mujoco", "gymnasium_robotics")),
+    behaviour = {
+        "trainer": "omsd_data/train_behaviour.py (MATD3)",
+        "policies": [[n, k] for n, _, k in plan],
+        "snapshots": plan_snapshots(env_id, plan),
     }
+    meta = dataset_metadata(
+        "mamujoco", env_id, ENV_VERSION, quality, seed, agent_names=make_env(env_id).possible_agents,
+        collect_noise=COLLECT_NOISE, behaviour=behaviour,
+        episode_return=return_stats(episode_returns(arrays, team_return), "team return (sum of the team reward)"),
+        normalization=reference_returns(env_id), packages=package_versions(("mujoco", "gymnasium_robotics")),
+    )  # fmt: skip
     return arrays, meta
 
 
-def ensure_dataset(
-    env_id: str,
-    quality: str,
-    n_transitions: int = DEFAULT_TRANSITIONS,
-    seed: int = 0,
-    path: str | None = None,
-    workers: int = 2,
-) -> tuple[dict, dict, str]:
+def ensure_dataset(env_id, quality, n_transitions=DEFAULT_TRANSITIONS, seed=0, path=None, workers=2):
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(env_id, quality, n_transitions, seed)
-    want = {
-        "task": env_id,
-        "quality": quality,
-        "env_version": ENV_VERSION,
-        "n_transitions": n_transitions,
-        "generation_seed": seed,
-    }
     make = lambda: generate(env_id, quality, n_transitions, seed, workers)  # noqa: E731
+    want = wanted(env_id, quality, ENV_VERSION, n_transitions, seed)
     return ensure(path, make, env_spec(env_id), want, lambda: reference_returns(env_id))
 
 

@@ -39,12 +39,14 @@ from omsd_data.generation import (
     N_CHUNKS,
     behaviour_tag,
     cli,
+    dataset_metadata,
     ensure,
     load_behaviour_file,
     package_versions,
     reference_returns,
     run_chunks,
     snapshot_info,
+    wanted,
 )
 from omsd_data.generation import check_metadata as _check_metadata
 from omsd_data.policies import actor_from_state_dict
@@ -196,14 +198,7 @@ def _chunk(job):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def generate(
-    task: str,
-    quality: str,
-    n_transitions: int = DEFAULT_TRANSITIONS,
-    seed: int = 0,
-    workers: int = 2,
-    verbose: bool = True,
-) -> tuple[dict, dict]:
+def generate(task: str, quality: str, n_transitions=DEFAULT_TRANSITIONS, seed=0, workers=2, verbose=True):
     """Roll out the behaviour policies of (task, quality); returns (arrays, metadata)."""
     if task not in TASKS:
         raise DatasetError(f"unknown MPE task {task!r}; choose one of {', '.join(TASKS)}")
@@ -227,15 +222,8 @@ def generate(
     parts = run_chunks(_chunk, jobs, workers, f"{task} {quality}", n_transitions, verbose)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     rets = episode_returns(arrays, lambda r: paper_metric(task, r))
-    meta = {
-        "env_family": "mpe",
-        "task": task,
-        "env_version": ENV_VERSION,
-        "quality": quality,
-        "agent_names": MPEEnv(task).possible_agents,
-        "generation_seed": seed,
-        "collect_noise": COLLECT_NOISE,
-        "behaviour": {
+    behaviour = (
+        {
             "trainer": "omsd_data/train_behaviour.py (MATD3)",
             "policies": [[n, k] for n, _, k in plan],
             "snapshots": {n: snapshot(task, n) for n, _, _ in plan},
@@ -247,11 +235,14 @@ def generate(
             "controller": CONTROLLER,
             "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],
             "shared_draw": CONTROLLED[quality][1],
-        },
-        "episode_return": return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
-        "normalization": normalization(task),
-        "packages": package_versions(("mpe2",)),
-    }
+        }
+    )
+    meta = dataset_metadata(
+        "mpe", task, ENV_VERSION, quality, seed, agent_names=MPEEnv(task).possible_agents,
+        collect_noise=COLLECT_NOISE, behaviour=behaviour,
+        episode_return=return_stats(rets, "paper (spread: mean over agents; tag/world: predator 0)"),
+        normalization=normalization(task), packages=package_versions(("mpe2",)),
+    )  # fmt: skip
     return arrays, meta
 
 
@@ -272,24 +263,11 @@ def env_spec(task: str) -> dict:
     }
 
 
-def ensure_dataset(
-    task: str,
-    quality: str,
-    n_transitions: int = DEFAULT_TRANSITIONS,
-    seed: int = 0,
-    path: str | None = None,
-    workers: int = 2,
-) -> tuple[dict, dict, str]:
+def ensure_dataset(task, quality, n_transitions=DEFAULT_TRANSITIONS, seed=0, path=None, workers=2):
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
-    want = {
-        "task": task,
-        "quality": quality,
-        "env_version": ENV_VERSION,
-        "n_transitions": n_transitions,
-        "generation_seed": seed,
-    }
     make = lambda: generate(task, quality, n_transitions, seed, workers)  # noqa: E731
+    want = wanted(task, quality, ENV_VERSION, n_transitions, seed)
     return ensure(path, make, env_spec(task), want, lambda: normalization(task))
 
 
@@ -309,3 +287,40 @@ if __name__ == "__main__":
         ensure_dataset,
         task_qualities,
     )
+
+
+# ---- how actions and episodes relate to the conventions of the controlled data (omsd_utils/diagnostics.py)
+NEAR = 0.3  # an action follows a convention of the controlled spread data when it lies this close to its action
+
+
+def convention_table(obs: np.ndarray, order: list[int]) -> np.ndarray:
+    """(K, n, B, act): the scripted action of every convention of the controlled spread data (omsd_data/mpe_data.py)
+    at observations obs (n, B, obs) in position order; returned in position order too."""
+    agents = np.empty_like(obs)
+    agents[order] = obs  # position p holds agent order[p]
+    return np.stack([convention_actions(agents, np.tile(c, (obs.shape[1], 1)))[order] for c in CONVENTIONS])
+
+
+def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
+    """How actions (n, B, act) relate to the conventions' actions (K, n, B, act): per position, the share near any
+    convention; the share of joint actions with every agent near one and the same convention, overall
+    (`joint_in_one`) and per convention (which one was chosen; they can overlap where conventions coincide)."""
+    d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
+    joint = (d < NEAR).all(1)  # (K, B)
+    return {
+        "near_any": (d.min(0) < NEAR).mean(1).tolist(),
+        "joint_in_one": float(joint.any(0).mean()),
+        "per_convention": joint.mean(1).tolist(),
+    }
+
+
+def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int) -> dict:
+    """Which landmark each agent ends the episode nearest to, from the last observations (n, E, obs) in position
+    order: the share of episodes ending in each convention, in one of the data's n_conventions, and with the three
+    agents at three different landmarks (any assignment without a shared landmark)."""
+    agents = np.empty_like(obs_last)
+    agents[order] = obs_last
+    nearest = np.linalg.norm(agents[..., 4:10].reshape(*agents.shape[:2], 3, 2), axis=-1).argmin(-1)  # (n, E)
+    per = [float((nearest == np.array(c)[:, None]).all(0).mean()) for c in CONVENTIONS]
+    distinct = float(np.mean([len(set(nearest[:, e])) == nearest.shape[0] for e in range(nearest.shape[1])]))
+    return {"per_convention": per, "in_data_convention": float(sum(per[:n_conventions])), "distinct": distinct}

@@ -49,34 +49,14 @@ from omsd_utils.runs import SEED_RANGE, RunError, save_atomic
 
 BEHAVIOUR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviour")
 # Per family; MPE's are OMAR's generator settings, MaMuJoCo's a cheaper TD3 (half an update per transition).
+# fmt: off
 FAMILY_DEFAULTS = {
-    "mpe": dict(
-        total_steps=500_000,
-        learning_starts=10_000,
-        update_every=32,
-        batch_size=1024,
-        lr=1e-3,
-        gamma=0.95,
-        tau=0.01,
-        actor_hidden=64,
-        critic_hidden=64,
-        eval_every=20_000,
-        eval_episodes=40,
-    ),
-    "mamujoco": dict(
-        total_steps=1_000_000,
-        learning_starts=25_000,
-        update_every=2,
-        batch_size=256,
-        lr=1e-3,
-        gamma=0.99,
-        tau=0.005,
-        actor_hidden=64,
-        critic_hidden=256,
-        eval_every=25_000,
-        eval_episodes=10,
-    ),
+    "mpe": dict(total_steps=500_000, learning_starts=10_000, update_every=32, batch_size=1024, lr=1e-3, gamma=0.95,
+                tau=0.01, actor_hidden=64, critic_hidden=64, eval_every=20_000, eval_episodes=40),
+    "mamujoco": dict(total_steps=1_000_000, learning_starts=25_000, update_every=2, batch_size=256, lr=1e-3,
+                     gamma=0.99, tau=0.005, actor_hidden=64, critic_hidden=256, eval_every=25_000, eval_episodes=10),
 }
+# fmt: on
 # Per task, on top of the family's: the settings each committed checkpoint was trained with, so that
 # `python -m omsd_data.train_behaviour --task T --seed K` remakes it. Why they differ: docs/datasets.md.
 # MaMuJoCo's total_steps are the seed-0 runs' budgets, not set by convergence (several were still rising).

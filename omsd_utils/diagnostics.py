@@ -8,7 +8,8 @@ the denoising loss, the conditioning and an evaluation rollout), so that this mo
 - the critic: Q of dataset actions against discounted Monte-Carlo returns (`pearson_r`);
 - the policy: its distance from the data's support at the states of its evaluation episodes (the authors' planned
   OOD measure), against the data's own distance;
-- on the controlled simple_spread data also which coordination convention samples and episodes follow.
+- on the controlled simple_spread data also which coordination convention samples and episodes follow
+  (`conventions`: omsd_data/mpe_data.py, which defines them).
 """
 
 from __future__ import annotations
@@ -18,46 +19,11 @@ import time
 import numpy as np
 import torch
 
-from omsd_data.mpe_data import CONVENTIONS, convention_actions
-
-NEAR = 0.3  # an action follows a convention of the controlled spread data when it lies this close to its action
-
-
-def convention_table(obs: np.ndarray, order: list[int]) -> np.ndarray:
-    """(K, n, B, act): the scripted action of every convention of the controlled spread data (omsd_data/mpe_data.py)
-    at observations obs (n, B, obs) in position order; returned in position order too."""
-    agents = np.empty_like(obs)
-    agents[order] = obs  # position p holds agent order[p]
-    return np.stack([convention_actions(agents, np.tile(c, (obs.shape[1], 1)))[order] for c in CONVENTIONS])
-
-
-def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:
-    """How actions (n, B, act) relate to the conventions' actions (K, n, B, act): per position, the share near any
-    convention; the share of joint actions with every agent near one and the same convention, overall
-    (`joint_in_one`) and per convention (which one was chosen; they can overlap where conventions coincide)."""
-    d = np.linalg.norm(act[None] - table, axis=-1)  # (K, n, B)
-    joint = (d < NEAR).all(1)  # (K, B)
-    return {
-        "near_any": (d.min(0) < NEAR).mean(1).tolist(),
-        "joint_in_one": float(joint.any(0).mean()),
-        "per_convention": joint.mean(1).tolist(),
-    }
-
-
-def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int) -> dict:
-    """Which landmark each agent ends the episode nearest to, from the last observations (n, E, obs) in position
-    order: the share of episodes ending in each convention, in one of the data's n_conventions, and with the three
-    agents at three different landmarks (any assignment without a shared landmark)."""
-    agents = np.empty_like(obs_last)
-    agents[order] = obs_last
-    nearest = np.linalg.norm(agents[..., 4:10].reshape(*agents.shape[:2], 3, 2), axis=-1).argmin(-1)  # (n, E)
-    per = [float((nearest == np.array(c)[:, None]).all(0).mean()) for c in CONVENTIONS]
-    distinct = float(np.mean([len(set(nearest[:, e])) == nearest.shape[0] for e in range(nearest.shape[1])]))
-    return {"per_convention": per, "in_data_convention": float(sum(per[:n_conventions])), "distinct": distinct}
-
 
 @torch.no_grad()
-def behaviour_fit(fns: dict, score_net, data, rows, cond_base, mask, sample_steps: int, order, early=None) -> dict:
+def behaviour_fit(
+    fns: dict, score_net, data, rows, cond_base, mask, sample_steps: int, order, early=None, conventions=None
+):
     """Denoising loss of every position's model on `rows`, and where DDIM samples given the dataset's prefix land:
     their distance to the dataset action; on controlled data, at the rows `early`, whether they lie near a
     convention's action and whether it is the convention the data's action is nearest to.
@@ -77,10 +43,10 @@ def behaviour_fit(fns: dict, score_net, data, rows, cond_base, mask, sample_step
     if early is not None:  # the first steps of the held-out episodes, where the conventions' actions are far apart
         a0, samples = given_prefix(early)
         samples = samples.cpu().numpy()
-        table = convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
+        table = conventions.convention_table(data["obs"][early].transpose(0, 1).cpu().numpy(), order)
         d_s = np.linalg.norm(samples[None] - table, axis=-1)
         d_a = np.linalg.norm(a0.cpu().numpy()[None] - table, axis=-1)
-        out["samples_near_a_convention"] = (d_s.min(0) < NEAR).mean(1).tolist()
+        out["samples_near_a_convention"] = (d_s.min(0) < conventions.NEAR).mean(1).tolist()
         out["samples_follow_data_convention"] = (d_s.argmin(0) == d_a.argmin(0)).mean(1).tolist()
     return out
 
@@ -180,6 +146,7 @@ def diagnose(
     order: list[int],
     heldout: bool,
     n_conventions: int = 0,
+    conventions=None,
     joint_state: str = "critic_state",
     max_policy_steps: int | None = None,
     max_pool: int | None = None,
@@ -208,7 +175,7 @@ def diagnose(
         step_in_episode = np.arange(N) - np.concatenate([[0], ends + 1])[episode]
         early = torch.as_tensor(np.flatnonzero(is_ref & (step_in_episode < 5))).to(device)
     cond_base = lambda idx: data["obs"][idx].transpose(0, 1)  # noqa: E731
-    behaviour = behaviour_fit(fns, score_net, data, rows, cond_base, mask, sample_steps, order, early)
+    behaviour = behaviour_fit(fns, score_net, data, rows, cond_base, mask, sample_steps, order, early, conventions)
     if heldout:
         behaviour["heldout_denoising_loss"] = behaviour.pop("denoising_loss")
         behaviour = {"heldout_denoising_loss": behaviour.pop("heldout_denoising_loss"), **behaviour}
@@ -247,17 +214,16 @@ def diagnose(
         }
         if n_conventions:
             E = obs_last.shape[1]
-            out["policy"]["conventions_first_step"] = convention_stats(
-                act_e[:, :E], convention_table(obs_e[:, :E], order)
-            )
-            out["policy"]["final_assignment"] = assignment_stats(obs_last, order, n_conventions)
+            table = conventions.convention_table(obs_e[:, :E], order)
+            out["policy"]["conventions_first_step"] = conventions.convention_stats(act_e[:, :E], table)
+            out["policy"]["final_assignment"] = conventions.assignment_stats(obs_last, order, n_conventions)
         g = torch.Generator(device).manual_seed(seed * 1000 + 5)
         sampler = BehaviourSampler(fns["sample_actions"], score_net, mask, data["act"].shape[-1], sample_steps, g)
         ret, _, _, s_last, *more = fns["rollout"](sampler)
         score_net.eval()  # the rollout leaves its policy in train mode
         out["behaviour"]["sampler"] = {"return": ret, **(more[0] if more else {})}
         if n_conventions:
-            out["behaviour"]["sampler"]["final_assignment"] = assignment_stats(s_last, order, n_conventions)
+            out["behaviour"]["sampler"]["final_assignment"] = conventions.assignment_stats(s_last, order, n_conventions)
     out["seconds"] = time.time() - t0
     out = rounded(out)
     if writer is not None:

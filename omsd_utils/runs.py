@@ -566,7 +566,8 @@ class Stage:
                 if k in self.cached:
                     o.load_state_dict(self.cached[k])
             run.timing[self.kind] = {"cached": self.path}
-            print(f"[{name.split(':')[0]}] reusing the cached {self.path}", file=sys.stderr)
+            what = {"diffusion": "behaviour models", "critic": "critic"}[self.kind]
+            print(f"[{name.split(':')[0]}] reusing cached {what} {self.path}", file=sys.stderr)
             return
         self.start, self.spent, self.extra = resume_stage(run.resume, self.path, self.fields, name, objs, g)
         self.bar = Progress(name, total, self.start)
@@ -587,7 +588,7 @@ class Stage:
         """TensorBoard scalars (and samples/s) every 100 steps, and the progress line."""
         if step % 100 == 0 or step == self.total:
             for k, v in scalars.items():
-                self.run.writer.add_scalar(k, float(v), step)
+                self.run.writer.add_scalar(k, v.item() if torch.is_tensor(v) else v, step)
             self.run.writer.add_scalar(f"charts/SPS_{self.kind}", self.bar.rate(step), step)
         self.bar.update(step, status)
 

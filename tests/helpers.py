@@ -52,3 +52,26 @@ class ConstQ(torch.nn.Module):
 
     def forward(self, s, a):
         return torch.full((2, len(s)), self.v)
+
+
+def rejects(run, workdir, *args, creates_run: bool = False) -> str:
+    """The one `error:` line of run(workdir, *args, check=False), which must exit 2 without changing anything in
+    workdir/runs (creates_run: a run that fails mid-way may add its own new run directory)."""
+    root = workdir / "runs"
+    files = lambda: {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} if root.exists() else {}  # noqa: E731
+    before = files()
+    r = run(workdir, *args, check=False)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    after = files()
+    assert {k: after.get(k) for k in before} == before  # nothing in runs/ overwritten
+    assert creates_run or after == before  # bad input is rejected before anything is written
+    return lines[0]
+
+
+# bad values both scripts refuse at once, with the message's start
+BAD_COMMON = [
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--beta", "-1"], "--beta must be > 0"),
+    (["--policy-steps", "0"], "--policy-steps must be a positive integer"),
+]

@@ -21,7 +21,6 @@ BUDGET = dict(
     diffusion_batch_size=512,
     actor_hidden=64,
     threads=1,
-    save_model=False,
     eval_every=800,
 )
 

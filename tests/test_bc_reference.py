@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from envs import bandit
+from omsd_data.bandit_data import make_dataset
 from omsd_utils.runs import normalized_score
 from tests.helpers import REPO
 
@@ -22,7 +22,7 @@ spec.loader.exec_module(bc)
 
 def test_bc_of_the_two_mode_bandit_lands_between_the_modes():
     row = bc.run("mpe", ["--env-id", "bandit", "--seed", "1", "--policy-steps", "300", "--eval-every", "100"])
-    arrays, _ = bandit.make_dataset()
+    arrays, _ = make_dataset()
     a = np.concatenate([arrays["actions_0"], arrays["actions_1"]])
     # the least-squares fit of one action to both modes is their mean, at an error of the data's variance
     assert row["mse"] == pytest.approx(a.var(), abs=0.03)

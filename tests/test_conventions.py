@@ -10,6 +10,8 @@ import torch
 import oma_sd_mpe as om
 from envs.mpe import MPEEnv, paper_metric
 from omsd_data import mpe_data
+from omsd_data.dataset import episode_ends
+from omsd_utils import diagnostics
 from tests.helpers import ConstQ
 
 
@@ -60,9 +62,9 @@ def test_controlled_data_follow_their_conventions():
     assert meta["quality"] == "multimodal-2" and meta["behaviour"]["conventions"] == [[0, 1, 2], [1, 2, 0]]
     obs = np.stack([arrays[f"obs_{i}"] for i in range(3)])
     act = np.stack([arrays[f"actions_{i}"] for i in range(3)])
-    table = om.convention_table(obs, [0, 1, 2])
+    table = mpe_data.convention_table(obs, [0, 1, 2])
     first = np.arange(0, 500, 25)  # first steps, where the conventions' actions are far apart
-    s = om.convention_stats(act[:, first], table[:, :, first])
+    s = mpe_data.convention_stats(act[:, first], table[:, :, first])
     assert s["joint_in_one"] >= 0.9  # all agents of an episode follow one convention (up to the action noise)
     assert s["per_convention"][2] == 0.0 and min(s["per_convention"][:2]) > 0.2  # only conventions 0 and 1
     with pytest.raises(mpe_data.DatasetError, match="unknown dataset quality 'multimodal-2' for simple_tag"):
@@ -92,8 +94,8 @@ def test_convention_table_follows_the_agent_order():
     rng = np.random.default_rng(0)
     obs = rng.uniform(-1, 1, (3, 7, 18)).astype(np.float32)
     order = [2, 0, 1]
-    table = om.convention_table(obs[order], order)  # positions hold agents 2, 0, 1
-    assert np.allclose(table, om.convention_table(obs, [0, 1, 2])[:, order])
+    table = mpe_data.convention_table(obs[order], order)  # positions hold agents 2, 0, 1
+    assert np.allclose(table, mpe_data.convention_table(obs, [0, 1, 2])[:, order])
 
 
 def test_convention_stats_on_constructed_actions():
@@ -104,7 +106,7 @@ def test_convention_stats_on_constructed_actions():
     act[:, 1] = 1.0  # step 1: everybody follows convention 1
     act[0, 2], act[1, 2], act[2, 2] = 1.0, -1.0, 0.0  # step 2: three different conventions
     act[:, 3] = 0.5  # step 3: between conventions 0 and 1, near none (distance 0.71)
-    s = om.convention_stats(act, table)
+    s = mpe_data.convention_stats(act, table)
     assert s["per_convention"] == [0.25, 0.25, 0.0]
     assert s["joint_in_one"] == 0.5
     assert s["near_any"] == [0.75, 0.75, 0.75]
@@ -150,115 +152,38 @@ class PreferQ(torch.nn.Module):
         return torch.stack([q, q])
 
 
-@pytest.mark.parametrize("select", ["shared", "per_state"])
-def test_init_from_samples_selects_by_q(select):
-    """--init-select: shared keeps one noise vector for every state (here one sample for all, since the behaviour
-    does not depend on the state), per_state keeps each state's best joint sample: only that one can follow a critic
-    whose preferred action differs between states."""
+@pytest.mark.parametrize("script", ["oma_sd_mpe", "oma_sd_mamujoco"])
+def test_init_from_samples_shares_one_noise_vector_and_fits_the_actors_to_its_samples(script):
+    """--actor-init samples: one noise vector for every state (here one sample for all states, since the behaviour
+    does not depend on the state), so the start sits in one joint mode; the actors then regress onto it."""
+    mod = __import__(script)
     n, N = 3, 400
     s = torch.tensor([1.0, -1.0]).repeat(N // 2)[:, None]
-    data = {"act": torch.zeros(N, n, 1), "obs": torch.randn(N, n, 3), "critic_state": s}
-    args = types.SimpleNamespace(
-        actor_init="samples",
-        init_states=200,
-        init_candidates=8,
-        init_select=select,
-        sample_steps=20,
-        init_steps=1,
-        policy_batch_size=32,
-        actor_lr=1e-3,
-    )
-    mask = om.prefix_mask(n, "sequential")
-    actors = om.Actors(n, 3, 1, 8)
-    rec = om.init_from_samples(
+    data = {"act": torch.zeros(N, n, 1), "obs": torch.zeros(N, n, 3), "critic_state": s}
+    args = types.SimpleNamespace(sample_steps=20, policy_batch_size=32, actor_lr=1e-2)
+    actors = mod.Actors(n, 3, 1, 8)
+    rec = mod.init_from_samples(
         actors,
         GaussianScore(),
         PreferQ(),
         data,
-        lambda rows: torch.zeros(n, len(rows), 3),
-        mask,
-        args,
-        torch.Generator().manual_seed(0),
-    )
-    assert rec["select"] == select
-    if select == "shared":
-        assert 0 <= rec["candidate"] < 8
-        # one sample for every state: at best 0.5 for all, 0.05 from the preferred action for each of the 3 agents
-        assert rec["mean_q"] < -3 * 0.05**2 * 0.9
-    else:
-        assert rec["candidate"] is None
-        # the best of 8 joint samples per state lies far closer to that state's preferred action
-        assert -0.005 < rec["mean_q"] < 0
-        shared = dict(vars(args), init_select="shared")
-        rec_shared = om.init_from_samples(
-            om.Actors(n, 3, 1, 8),
-            GaussianScore(),
-            PreferQ(),
-            data,
-            lambda rows: torch.zeros(n, len(rows), 3),
-            mask,
-            types.SimpleNamespace(**shared),
-            torch.Generator().manual_seed(0),
-        )
-        assert rec["mean_q"] > rec_shared["mean_q"] + 0.002, rec_shared
-
-
-def test_init_from_the_data_regresses_onto_the_dataset_actions():
-    """--actor-init data: the actors start from behaviour cloning, not from behaviour samples (never drawn here: the
-    score network would raise)."""
-
-    class NoScore(torch.nn.Module):
-        def forward(self, *a):
-            raise AssertionError("--actor-init data must not sample the behaviour models")
-
-    torch.manual_seed(0)
-    n, N = 3, 512
-    obs = torch.randn(N, n, 4)
-    s = torch.randn(N, 1)
-    data = {"act": torch.tanh(obs[..., :1]), "obs": obs, "critic_state": s}
-    args = types.SimpleNamespace(
-        actor_init="data",
-        init_states=N,
-        init_candidates=8,
-        init_select="shared",
-        sample_steps=20,
-        init_steps=800,
-        policy_batch_size=64,
-        actor_lr=3e-3,
-    )
-    actors = om.Actors(n, 4, 1, 32)
-    rec = om.init_from_samples(
-        actors,
-        NoScore(),
-        PreferQ(),
-        data,
-        None,
         om.prefix_mask(n, "sequential"),
         args,
         torch.Generator().manual_seed(0),
     )
-    assert rec["source"] == "data" and rec["candidate"] is None
-    q_data = PreferQ()(s, data["act"].reshape(N, -1))[0].mean().item()
-    assert rec["mean_q"] == pytest.approx(q_data, rel=1e-5)  # Q of the dataset's own actions
-    fit = ((actors(obs.transpose(0, 1)) - data["act"].transpose(0, 1)) ** 2).mean().item()
-    assert fit < 0.05 * data["act"].var().item()
-
-
-def test_fit_actors_regresses_onto_targets():
-    torch.manual_seed(0)
-    actors = om.Actors(3, 4, 2, 32)
-    obs = torch.randn(3, 256, 4)
-    target = torch.tanh(obs[..., :2])  # a function each actor can represent
-    before = ((actors(obs) - target) ** 2).sum(-1).mean(-1)
-    loss = om.fit_actors(actors, obs, target, 800, 64, 3e-3, torch.Generator().manual_seed(1))
-    after = ((actors(obs) - target) ** 2).sum(-1).mean(-1)
-    assert loss.shape == (3,) and torch.all(after < 0.05 * before)
+    out = actors(data["obs"].transpose(0, 1))  # (n, N, 1): the same action in every state, for every agent
+    assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-5)
+    assert (out[1:] - out[:1]).abs().max() < 0.2  # agents 1, 2 copy agent 0's sample (the sequential chain rule)
+    # one sample for every state: at best 0.5 for all, 0.05 from each state's preferred action for each of 3 agents
+    assert rec["mean_q"] < -3 * 0.05**2 * 0.9 and max(rec["regression_loss"]) < 1e-3
 
 
 def test_support_distance_on_constructed_data():
     pool_s = torch.tensor([[0.0], [1.0], [10.0]])
     pool_a = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
-    d = om.support_distance(torch.tensor([[0.1], [10.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]]), pool_s, pool_a, k=2)
+    d = diagnostics.support_distance(
+        torch.tensor([[0.1], [10.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]]), pool_s, pool_a, k=2
+    )
     # state 0.1: neighbours 0 and 1, nearest action (1, 0) at distance 1; state 10: neighbours 10 and 1, exact
     assert d.tolist() == pytest.approx([1.0, 0.0])
 
@@ -267,7 +192,7 @@ def test_critic_quality_monte_carlo_returns():
     # two episodes of 3 steps, reward 1 each step, gamma 0.5: returns-to-go 1.75, 1.5, 1 in each
     arrays = {"terminals": np.zeros(6, bool), "truncations": np.array([0, 0, 1, 0, 0, 1], bool)}
     data = {"reward": torch.ones(6), "act": torch.zeros(6, 1, 1), "critic_state": torch.zeros(6, 1)}
-    out = om.critic_quality(ConstQ(1.5), data, arrays, 0.5)
+    out = diagnostics.critic_quality(ConstQ(1.5), data, episode_ends(arrays), 0.5)
     assert out["mc_return_mean"] == pytest.approx((1.75 + 1.5 + 1) / 3)
     assert out["q_mean"] == pytest.approx(1.5) and out["abs_error"] == pytest.approx((0.25 + 0 + 0.5) / 3)
 
@@ -276,12 +201,12 @@ def test_assignment_stats_reads_the_landmark_each_agent_ends_at():
     landmarks = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     episodes = [landmarks[[0, 1, 2]], landmarks[[1, 2, 0]], landmarks[[0, 0, 2]], landmarks[[2, 1, 0]]]
     obs = np.concatenate([spread_obs(landmarks, pos * 0.9) for pos in episodes], 1)  # (3, 4, 18)
-    s = om.assignment_stats(obs, [0, 1, 2], 2)
+    s = mpe_data.assignment_stats(obs, [0, 1, 2], 2)
     assert s["per_convention"] == [0.25, 0.25, 0.0]  # episode 0: convention 0, episode 1: convention 1
     assert s["in_data_convention"] == 0.5
     assert s["distinct"] == 0.75  # episode 2 has two agents at landmark 0; episode 3 is a permutation, no convention
     order = [1, 2, 0]  # positions hold agents 1, 2, 0
-    assert om.assignment_stats(obs[order], order, 2) == s
+    assert mpe_data.assignment_stats(obs[order], order, 2) == s
 
 
 def test_evaluate_records_the_episodes_it_scores():
@@ -291,8 +216,8 @@ def test_evaluate_records_the_episodes_it_scores():
     args = om.resolve_args(om.Args(eval_episodes=3))
     actors = om.Actors(3, 18, 2, 16)
     plain = om.evaluate(actors, args, [0, 1, 2], 18)
-    record = []
-    assert om.evaluate(actors, args, [0, 1, 2], 18, record=record) == plain
+    ret, obs_e, act_e, last = om.evaluate(actors, args, [0, 1, 2], 18, record=True)
+    assert ret == plain
     assert plain > 0  # spread's reward sum_l min(1/d, 10) is positive at every step
     env = MPEEnv("simple_spread")
     rets = []
@@ -306,7 +231,7 @@ def test_evaluate_records_the_episodes_it_scores():
             rew.append([r[a] for a in env.possible_agents])
         rets.append(paper_metric("simple_spread", np.array(rew)))
     assert plain == pytest.approx(np.mean(rets), rel=1e-5)
-    assert len(record) == 25 and record[0][0].shape == (3, 3, 18) and record[-1][2].shape == (3, 3, 18)
+    assert obs_e.shape == (3, 25 * 3, 18) and act_e.shape == (3, 25 * 3, 2) and last.shape == (3, 3, 18)
 
 
 def test_behaviour_fit_of_an_exact_model():
@@ -319,15 +244,14 @@ def test_behaviour_fit_of_an_exact_model():
     act = torch.stack([a0, a0 + 0.01 * torch.randn(N, 1, generator=g), a0 + 0.01 * torch.randn(N, 1, generator=g)], 1)
     data = {"act": act, "obs": torch.zeros(N, n, 3)}
     held = torch.arange(0, N, 2)
-    args = om.resolve_args(om.Args(sample_steps=20))
     mask = om.prefix_mask(n, "sequential")
-    out = om.behaviour_fit(
-        GaussianScore(), data, held, lambda idx: data["obs"][idx].transpose(0, 1), mask, args, [0, 1, 2]
-    )
+    fns = dict(sample_actions=om.sample_actions, diffusion_loss=om.diffusion_loss, condition=om.condition)
+    cond_base = lambda idx: data["obs"][idx].transpose(0, 1)  # noqa: E731
+    out = diagnostics.behaviour_fit(fns, GaussianScore(), data, held, cond_base, mask, 20, [0, 1, 2])
     d = out["sample_to_data_distance"]
     assert d[1] < 0.06 and d[2] < 0.06  # the conditionals follow the prefix
     assert d[0] == pytest.approx(GaussianScore.s * (4 / np.pi) ** 0.5, rel=0.3)  # |x - y| of two N(0.5, s^2) draws
-    assert len(out["heldout_denoising_loss"]) == 3 and "samples_near_a_convention" not in out
+    assert len(out["denoising_loss"]) == 3 and "samples_near_a_convention" not in out
 
 
 class ConventionScore(torch.nn.Module):
@@ -346,7 +270,12 @@ def test_sampler_rollout_acts_as_the_behaviour_models():
     """With models whose every sample is convention 1's action, the behaviour models as a joint policy score what
     the scripted controller scores in the same evaluation episodes, and every episode ends in convention 1."""
     args = om.resolve_args(om.Args(eval_episodes=3, sample_steps=5))
-    out = om.sampler_rollout(ConventionScore(), om.prefix_mask(3, "sequential"), 2, args, [0, 1, 2], 18, None, 2)
+    g = torch.Generator().manual_seed(0)
+    sampler = diagnostics.BehaviourSampler(
+        om.sample_actions, ConventionScore(), om.prefix_mask(3, "sequential"), 2, 5, g
+    )
+    ret, _, _, last = om.evaluate(sampler, args, [0, 1, 2], 18, record=True)
+    out = {"return": ret, "final_assignment": mpe_data.assignment_stats(last, [0, 1, 2], 2)}
     env = MPEEnv("simple_spread")
     rets = []
     for e in range(3):
@@ -361,20 +290,3 @@ def test_sampler_rollout_acts_as_the_behaviour_models():
     assert out["return"] == pytest.approx(np.mean(rets), rel=1e-4)
     assert out["final_assignment"]["per_convention"] == [0.0, 1.0, 0.0]
     assert out["final_assignment"]["in_data_convention"] == 1.0
-
-
-def test_convention_oracle_labels_each_episode_by_its_convention():
-    """benchmark/convention_oracle.py labels every transition with the convention whose scripted actions lie nearest
-    to its episode's actions: episodes driven by conventions 2 and 1 (plus noise) get labels 2 and 1."""
-    from benchmark.convention_oracle import episode_labels
-
-    rng = np.random.default_rng(0)
-    T = mpe_data.EPISODE_LEN
-    landmarks = rng.uniform(-1, 1, (2 * T, 3, 2))
-    positions = rng.uniform(-1, 1, (2 * T, 3, 2))
-    obs = np.concatenate([spread_obs(landmarks[t], positions[t]) for t in range(2 * T)], 1)  # (3, 2T, 18)
-    conv = np.repeat([2, 1], T)
-    act = mpe_data.convention_actions(obs, np.array(mpe_data.CONVENTIONS)[conv]) + 0.1 * rng.standard_normal(
-        (3, 2 * T, 2)
-    )
-    assert episode_labels(obs, act).tolist() == conv.tolist()

@@ -138,38 +138,3 @@ def test_committed_mixture_is_three_independent_experts(env_id):
     _episodes_are_consistent(a)
     assert [name for name, _ in meta["behaviour"]["policies"]] == [f"seed{s}/expert" for s in md.mixture_seeds(env_id)]
     assert [k for _, k in meta["behaviour"]["policies"]] == [100, 100, 100]
-
-
-def test_mixture_stats_measures_how_the_behaviour_policies_differ():
-    """benchmark/mixture_stats.py: exact variance share on a constructed case; zero disagreement for one policy,
-    positive for HalfCheetah 2x3's three experts."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "mixture_stats", os.path.join(os.path.dirname(__file__), "..", "benchmark", "mixture_stats.py")
-    )
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
-    # two policies, one action dim: actions -1/+1 half each -> between variance 1 of total 1 (share 1);
-    # within each block +-1 around 0 -> share 0
-    a = {
-        "obs_0": np.zeros((4, 1), np.float32),
-        "actions_0": np.array([[-1], [-1], [1], [1]], np.float32),
-        "terminals": np.zeros(4, bool),
-        "truncations": np.array([0, 1, 0, 1], bool),
-    }
-    assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [1.0]
-    a["actions_0"] = np.array([[-1], [1], [-1], [1]], np.float32)
-    assert ms.policy_action_stats(a, [["p", 2], ["q", 2]])["shares"] == [0.0]
-    assert ms.policy_action_stats(a, [["p", 1], ["q", 1]])["shares"] == [0.0]  # counts in episodes (MPE)
-    a["actions_0"] = np.array([[-1], [-1], [1], [1]], np.float32)
-    assert ms.policy_action_stats(a, [["p", 1], ["q", 1]])["shares"] == [1.0]
-    with pytest.raises(DatasetError, match="cover 3 rows or episodes"):
-        ms.policy_action_stats(a, [["p", 2], ["q", 1]])
-    for quality, positive in (("expert", False), ("mixture", True)):
-        arrays, meta = md.generate("HalfCheetah-2x3", quality, 300, workers=1, verbose=False)
-        d = ms.disagreement(arrays, meta, n_obs=200)
-        assert len(d) == 2 and all((x > 0.05) if positive else (x == 0.0) for x in d), (quality, d)
-    meta["behaviour"]["snapshots"]["seed1/expert"]["training_step"] += 1  # data from another checkpoint
-    with pytest.raises(DatasetError, match="seed1/expert of the committed checkpoints .* regenerate"):
-        ms.disagreement(arrays, meta, n_obs=200)

@@ -295,25 +295,21 @@ def test_script_with_omar_prey(files, workdir):
     args = ["--env-id", "simple_tag", *TINY, "--dataset", "medium", "--exp-name", "prey"]
     learned = results_of(workdir, run(workdir, *args))  # the default: the env's learned prey, named by content
     want = hashlib.sha256(open(os.path.join(PREY_DIR, "simple_tag.pt"), "rb").read()).hexdigest()
-    file = "omsd_data/behaviour/mpe/simple_tag_prey.pt"
-    assert learned["prey"] == {"kind": "learned", "file": file, "source_sha256": want}
-    r = run(workdir, *args, "--prey", "scripted")
-    scripted = results_of(workdir, r)
-    assert scripted["prey"] == "scripted" and scripted["eval_history"] != learned["eval_history"]
-    # --eval-from evaluates against the run's own prey, also for a run of env version omar-mpe2-v1, whose
-    # results.json had no --prey (its prey was the scripted one) and the paper's constants as {"constants": ...}
+    assert learned["prey"] == {"kind": "learned", "file": "envs/prey/simple_tag.pt", "source_sha256": want}
+    # --eval-from evaluates against the run's own prey, also with the constants as {"constants": ...} (older runs)
+    r = run(workdir, *args, "--seed", "2")
     run_dir = workdir / os.path.dirname(r.stdout.strip().splitlines()[-1].split("-> ")[-1])
+    second = results_of(workdir, r)
     old = workdir / "old_run"
     shutil.copytree(run_dir, old)
     res = json.loads((old / "results.json").read_text())
-    del res["args"]["prey"]
     res["normalization"] = {"constants": {"expert": 185.6, "random": -4.1}, "source": "the OMSD paper's MPE constants"}
     (old / "results.json").write_text(json.dumps(res))
-    for d, ref in ((run_dir, scripted["normalization"]), (old, {"expert": 185.6, "random": -4.1})):
+    for d, ref in ((run_dir, second["normalization"]), (old, {"expert": 185.6, "random": -4.1})):
         ev = run(workdir, "--eval-from", str(d), "--eval-episodes", "2")
         assert ev.returncode == 0, ev.stderr[-2000:]
         out = json.loads((d / "eval_2_episodes.json").read_text())
-        assert out["return"] == pytest.approx(scripted["final_return"])
+        assert out["return"] == pytest.approx(second["final_return"])
         assert out["normalized_score"] == pytest.approx(normalized_score(out["return"], ref))
     r = run(workdir, *args, "--prey-path", src, "--trust-pickle")
     first = results_of(workdir, r)
@@ -321,7 +317,7 @@ def test_script_with_omar_prey(files, workdir):
     converted = workdir / "runs" / "cache" / f"omar_prey_{sha[:16]}.pt"
     assert "warning: unpickling" in r.stderr and converted.exists()
     assert first["prey"]["source_sha256"] == sha and os.path.samefile(first["prey"]["file"], converted)
-    assert first["eval_history"] != scripted["eval_history"]  # evaluated against another prey
+    assert first["eval_history"] != learned["eval_history"]  # evaluated against another prey
     # the converted file needs no opt-in, and gives the same numbers; the cached conversion is reused
     r = run(workdir, *args, "--prey-path", str(files["dir"] / "tag_prey.pt"))
     again = results_of(workdir, r)
@@ -337,8 +333,6 @@ def test_script_with_omar_prey(files, workdir):
         ("spread", "--prey-path is for simple_tag and simple_world"),
         ("world", "holds the prey of simple_world"),
         ("missing", "does not exist"),
-        ("both", "give either --prey scripted or --prey-path, not both"),
-        ("spread-scripted", "--prey is for simple_tag and simple_world"),
     ],
 )
 def test_script_prey_errors(files, workdir, case, msg):
@@ -346,9 +340,7 @@ def test_script_prey_errors(files, workdir, case, msg):
     env_id = "simple_spread" if case.startswith("spread") else "simple_tag"
     runs = workdir / "runs"
     before = sorted(runs.rglob("*")) if runs.exists() else []
-    flags = ["--prey", "scripted"] if case in ("both", "spread-scripted") else []
-    if case != "spread-scripted":
-        flags += ["--prey-path", str(files["dir"] / path.get(case, "tag_prey.pt"))]
+    flags = ["--prey-path", str(files["dir"] / path.get(case, "tag_prey.pt"))]
     r = run(workdir, "--env-id", env_id, *TINY, *flags)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-2000:]

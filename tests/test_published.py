@@ -589,7 +589,7 @@ def test_oma_sd_mpe_trains_on_published_layouts(tmp_path, layout):
     else:
         path = data / "mpe" / "simple_spread" / "expert"
         write_madiff(str(path), n_agents=3, obs_dim=18, lengths=[25] * 6, end_discounts=[1] * 6, act_dim=2)
-        env_id, extra = "simple_spread", ["--dataset-format", "madiff"]
+        env_id, extra = "simple_spread", []  # detected by its obs.npy and path_lengths.npy
     before = tree_state(data)
     r = _train(tmp_path, "--env-id", env_id, "--dataset-path", str(path), *extra)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import oma_sd_mpe as om
 from omsd_data import dataset as ds
+from omsd_utils import runs
 from tests.helpers import MAMUJOCO_5_STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,7 +320,7 @@ def test_dataset_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
 
 def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
-    om.save_atomic({"x": torch.zeros(3)}, path)
+    runs.save_atomic({"x": torch.zeros(3)}, path)
     before = open(path, "rb").read()
 
     def crash(obj, f, *a, **k):
@@ -328,8 +328,8 @@ def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(om.RunError, match=r"cannot write .*c\.pt \(No space left on device\)"):
-        om.save_atomic({"x": torch.ones(3)}, path)
+    with pytest.raises(runs.RunError, match=r"cannot write .*c\.pt \(No space left on device\)"):
+        runs.save_atomic({"x": torch.ones(3)}, path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["c.pt"]
 
@@ -377,14 +377,14 @@ def mj_dataset(tmp_path_factory):
 
 def _mj_error(cwd, *args, creates_run=False):
     """One error line, exit 2; nothing in runs/ changed (a run that fails mid-way keeps its new run directory)."""
-    runs = cwd / "runs"
-    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    run_root = cwd / "runs"
+    before = {p: p.stat().st_mtime_ns for p in run_root.rglob("*") if p.is_file()} if run_root.exists() else {}
     r = subprocess.run(
         [sys.executable, MJ_SCRIPT, "--threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
-    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} if runs.exists() else {}
+    after = {p: p.stat().st_mtime_ns for p in run_root.rglob("*") if p.is_file()} if run_root.exists() else {}
     assert {k: after.get(k) for k in before} == before and (creates_run or after == before)
     return lines[0]
 

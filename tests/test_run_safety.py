@@ -23,6 +23,7 @@ import tyro
 
 import oma_sd_mpe as om
 from envs.mpe import ENV_VERSION as MPE_VERSION
+from envs.mpe import PreyError
 from envs.omar_prey import prey_file_kind
 from omsd_data import dataset as ds
 from omsd_data import generation, mamujoco_data, mpe_data
@@ -366,9 +367,9 @@ def test_messages_name_the_real_problem(here, spread, monkeypatch):
     assert "x.npz is a directory, not a dataset file" in one_error(
         *as_main(MPE, *MPE_TINY, "--dataset-path", "x.npz")[::2]
     )
-    with pytest.raises(ds.DatasetError, match="is a zip archive but not a torch file"):
+    with pytest.raises(PreyError, match="is a zip archive but not a torch file"):
         prey_file_kind(str(path))
-    with pytest.raises(ds.DatasetError, match="x.npz is a directory; give OMAR's pretrained_adv_model.pt"):
+    with pytest.raises(PreyError, match="x.npz is a directory; give OMAR's pretrained_adv_model.pt"):
         prey_file_kind("x.npz")
     real = np.load
     monkeypatch.setattr(np, "load", lambda p, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)))

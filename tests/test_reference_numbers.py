@@ -1,0 +1,47 @@
+"""Same seed, same numbers: tiny runs of both scripts give exactly the evaluation returns and diagnostics recorded
+from the scripts at commit e77f6f3 (before the algorithm was laid out in three stage functions), on one thread.
+
+A change of the algorithm's numbers must update these values on purpose, with its evidence in docs/studies.md."""
+
+import os
+
+import pytest
+
+from tests.helpers import MAMUJOCO_TINY, MPE_TINY, results_of, run_script
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# script, extra flags -> (eval_history returns, diagnostics' critic q_mean, the behaviour models' denoising loss)
+REFERENCE = {
+    ("oma_sd_mpe.py", ()): (
+        [109.4879312605542, 109.49874149457193, 109.50259830780575],
+        -0.0066,
+        [1.7075, 2.1576, 2.1522],
+    ),
+    ("oma_sd_mpe.py", ("--env-id", "bandit")): (
+        [0.0017418016213923693, -0.35862937569618225, -0.50947105884552],
+        -0.1442,
+        [1.085, 1.0052],
+    ),
+    ("oma_sd_mamujoco.py", ()): (
+        [-13.176735827993117, -15.82775751881734, -16.402074061464234],
+        0.1174,
+        [2.5485, 2.7942],
+    ),
+    ("oma_sd_mamujoco.py", ("--env-id", "Hopper-3x1", "--actor-init", "samples")): (
+        [4.465618188726139, 4.478274777263163, 4.480411978363636],
+        -0.1722,
+        [0.9282, 0.9526, 0.8833],
+    ),
+}
+
+
+@pytest.mark.parametrize("script,extra", list(REFERENCE), ids=[f"{s[:-3]}{' '.join(e)}" for s, e in REFERENCE])
+def test_a_tiny_run_gives_the_reference_numbers(tmp_path, script, extra):
+    tiny = MPE_TINY if script == "oma_sd_mpe.py" else MAMUJOCO_TINY
+    res = results_of(tmp_path, run_script(os.path.join(REPO, script), tmp_path, *tiny, *extra).stdout)
+    returns, q_mean, loss = REFERENCE[(script, extra)]
+    assert [h["return"] for h in res["eval_history"]] == returns
+    behaviour = res["diagnostics"]["behaviour"]
+    assert res["diagnostics"]["critic"]["q_mean"] == q_mean
+    assert behaviour.get("heldout_denoising_loss", behaviour.get("denoising_loss")) == loss
