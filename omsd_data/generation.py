@@ -135,10 +135,13 @@ def dataset_metadata(family: str, task: str, env_version: str, quality: str, see
             **rest}  # fmt: skip
 
 
-def wanted(task: str, quality: str, env_version: str, n_transitions: int, seed: int) -> dict:
-    """The metadata values a cached generated dataset must have for `ensure` to use it."""
-    return {"task": task, "quality": quality, "env_version": env_version, "n_transitions": n_transitions,
+def ensure_generated(path, generate, spec, env_version, task, quality, n_transitions, seed, workers, reference):
+    """`ensure` for a generated dataset: made by generate(task, quality, n_transitions, seed, workers) if `path` does
+    not exist, and used only if its metadata name this task, quality, env version, size and generation seed."""
+    want = {"task": task, "quality": quality, "env_version": env_version, "n_transitions": n_transitions,
             "generation_seed": seed}  # fmt: skip
+    make = lambda: generate(task, quality, n_transitions, seed, workers)  # noqa: E731
+    return ensure(path, make, spec, want, reference)
 
 
 def ensure(path: str, make, expect: dict, want: dict | None = None, normalization=None) -> tuple[dict, dict, str]:

@@ -32,12 +32,11 @@ from omsd_data.generation import (
     behaviour_tag,
     cli,
     dataset_metadata,
-    ensure,
+    ensure_generated,
     load_behaviour_file,
     package_versions,
     run_chunks,
     snapshot_info,
-    wanted,
 )
 from omsd_data.generation import check_metadata as _check_metadata
 from omsd_data.generation import reference_returns as _reference_returns
@@ -237,9 +236,8 @@ def generate(env_id: str, quality: str, n_transitions=DEFAULT_TRANSITIONS, seed=
 def ensure_dataset(env_id, quality, n_transitions=DEFAULT_TRANSITIONS, seed=0, path=None, workers=2):
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(env_id, quality, n_transitions, seed)
-    make = lambda: generate(env_id, quality, n_transitions, seed, workers)  # noqa: E731
-    want = wanted(env_id, quality, ENV_VERSION, n_transitions, seed)
-    return ensure(path, make, env_spec(env_id), want, lambda: reference_returns(env_id))
+    args = (env_id, quality, n_transitions, seed, workers, lambda: reference_returns(env_id))
+    return ensure_generated(path, generate, env_spec(env_id), ENV_VERSION, *args)
 
 
 def check_metadata(path: str, meta: dict):

@@ -40,13 +40,12 @@ from omsd_data.generation import (
     behaviour_tag,
     cli,
     dataset_metadata,
-    ensure,
+    ensure_generated,
     load_behaviour_file,
     package_versions,
     reference_returns,
     run_chunks,
     snapshot_info,
-    wanted,
 )
 from omsd_data.generation import check_metadata as _check_metadata
 from omsd_data.policies import actor_from_state_dict
@@ -266,9 +265,8 @@ def env_spec(task: str) -> dict:
 def ensure_dataset(task, quality, n_transitions=DEFAULT_TRANSITIONS, seed=0, path=None, workers=2):
     """Load the cached dataset, making it first if it does not exist. Returns (arrays, metadata, path)."""
     path = path or default_path(task, quality, n_transitions, seed)
-    make = lambda: generate(task, quality, n_transitions, seed, workers)  # noqa: E731
-    want = wanted(task, quality, ENV_VERSION, n_transitions, seed)
-    return ensure(path, make, env_spec(task), want, lambda: normalization(task))
+    args = (task, quality, n_transitions, seed, workers, lambda: normalization(task))
+    return ensure_generated(path, generate, env_spec(task), ENV_VERSION, *args)
 
 
 def check_metadata(path: str, meta: dict):

@@ -50,21 +50,8 @@ def test_same_seed_same_file_whatever_the_workers(tmp_path):
 
 def test_concurrent_generation_of_one_dataset(tmp_path):
     out = str(tmp_path / "same.npz")
-    cmd = [
-        sys.executable,
-        "-m",
-        "omsd_data.mpe_data",
-        "--task",
-        "simple_spread",
-        "--quality",
-        "medium",
-        "--n-transitions",
-        "1000",
-        "--workers",
-        "1",
-        "--out",
-        out,
-    ]
+    flags = "--task simple_spread --quality medium --n-transitions 1000 --workers 1 --out".split()
+    cmd = [sys.executable, "-m", "omsd_data.mpe_data", *flags, out]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], [p.stderr.read().decode()[-1000:] for p in procs]

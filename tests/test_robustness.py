@@ -337,18 +337,9 @@ def test_checkpoint_write_crash_keeps_the_old_file(tmp_path, monkeypatch):
 def test_unwritable_dataset_directory_fails_before_generating(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     t0 = time.time()
+    flags = ["--task", "simple_spread", "--quality", "expert", "--out", str(tmp_path / "file" / "x.npz")]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "omsd_data.mpe_data",
-            "--task",
-            "simple_spread",
-            "--quality",
-            "expert",
-            "--out",
-            str(tmp_path / "file" / "x.npz"),
-        ],
+        [sys.executable, "-m", "omsd_data.mpe_data", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
