@@ -43,7 +43,7 @@ class Args:
 
     decomposition: str = "sequential"
     """sequential: mu_i conditions on the actions of the agents before i (OMSD) | independent: the marginal"""
-    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1
+    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1 (none: 0..n-1)
     beta: float | None = None  # weight of grad_a Q: SMALL = STRONG behaviour constraint (BETA_DEFAULTS)
     weighting: str = "sigma2"  # w(t) of the score term: sigma2 (the authors') | one | alpha_over_sigma
     z_baseline: bool = True  # eps_hat - z in the actor loss (SRPO's variance reduction; same expected gradient)
@@ -176,6 +176,9 @@ class Actors(nn.Module):
         self.nets = nn.ModuleList(mlp(obs_dim, hidden, act_dim) for _ in range(n))
 
     def forward(self, obs):  # (n, B, obs) -> (n, B, act)
+        if not self.training and obs.shape[1] != 64:  # evaluation in blocks of 64 rows, so that an episode's actions
+            B = obs.shape[1]  # do not depend on how many episodes run together (matmul kernels differ by shape)
+            return torch.cat([self(x) for x in F.pad(obs, (0, 0, 0, -B % 64)).split(64, 1)], 1)[:, :B]
         h = obs
         for layer in (0, 2, 4):
             W = torch.stack([net[layer].weight for net in self.nets]).transpose(1, 2)
@@ -365,8 +368,6 @@ def rollout(policy, args: Args, order: list[int], obs_max: int):
 
 def videos(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict:
     """--capture-video N: the evaluation again, recorded, and GIFs of its first N episodes in `out`."""
-    E = max(args.eval_episodes, args.capture_video)
-    run_args = Args(**{**asdict(args), "eval_episodes": E})
     names = make_env(args.env_id).possible_agents
 
     def draw(policy, seed, rewards):
@@ -375,9 +376,9 @@ def videos(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict
         env.close()
         return frames, sum(float(r[names[0]]) for r in rewards)  # the team reward, in the evaluation's order
 
-    rec = saved.record_evaluation(lambda a: evaluate(a, run_args, order, obs_max), actors, draw, names, args.seed,
-                                  order, obs_max, out, args.capture_video, fps=20)  # fmt: skip
-    return {**rec, "eval_episodes": E}
+    run_eval = lambda a: evaluate(a, args, order, obs_max)  # noqa: E731
+    rec = saved.record_evaluation(run_eval, actors, draw, names, args.seed, order, obs_max, out, args.capture_video, 20)
+    return {**rec, "eval_episodes": args.eval_episodes}
 
 
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class Args:
     prey_path: str = ""  # tag/world: OMAR's pretrained prey, converted by `python -m envs.omar_prey`
     trust_pickle: bool = False  # allow unpickling OMAR's original prey .pt (runs any code it contains) to convert it
     decomposition: str = "sequential"  # sequential: mu_i given the actions of agents < i (OMSD) | independent
-    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1
+    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1 (none: 0..n-1)
     beta: float | None = None  # weight of grad_a Q: SMALL beta = STRONG behaviour constraint (BETA_DEFAULTS)
     weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
     z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
@@ -194,6 +194,9 @@ class Actors(nn.Module):
         self.nets = nn.ModuleList(mlp(obs_dim, hidden, act_dim) for _ in range(n))
 
     def forward(self, obs):  # (n, B, obs) -> (n, B, act)
+        if not self.training and obs.shape[1] != 64:  # evaluation in blocks of 64 rows, so that an episode's actions
+            B = obs.shape[1]  # do not depend on how many episodes run together (matmul kernels differ by shape)
+            return torch.cat([self(x) for x in F.pad(obs, (0, 0, 0, -B % 64)).split(64, 1)], 1)[:, :B]
         h = obs
         for layer in (0, 2, 4):
             W = torch.stack([net[layer].weight for net in self.nets]).transpose(1, 2)
@@ -288,9 +291,8 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
 
 def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) -> dict:
     """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
-    modes, so the actors first imitate one joint sample per state. The noise z is shared by all states, so the mode
-    a sample lands in varies smoothly with the state; sequentially, agent k's sample is conditioned on those of
-    agents < k."""
+    modes, so the actors first imitate one joint sample per state, drawn with one noise z for all states (so the mode
+    a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
     rows = torch.randperm(N, generator=g)[:INIT_STATES].to(device)
@@ -369,19 +371,16 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
 
 def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -> dict:
     """--capture-video N: the evaluation again, recorded, and GIFs of its first N episodes in `out`."""
-    env = MPEEnv(args.env_id, prey=prey)
+    env, names = MPEEnv(args.env_id, prey=prey), MPEEnv(args.env_id).possible_agents
 
     def draw(policy, seed, rewards):
         frames = render.mpe_frames(env, policy, seed, rewards=rewards)
-        return frames, paper_metric(args.env_id, np.array([[r[a] for a in env.possible_agents] for r in rewards]))
+        return frames, paper_metric(args.env_id, np.array([[r[a] for a in names] for r in rewards]))
 
-    E = max(args.eval_episodes, args.capture_video)  # the evaluation's episodes, and as many as are drawn
-    run_eval = lambda rec: {"return": evaluate(rec, replace(args, eval_episodes=E), order, obs_max, prey),  # noqa: E731
-                            "episode_lengths": [env.max_cycles] * E}  # fmt: skip
-    rec = saved.record_evaluation(
-        run_eval, actors, draw, env.possible_agents, args.seed, order, obs_max, out, args.capture_video, 10
-    )
-    return {**rec, "eval_episodes": E}
+    lengths = [env.max_cycles] * args.eval_episodes
+    run_eval = lambda rec: {"return": evaluate(rec, args, order, obs_max, prey), "episode_lengths": lengths}  # noqa: E731
+    rec = saved.record_evaluation(run_eval, actors, draw, names, args.seed, order, obs_max, out, args.capture_video, 10)
+    return {**rec, "eval_episodes": args.eval_episodes}
 
 
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written

@@ -35,8 +35,17 @@ USAGE = "usage: python benchmark/bc_reference.py --family mpe|mamujoco [flags of
 
 def split_family(argv: list[str]) -> tuple[str, list[str]]:
     """(--family value, the other flags). --family is this script's only own flag; it must come first."""
-    if len(argv) < 2 or argv[0] != "--family" or argv[1] not in SCRIPTS:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\nBehaviour cloning with the stage-2 settings of the family's script; its flags: "
+              f"python oma_sd_mpe.py --help, python oma_sd_mamujoco.py --help")  # fmt: skip
+        sys.exit(0)
+    if argv[:1] and argv[0].startswith("--family="):
+        argv = ["--family", argv[0].split("=", 1)[1], *argv[1:]]
+    if len(argv) < 2 or argv[0] != "--family":
         print(f"error: {USAGE}", file=sys.stderr)
+        sys.exit(2)
+    if argv[1] not in SCRIPTS:
+        print(f"error: --family must be mpe or mamujoco, got {argv[1]!r}; {USAGE}", file=sys.stderr)
         sys.exit(2)
     return argv[1], argv[2:]
 
@@ -46,6 +55,9 @@ def run(family: str, argv: list[str]) -> dict:
     t_start = time.time()
     om = importlib.import_module(SCRIPTS[family])
     args = om.resolve_args(om.cli_args(argv))
+    if args.eval_from or args.capture_video:
+        raise RunError("behaviour cloning trains and evaluates its own actors: --eval-from and --capture-video are the "
+                       "training scripts' (evaluate a BC run's numbers from its row instead)")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     if family == "mpe":

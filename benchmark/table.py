@@ -53,13 +53,14 @@ class Cfg:
     family: str = "mpe"
     """mpe (oma_sd_mpe.py) | mamujoco (oma_sd_mamujoco.py)"""
     tasks: tuple[str, ...] = ()
-    """--env-id values to run (default: all of the family's)"""
+    """--env-id values to run (none given: all of the family's)"""
     qualities: tuple[str, ...] = ()
-    """dataset qualities to run (default: the family's standard ones)"""
+    """dataset qualities to run (none given: the family's standard ones)"""
     decompositions: tuple[str, ...] = DECOMPOSITIONS
     """OMSD's sequential and independent, and bc: behaviour cloning on the cell's data with the same actors,
     steps and evaluation (benchmark/bc_reference.py; --extra applies to it too)"""
     seeds: tuple[int, ...] = (1, 2, 3)
+    """training seeds of every cell (settings are chosen on seed 0, so the tables use others)"""
     extra: str = ""
     """extra flags passed to the script for every run, as one string (shell quoting works),
     e.g. --extra='--weighting alpha_over_sigma'"""
@@ -126,6 +127,29 @@ def command(family, task, quality, dec, seed, extra):
         return shlex.join([*head, "--seed", str(seed), *shlex.split(extra)])
     flags = ["--env-id", task, "--dataset", quality, "--decomposition", dec, "--seed", str(seed)]
     return shlex.join(["python", f"{SCRIPTS[family]}.py", *flags, *shlex.split(extra)])
+
+
+def settings(command: str) -> tuple:
+    """A cell's command without its seed: the settings every seed of the cell must share."""
+    words = shlex.split(command)
+    return tuple(w for i, w in enumerate(words) if w != "--seed" and (i == 0 or words[i - 1] != "--seed"))
+
+
+def check_same_settings(cfg, out):
+    """Refuse a grid whose cells already have rows in `out` made with other settings (other --extra, defaults or
+    code): their seeds would be averaged into one cell of the table."""
+    rows = load_rows(out, cfg.family, cfg.results)
+    have = {(r["task"], r["quality"], r["decomposition"]): settings(r["command"]) for r in rows}
+    for dec in cfg.decompositions:
+        for task in cfg.tasks or family_lists(cfg.family)[0]:
+            for quality in cfg.qualities or family_lists(cfg.family)[1]:
+                mine = settings(command(cfg.family, task, quality, dec, 0, cfg.extra))
+                theirs = have.get((task, quality, dec))
+                if theirs is not None and theirs != mine:
+                    fail(
+                        f"{out} holds rows of {task} {quality} {dec} made with other settings "
+                        f"({shlex.join(theirs)}); give another --out (or --results) for these"
+                    )
 
 
 def load_rows(out, family, also=""):
@@ -254,12 +278,8 @@ def run_grid(cfg: Cfg, out: str):
     results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
     the job ids go to <out>/submitit/jobs.jsonl, so that a later invocation can collect a job it left behind."""
     tasks, standard, _ = family_lists(cfg.family)
-    for task in cfg.tasks or tasks:
-        allowed = task_qualities(cfg.family, task)
-        for quality in cfg.qualities or standard:
-            if quality not in allowed:
-                fail(f"unknown quality {quality!r} for {task}; choose from {', '.join(allowed)}")
     results_file = os.path.join(out, cfg.results or f"{cfg.family}.jsonl")
+    check_same_settings(cfg, out)
     lock = open(results_file, "a")  # held until this command exits: a second grid would run the same cells again
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -275,14 +295,13 @@ def run_grid(cfg: Cfg, out: str):
                 for seed in cfg.seeds:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
                     cells.append(Cell(cfg.family, task, quality, dec, seed, cmd, cfg.workdir))
-    done = {r["command"] for r in load_rows(out, cfg.family, cfg.results)}
+    rows = load_rows(out, cfg.family, cfg.results)
+    done = {r["command"] for r in rows}
     n_grid = len(cells)
     cells = [c for c in cells if c.command not in done]
     print(f"{n_grid - len(cells)} of the grid's {n_grid} runs are already in {out}; {len(cells)} to run", flush=True)
     if not cells:
         return
-    om = importlib.import_module(SCRIPTS[cfg.family])
-    om.cli_args(cells[0].script_argv())  # bad --extra: the script's own message, before any job
 
     folder = os.path.join(out, "submitit")
     os.makedirs(folder, exist_ok=True)
@@ -455,6 +474,11 @@ def report(family, out, figures, reps):
         fail(f"no rows in {out}/{family}*.jsonl; run the grid first, or give --out the directory that has them")
     tasks, _, qualities = family_lists(family)
     cells = cells_of(rows)
+    for key, cell in cells.items():  # a cell's seeds are averaged: they must share their settings
+        kinds = sorted({settings(r["command"]) for r in cell})
+        if len(kinds) > 1:
+            fail(f"{out}: the rows of {' '.join(key)} were made with different settings ({shlex.join(kinds[0])} / "
+                 f"{shlex.join(kinds[1])}); keep each setting's rows apart (--out or --results)")  # fmt: skip
 
     def order(k):
         return (
@@ -650,6 +674,39 @@ def curves(cells, family, figures, order):
     print("wrote", path)
 
 
+GRID_FLAGS = ("--env-id", "--env_id", "--dataset", "--decomposition", "--seed", "--eval-from", "--eval_from")
+
+
+def check_grid(cfg: Cfg):
+    """Every bad setting of a grid, before any directory is made or job started: tasks, qualities, seeds, and
+    --extra (the flags the grid sets itself are refused; the values are checked by the script itself)."""
+    tasks, standard, _ = family_lists(cfg.family)
+    unknown = [t for t in cfg.tasks if t not in tasks]
+    if unknown:
+        fail(f"unknown task {unknown[0]!r} for --family {cfg.family}; choose from {', '.join(tasks)}")
+    for task in cfg.tasks or tasks:
+        allowed = task_qualities(cfg.family, task)
+        for quality in cfg.qualities or standard:
+            if quality not in allowed:
+                fail(f"unknown quality {quality!r} for {task}; choose from {', '.join(allowed)}")
+    if not cfg.seeds or any(not 0 <= s < 2**32 for s in cfg.seeds) or len(set(cfg.seeds)) < len(cfg.seeds):
+        fail(f"--seeds must be distinct integers in 0..{2**32 - 1}, got {' '.join(map(str, cfg.seeds))}")
+    words = shlex.split(cfg.extra)
+    grid = [w for w in words if w.split("=")[0] in GRID_FLAGS]
+    if grid:
+        fail(f"--extra sets {grid[0].split('=')[0]}, which the grid sets for every cell; use --tasks, --qualities, "
+             f"--decompositions or --seeds instead")  # fmt: skip
+    sys.path.insert(0, REPO)
+    om = importlib.import_module(SCRIPTS[cfg.family])
+    argv = ["--env-id", (cfg.tasks or tasks)[0], "--dataset", (cfg.qualities or standard)[0], *words]
+    try:  # the script's own checks of every value (its error line, exit 2, on a bad one)
+        args = om.resolve_args(om.cli_args(argv))
+    except Exception as e:  # RunError / DatasetError: one line
+        fail(f"--extra {cfg.extra!r}: {e}")
+    if "bc" in cfg.decompositions and (args.eval_from or args.capture_video):
+        fail("--extra: behaviour cloning (--decompositions bc) takes no --eval-from or --capture-video")
+
+
 def main(cfg: Cfg):
     if cfg.family not in SCRIPTS:
         fail(f"--family must be one of {', '.join(SCRIPTS)}, got {cfg.family!r}")
@@ -678,10 +735,7 @@ def main(cfg: Cfg):
         fail(f"--out {cfg.out} does not exist")
     figures = FIGURES_DIR if out == RESULTS_DIR else os.path.join(out, "figures")
     if not cfg.report_only:
-        tasks = family_lists(cfg.family)[0]
-        unknown = [t for t in cfg.tasks if t not in tasks]
-        if unknown:
-            fail(f"unknown task {unknown[0]!r} for --family {cfg.family}; choose from {', '.join(tasks)}")
+        check_grid(cfg)
         if not os.path.isdir(cfg.workdir):
             fail(f"--workdir {cfg.workdir} is not a directory")
         try:

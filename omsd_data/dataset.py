@@ -287,6 +287,9 @@ def load_dataset(path: str, expect: dict | None = None) -> tuple[dict, dict]:
             f"cannot read {path} ({e.strerror}); check its permissions (it must be readable by you)"
         ) from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        if "pickle" in str(e):  # numpy's advice (allow_pickle=True) would run the file's code: never taken here
+            raise DatasetError(f"{path} holds pickled Python objects, which are never loaded; the project's format "
+                               f"holds numeric arrays only (docs/datasets.md)") from None  # fmt: skip
         raise DatasetError(
             f"{path} is truncated or corrupted ({type(e).__name__}: {e}); delete it and generate or copy it again"
         ) from None

@@ -88,15 +88,16 @@ def package_versions(packages: tuple[str, ...]) -> dict:
 
 def run_chunks(fn, jobs: list, workers: int, label: str, total: int, verbose: bool) -> list:
     """fn(job) for every job, on `workers` processes, results in job order, with a progress line."""
-    t0, done, parts = time.time(), 0, []
+    t0, done, parts, last = time.time(), 0, [], 0.0
     ctx = mp.get_context("fork") if workers > 1 else None
     pool = ctx.Pool(workers) if ctx else None
     try:
         for part in pool.imap(fn, jobs) if pool else map(fn, jobs):
             parts.append(part)
             done += len(part["obs_0"])
-            if verbose:  # one line per chunk in logs, rewritten in place on a terminal
-                tty = sys.stderr.isatty()
+            tty = sys.stderr.isatty()
+            if verbose and time.time() - last > (0.5 if tty else 10.0):  # as the training stages' progress lines
+                last = time.time()
                 print(
                     f"{chr(13) if tty else ''}[{label}] {done:>9,d}/{total:,d} transitions  "
                     f"{done / max(time.time() - t0, 1e-9):,.0f}/s",

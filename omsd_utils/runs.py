@@ -6,7 +6,9 @@ timings that span every process of a resumed run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -81,7 +83,21 @@ def parse_cli(args_cls, env_defaults, argv: list[str] | None = None):
         known = pre.parse_known_args(argv)[0]
     except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
         known = args_cls()
-    return tyro.cli(args_cls, args=argv, default=env_defaults(args_cls(env_id=known.env_id, dataset=known.dataset)))
+    default = env_defaults(args_cls(env_id=known.env_id, dataset=known.dataset))
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(args_cls, args=argv, default=default)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        # tyro's error box as one line: what is wrong, then where to look
+        text = re.sub(r"[│╭╮╰╯─]+", " ", box.getvalue())
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        end = next((i for i, ln in enumerate(lines) if ln.startswith(("Got errors", "Argument help", "For full"))), 4)
+        what = " ".join(lines[1:end])  # lines[0] is the box's title
+        print(f"error: {what or 'bad command line'} (see --help)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def check_common_args(args, n_agents: int | None = None):
@@ -93,8 +109,11 @@ def check_common_args(args, n_agents: int | None = None):
             raise RunError(
                 f"--{k.replace('_', '-')} must be an integer in 0..{SEED_RANGE - 1} (numpy's seed range), got {v}"
             )
-    if args.capture_video < 0:
-        raise RunError(f"--capture-video must be 0 (none) or a number of episodes to draw, got {args.capture_video}")
+    if not 0 <= args.capture_video <= args.eval_episodes:
+        raise RunError(
+            f"--capture-video must be 0 (none) or a number of episodes to draw, at most --eval-episodes "
+            f"({args.eval_episodes}: the videos are episodes of the evaluation), got {args.capture_video}"
+        )
     if args.threads < 0:
         raise RunError(f"--threads must be 0 (all cores) or a positive number of threads, got {args.threads}")
     name = args.exp_name
@@ -269,6 +288,21 @@ def on_stop_signal(signum, frame):
     STOP["signal"] = signum
     print("\nstopping after the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
     signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def stop_at_once():
+    """From here on (nothing left to checkpoint: evaluation, diagnostics, videos) a stop signal ends the command at
+    once, with exit code 130; a training run stopped now continues from its last checkpoint when run again."""
+    if not STOP.get("handled"):  # only under run_command: a script called as a function keeps its caller's handlers
+        return
+
+    def at_once(signum, frame):
+        raise Interrupted(f"stopped by signal {signum} after training; run the same command again to finish")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, at_once)
+    if STOP["signal"] is not None:
+        at_once(STOP["signal"], None)
 
 
 def partial_path(path: str) -> str:
@@ -611,6 +645,8 @@ class Stage:
         if self.cached is not None:
             return
         self.run.timing[self.kind] = {"seconds": self.seconds, "steps_per_s": self.total / self.seconds}
+        if models is None:  # stage 2 is over: the rest of the run stops at once on a signal
+            stop_at_once()
         if models is not None:
             self.run.trained(self.kind, self.run.timing[self.kind])
             obj = {k: m.state_dict() for k, m in models.items()}
@@ -674,6 +710,7 @@ def run_command(main, args, errors: tuple = ()):
     the script's `errors`) and failed runs print one line and exit with 2, an interrupted run exits with 130."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_stop_signal)
+    STOP["handled"] = True
     try:
         main(args)
     except (RunError, *errors) as e:

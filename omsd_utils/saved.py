@@ -20,7 +20,7 @@ import torch
 
 from envs import render
 from omsd_utils.files import unwritable_dir
-from omsd_utils.runs import RunError, normalized_score, write_json_atomic
+from omsd_utils.runs import RunError, normalized_score, stop_at_once, write_json_atomic
 
 
 def read_run(run_dir: str, args_cls, resolve) -> tuple:
@@ -63,8 +63,19 @@ EVAL_SETTINGS = (
 def open_saved(args, args_cls, resolve) -> tuple:
     """(settings of the evaluation, the run's own settings, its results.json) for --eval-from args.eval_from: the
     run's settings with EVAL_SETTINGS taken from `args`. RunError if it is not a finished run or cannot be written."""
+    stop_at_once()  # nothing is trained: a stop signal ends the evaluation at once
     run_dir = args.eval_from
     run_args, results = read_run(run_dir, args_cls, resolve)
+    base = resolve(args_cls(env_id=args.env_id, dataset=args.dataset, eval_from=run_dir))  # this command's defaults
+    ignored = [f"--{k.replace('_', '-')}" for k in (f.name for f in dataclasses.fields(args_cls))
+               if k not in EVAL_SETTINGS and getattr(args, k) != getattr(base, k)
+               and not (k == "stage1_seed" and args.stage1_seed == args.seed)]  # fmt: skip
+    ignored += [f"--{k.replace('_', '-')}" for k in ("env_id", "dataset") if getattr(args, k) != getattr(args_cls, k)]
+    if ignored:
+        raise RunError(
+            f"--eval-from evaluates the run with its own settings; {', '.join(ignored)} would be ignored (give only "
+            f"{', '.join('--' + k.replace('_', '-') for k in EVAL_SETTINGS[1:] if hasattr(args, k))})"
+        )
     why = unwritable_dir(run_dir)
     if why:
         raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
@@ -108,11 +119,15 @@ def write_evaluation(ev_args, run_args, results, ev: dict, videos, seconds: floa
     }
     path = os.path.join(ev_args.eval_from, f"eval_{E}_episodes.json")
     write_json_atomic(out, path)
+    episodes = lambda k: f"{k} episode" + ("s" if k != 1 else "")  # noqa: E731
     mean = "no mean (failed episodes)" if ev["return"] is None else f"{ev['return']:.2f}"
-    check = f"; the run's final evaluation: {results.get('final_return')}" + (
-        " (the same episodes)" if same else f" over {run_args.eval_episodes} episodes"
+    if ev["normalized_score"] is not None:
+        mean += f" (normalized score {ev['normalized_score']:.1f})"
+    final = results.get("final_return")
+    check = f"; the run's final evaluation: {'–' if final is None else f'{final:.2f}'}" + (
+        " (the same episodes)" if same else f" over {episodes(run_args.eval_episodes)}"
     )
-    print(f"return {mean} over {E} episodes{check} -> {path}")
+    print(f"return {mean} over {episodes(E)}{check} -> {path}")
     return out
 
 
@@ -123,8 +138,11 @@ def load_actors(actors: torch.nn.Module, path: str, order: list[int], what: str)
         saved = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise RunError(f"{path} does not exist (the run was made with --no-save-model?)") from None
-    except Exception as e:  # not a weights-only torch file
-        raise RunError(f"{path} cannot be loaded as weights only: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch's advice (weights_only=False) would run the file's code: never taken here
+        why = "a pickle of Python objects, never unpickled here" if "Weights only" in str(e) else "corrupt or truncated"
+        raise RunError(
+            f"{path} is not an actors file this repository wrote ({why}); use the run's own actors.pt"
+        ) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("actors"), dict):
         raise RunError(f"{path} has no 'actors' state dict")
     want = {k: tuple(v.shape) for k, v in actors.state_dict().items()}

@@ -440,3 +440,138 @@ def test_mamujoco_script_checkpoint_of_another_configuration(mj_dataset, tmp_pat
     os.replace(diffusion, critic)  # the critic's name now holds the behaviour models
     line = _mj_error(tmp_path, *tiny, creates_run=True)
     assert "is a checkpoint of another configuration (stage: 'diffusion' there, 'critic' here)" in line
+
+
+# ------------------------------------------------------------------------------------ the newer parts' bad input
+TABLE = os.path.join(REPO, "benchmark", "table.py")
+BC = os.path.join(REPO, "benchmark", "bc_reference.py")
+MJ = os.path.join(REPO, "oma_sd_mamujoco.py")
+
+
+def one_line_error(r, *parts):
+    """Exit 2 with exactly one `error:` line naming `parts`, no traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    for p in parts:
+        assert p in lines[0], lines[0]
+    return lines[0]
+
+
+def cmd(tmp_path, *argv, timeout=120):
+    env = {**os.environ, "OMSD_DATA_DIR": str(tmp_path / "data")}
+    return subprocess.run(
+        [sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "argv,parts",
+    [
+        (["--holdout-every", "1"], ["Unrecognized options: --holdout-every"]),  # a retired option
+        (["--foo", "1"], ["Unrecognized options: --foo"]),
+        (["--beta", "abc"], ["--beta", "abc"]),
+        (["--capture-video", "2", "--eval-episodes", "1"], ["--capture-video", "at most --eval-episodes"]),
+    ],
+)
+def test_command_line_errors_are_one_line(tmp_path, argv, parts):
+    one_line_error(cmd(tmp_path, SCRIPT, *argv), *parts)
+    assert os.listdir(tmp_path) == []  # no run directory, cache, lock or data
+
+
+@pytest.mark.parametrize(
+    "argv,parts",
+    [
+        (["--qualities", "shiny"], ["unknown quality 'shiny'"]),
+        (["--seeds", "-1"], ["--seeds must be distinct integers"]),
+        (["--seeds", "7", "7"], ["--seeds must be distinct integers", "7 7"]),
+        (["--extra=--beta -1"], ["--beta must be > 0"]),
+        (["--extra=--seed 5"], ["--extra sets --seed"]),
+        (["--extra=--dataset medium"], ["--extra sets --dataset"]),
+        (["--decompositions", "bc", "--extra=--capture-video 1"], ["behaviour cloning", "--capture-video"]),
+    ],
+)
+def test_table_refuses_a_bad_grid_before_making_anything(tmp_path, argv, parts):
+    one_line_error(cmd(tmp_path, TABLE, "--out", str(tmp_path / "out"), *argv), *parts)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_table_keeps_rows_of_other_settings_apart(tmp_path):
+    """A grid into a directory whose cell has rows made with other settings is refused before any job, and a
+    report over a cell whose rows differ in their settings is refused too (their seeds would be averaged)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {"command": "python oma_sd_mpe.py --env-id simple_spread --dataset expert --decomposition sequential "
+           "--seed 1 --policy-steps 20", "task": "simple_spread", "quality": "expert", "decomposition": "sequential",
+           "seed": 1, "final_normalized_score": 1.0}  # fmt: skip
+    (out / "mpe.jsonl").write_text(json.dumps(row) + "\n")
+    before = sorted(os.listdir(out))
+    argv = [TABLE, "--out", str(out), "--tasks", "simple_spread", "--qualities", "expert"]
+    one_line_error(cmd(tmp_path, *argv, "--decompositions", "sequential"), "made with other settings")
+    assert sorted(os.listdir(out)) == before  # no submitit folder, no new rows
+    other = dict(row, command=row["command"].replace("--seed 1 --policy-steps 20", "--seed 2"), seed=2)
+    (out / "mpe.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
+    one_line_error(cmd(tmp_path, TABLE, "--report-only", "--out", str(out)), "made with different settings")
+
+
+def test_bc_reference_help_family_forms_and_what_it_does_not_do(tmp_path):
+    r = cmd(tmp_path, BC, "--help")
+    assert r.returncode == 0 and "usage: python benchmark/bc_reference.py --family" in r.stdout
+    one_line_error(cmd(tmp_path, BC, "--family", "foo"), "'foo'")
+    # --family=mpe is read (the error is about the next flag), and BC neither evaluates saved runs nor draws
+    one_line_error(cmd(tmp_path, BC, "--family=mpe", "--env-id", "bandit", "--eval-from", "x"), "--eval-from")
+    one_line_error(cmd(tmp_path, BC, "--family", "mpe", "--capture-video", "1"), "--capture-video")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_episodes_return_does_not_depend_on_how_many_run_together():
+    """MuJoCo amplifies a last-digit difference of an action into another episode: evaluation computes the actions
+    in blocks of 64 rows, so episode k scores the same alone and among others (a video's episode is the
+    evaluation's)."""
+    import oma_sd_mamujoco as om
+    import oma_sd_mpe as mp
+
+    torch.manual_seed(0)
+    actors = om.Actors(3, 8 + 1, 1, 64)
+    returns = [om.evaluate(actors, om.resolve_args(om.Args(env_id="Hopper-3x1", eval_episodes=E)), [0, 1, 2], 9)
+               for E in (1, 3)]  # fmt: skip
+    assert returns[0]["episode_returns"][0] == returns[1]["episode_returns"][0]
+    actors = mp.Actors(3, 18, 2, 64)
+    one, many = (
+        mp.evaluate(actors, mp.resolve_args(mp.Args(eval_episodes=E)), [0, 1, 2], 18, record=True) for E in (1, 7)
+    )
+    assert np.array_equal(one[2], many[2][:, ::7])  # episode 0's actions: every 7th of the 7-episode record
+
+
+def test_eval_from_refuses_settings_it_would_ignore_and_stops_at_once(tmp_path):
+    tiny = [*MAMUJOCO_5_STEPS, "--dataset", "random", "--dataset-transitions", "200", "--env-id", "Hopper-3x1"]
+    r = cmd(tmp_path, MJ, *tiny, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = str(tmp_path / r.stdout.strip().splitlines()[-1].split("-> ")[-1].rsplit("/", 1)[0])
+    one_line_error(cmd(tmp_path, MJ, "--eval-from", run_dir, "--seed", "5"), "--seed would be ignored")
+    one_line_error(cmd(tmp_path, MJ, "--eval-from", run_dir, "--capture-video", "100000"), "at most --eval-episodes")
+    # a long evaluation ends within seconds of SIGTERM, exit 130
+    env = {**os.environ, "OMSD_DATA_DIR": str(tmp_path / "data")}
+    p = subprocess.Popen([sys.executable, MJ, "--eval-from", run_dir, "--eval-episodes", "400", "--threads", "1"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    time.sleep(4)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and time.time() - t0 < 10, err[-2000:]
+    assert not glob.glob(run_dir + "/eval_400_episodes.json")
+
+
+def test_a_corrupt_actors_file_gets_no_advice_to_unpickle(tmp_path):
+    import oma_sd_mpe as mp
+    from omsd_utils import saved
+
+    path = tmp_path / "actors.pt"
+    torch.save({"actors": object()}, path)  # a pickle of a Python object: never unpickled
+    with pytest.raises(runs.RunError) as e:
+        saved.load_actors(mp.Actors(3, 18, 2, 8), str(path), [0, 1, 2], "simple_spread")
+    assert "never unpickled" in str(e.value) and "weights_only" not in str(e.value)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, metadata=np.array("{}"), obs_0=np.array([object()], dtype=object))
+    with pytest.raises(ds.DatasetError) as e:
+        ds.load_dataset(str(bad))
+    assert "never loaded" in str(e.value) and "allow_pickle" not in str(e.value)

@@ -99,7 +99,9 @@ def test_eval_from_bad_runs(mpe_run, tmp_path):
 
     torch.save({"actors": object()}, bad / "actors.pt")
     (bad / "results.json").write_text(json.dumps(res))
-    one_error_line(run_script(MPE, work, "--eval-from", str(bad), check=False), "cannot be loaded as weights only")
+    one_error_line(
+        run_script(MPE, work, "--eval-from", str(bad), check=False), "a pickle of Python objects, never unpickled here"
+    )
     # a run of the other script
     one_error_line(run_script(MAMUJOCO, work, "--eval-from", str(run_dir), check=False), "does not know")
 
