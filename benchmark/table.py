@@ -273,6 +273,19 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def submit_quietly(executor, cell: Cell, log: str):
+    """executor.submit(cell) with the local job's controller writing its stderr to `log`, not to this terminal:
+    when the grid is stopped, the controller's KeyboardInterrupt traceback goes there (the run's to its own log)."""
+    saved = os.dup(2)
+    try:
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 2)
+            return executor.submit(cell)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_grid(cfg: Cfg, out: str):
     """Run the grid's cells that are not yet in `out` as submitit jobs and append each finished job's row to the
     results file. Only this parent writes rows, from job.result(), so a row exists only for a run that finished;
@@ -340,7 +353,7 @@ def run_grid(cfg: Cfg, out: str):
                 cell = todo.pop(0)
                 SUBMITTING["now"] = True
                 try:
-                    submitted([(executor.submit(cell), cell)])
+                    submitted([(submit_quietly(executor, cell, os.path.join(folder, "controllers.log")), cell)])
                 finally:
                     SUBMITTING["now"] = False
                 if SUBMITTING["interrupted"]:
@@ -364,7 +377,7 @@ def run_grid(cfg: Cfg, out: str):
                 time.sleep(1 if cfg.launcher == "local" else 30)
     except KeyboardInterrupt:
         if cfg.launcher == "local":
-            for job, _ in running:
+            for job, _ in running:  # the runs stop at once; running the grid again continues each from its checkpoint
                 job.cancel(check=False)
         print(
             f"\ninterrupted with {len(running) + len(todo)} cells unfinished; run the same command again to "
