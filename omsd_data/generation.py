@@ -124,7 +124,7 @@ def reference_returns(info: dict, checkpoint: str) -> dict:
     return {
         "random": float(info["eval_return"]["random"]),
         "expert": float(info["eval_return"]["expert"]),
-        "source": f"evaluation returns of the random and expert snapshots of {checkpoint} (env version "
+        "source": f"evaluation returns of the random and expert snapshots of {checkpoint} (evaluated on env version "
         f"{info.get('env_version')})",
     }
 
