@@ -73,17 +73,17 @@ class Args:
     eval_from: str = ""  # a finished run's directory: evaluate its actors.pt, training nothing
 
 
-# The grids tried are in docs/results.md.
+# beta per --dataset, chosen on HalfCheetah 2x3's seed 0 (docs/studies.md, "β per quality")
 # fmt: off
 BETA_DEFAULTS = {"random": 0.1, "medium-replay": 0.001, "medium": 0.001, "expert": 0.0003, "medium-expert": 0.001,
                  "mixture": 0.001}
-# beta where a task's own seed 0 (sequential, stage 1 cached) picks another value than BETA_DEFAULTS (docs/results.md,
-# "Hopper 3x1: policy steps and beta", "beta on Ant 2x4's seed 0" and "beta on HalfCheetah 6x1's seed 0")
+# beta where a task's own seed 0 (sequential, stage 1 cached) picks another value than BETA_DEFAULTS (docs/studies.md,
+# "Hopper 3x1: β", "Ant 2x4: β" and "HalfCheetah 6x1: β")
 BETA_ENV_DEFAULTS = {("Hopper-3x1", "expert"): 0.001, ("Hopper-3x1", "medium-expert"): 0.005,
                      ("Hopper-3x1", "mixture"): 0.0003, ("Ant-2x4", "medium-replay"): 0.0003,
                      ("Ant-2x4", "medium"): 0.0003, ("HalfCheetah-6x1", "expert"): 0.0001}
 # fmt: on
-# stage-2 length per --env-id (Hopper needs more: docs/results.md, "Hopper 3x1: policy steps and beta")
+# stage-2 length per --env-id (Hopper needs more: docs/studies.md, "Hopper 3x1: policy steps")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
@@ -223,10 +223,10 @@ def noised_eps_hat(score_net, a, cond, weighting: str, z_baseline: bool, gen):
     return eps_hat, w
 
 
-def actor_surrogate(a, eps_hat, g, w, beta):
+def actor_surrogate(a, eps_hat, grad_q, w, beta):
     """Per-agent SRPO surrogate: mean_batch( w(t) <eps_hat, a> - beta <grad_a Q, a> ) with eps_hat and g detached,
     so that its gradient is (w(t) eps_hat - beta grad_a Q) times the actor's Jacobian. Returns (n,)."""
-    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
+    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (grad_q * a).sum(-1)).mean(-1)
 
 
 # ====== The behaviour models' DDIM sampler, and the actors' start from its samples
@@ -271,7 +271,7 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     with one noise z for all states (so the mode a sample lands in varies smoothly with the state)."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
-    rows = torch.randperm(N, generator=g)[:INIT_STATES].to(device)
+    rows = torch.randperm(N, generator=g, device=g.device)[:INIT_STATES].to(device)
     z = torch.randn((n, 1, act_dim), generator=g, device=device).expand(n, len(rows), act_dim)
     obs = data["obs"][rows].transpose(0, 1)
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
@@ -447,7 +447,7 @@ def stage1a_behaviour_models(run, data, mask, args: Args, stage1: dict, g):
     objs = {"model": score_net, "opt": opt, "sched": sched}
     stage = run.stage("stage 1a: diffusion", fields, objs, g, args.diffusion_steps, args.checkpoint_every)
     for step in stage.steps():
-        idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=mask.device)
+        idx = torch.randint(N, (args.diffusion_batch_size,), generator=g, device=mask.device)  # all rows, unlike MPE
         a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
         loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), g)
         check_finite(loss, "stage 1a (diffusion)", step)
@@ -523,7 +523,7 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
 
     if stage.start == 0:
         if args.actor_init == "samples":
-            g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)
+            g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)  # stage 1's: shared like it
             stage.extra["init"] = init_from_samples(actors, score_net, q_target, data, mask, args, g4)
         stage.extra.update(eval_history=[], eval_seconds=[])
         evaluated(0)
@@ -557,15 +557,14 @@ def main(args: Args) -> dict:
     args = resolve_args(args)
     if args.eval_from:
         return evaluate_saved(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
     arrays, meta, source = load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)
     ends, ref = episode_ends(arrays), normalization(args.env_id, meta)
     del arrays  # 1M Ant transitions are ~2 GB of arrays; only the tensors are used from here on
-    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, sha256=meta["sha256"])
+    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, dataset_sha256=meta["sha256"])
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
         return run.report_finished()
     runs.seed_everything(args.seed)
@@ -574,7 +573,7 @@ def main(args: Args) -> dict:
     print(f"data: {source}, {len(data['obs']):,} transitions, {n} agents, order {order}", file=sys.stderr)
     # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
     gen = lambda seed, stage: torch.Generator(device).manual_seed(seed * 1000 + stage)
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 3}
+    stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=3)  # cache format
     mask = prefix_mask(n, args.decomposition).to(device)
     obs_max = data["obs"].shape[2]
     evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max)

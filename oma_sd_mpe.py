@@ -96,9 +96,7 @@ BETA_DEFAULTS = {
 DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
-METRIC = (
-    "simple_spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"
-)
+METRIC = "spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"
 
 
 # ====== Networks: every agent's network is evaluated in one batched op over a leading agent axis
@@ -243,10 +241,10 @@ def noised_eps_hat(score_net, a, cond, weighting: str, z_baseline: bool, gen):
     return eps_hat, w
 
 
-def actor_surrogate(a, eps_hat, g, w, beta):
+def actor_surrogate(a, eps_hat, grad_q, w, beta):
     """Per-agent SRPO surrogate: mean_batch( w(t) <eps_hat, a> - beta <grad_a Q, a> ) with eps_hat and g detached,
     so that its gradient is (w(t) eps_hat - beta grad_a Q) times the actor's Jacobian. Returns (n,)."""
-    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (g * a).sum(-1)).mean(-1)
+    return (w.squeeze(-1) * (eps_hat * a).sum(-1) - beta * (grad_q * a).sum(-1)).mean(-1)
 
 
 # ====== The behaviour models' DDIM sampler, and the actors' start from its samples
@@ -295,7 +293,7 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
-    rows = torch.randperm(N, generator=g)[:INIT_STATES].to(device)
+    rows = torch.randperm(N, generator=g, device=g.device)[:INIT_STATES].to(device)
     z = torch.randn((n, 1, act_dim), generator=g, device=device).expand(n, len(rows), act_dim)
     obs = data["obs"][rows].transpose(0, 1)
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
@@ -343,21 +341,21 @@ def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> di
 @torch.no_grad()
 def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: bool = False):
     """Mean return of --eval-episodes episodes (env seeds seed + 100 + e), decentralised: each agent acts on its own
-    observation. With `record` also the obs (n, steps, obs) and actions (n, steps, act) of every step in position
-    order, and the observations after the last step (n, E, obs), for the diagnostics."""
+    observation. With `record` also the obs (n, steps x E, obs) and actions (n, steps x E, act) of every step in
+    position order, and the observations after the last step (n, E, obs), for the diagnostics."""
     actors.eval()
     if args.env_id == "bandit":
-        a = actors(torch.ones(2, 1, bandit.OBS_DIM))[:, 0, 0]
+        a = actors(torch.ones(2, 1, bandit.OBS_DIM, device=next(actors.parameters()).device))[:, 0, 0]
         actors.train()
         return float(bandit.reward(a[0], a[1]))
-    envs = [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)]
+    envs, device = [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)], next(actors.parameters()).device
     names = envs[0].possible_agents
     obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
     rewards, steps = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names))), []
     stack = lambda: np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
     for t in range(envs[0].max_cycles):
         o = stack()
-        act = actors(torch.as_tensor(o, dtype=torch.float32)).numpy()  # (n positions, E, act)
+        act = actors(torch.as_tensor(o, dtype=torch.float32, device=device)).cpu().numpy()  # (n positions, E, act)
         steps.append((o.astype(np.float32), act))
         for e, env in enumerate(envs):
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
@@ -449,7 +447,7 @@ def stage1a_behaviour_models(run, data, train_idx, mask, args: Args, stage1: dic
     objs = {"model": score_net, "opt": opt, "sched": sched}
     stage = run.stage("stage 1a: diffusion", fields, objs, g, args.diffusion_steps, args.checkpoint_every)
     for step in stage.steps():
-        idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=g)].to(mask.device)
+        idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=g, device=g.device)]
         a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
         loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), g)
         check_finite(loss, "stage 1a (diffusion)", step)
@@ -514,9 +512,10 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
     stage = run.stage("stage 2: actors", None, objs, g, args.policy_steps, args.checkpoint_every)
     if stage.start == 0:
         if args.actor_init == "samples":
-            g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)
+            g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)  # stage 1's: shared like it
             stage.extra["init"] = init_from_samples(actors, score_net, q_target, data, mask, args, g4)
-        stage.extra.update(eval_history=[{"step": 0, "return": evaluate_fn(actors)}], eval_seconds=[run.seconds()])
+        stage.extra.update(eval_history=[], eval_seconds=[])
+        stage.evaluated(0, evaluate_fn(actors), ref)
     for step in stage.steps():
         idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=mask.device)
         obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
@@ -548,15 +547,16 @@ def main(args: Args) -> dict:
     if args.eval_from:
         return evaluate_saved(args)
     prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
     arrays, meta, source = load_data(args)
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)
     ends, ref = episode_ends(arrays), meta.get("normalization")
-    key = {"sha": meta["sha256"], **({"prey_sha256": prey_record["source_sha256"]} if args.prey_path else {})}
-    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, ("trust_pickle",), **key)  # data and prey
+    key = dict(
+        dataset_sha256=meta["sha256"], **({"prey_sha256": prey_record["source_sha256"]} if args.prey_path else {})
+    )
+    run = start_run(asdict(args), args.cache_dir, args.resume, t_start, ("trust_pickle", "prey_path"), **key)
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
         return run.report_finished()
     runs.seed_everything(args.seed)
@@ -565,11 +565,11 @@ def main(args: Args) -> dict:
     print(f"data: {source}, {len(data['obs']):,} transitions, {n} agents, order {order}", file=sys.stderr)
     # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
     gen = lambda seed, stage: torch.Generator(device).manual_seed(seed * 1000 + stage)  # noqa: E731
-    stage1 = {"dataset_sha256": meta["sha256"], "n": n, "order": order, "seed": args.stage1_seed, "version": 3}
+    stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=3)  # cache format
     mask = prefix_mask(n, args.decomposition).to(device)
     obs_max = data["obs"].shape[2]
     evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max, prey)  # noqa: E731
-    train_idx = torch.as_tensor(np.flatnonzero(~held_out(ends, len(data["obs"]))))  # every 50th episode: held out
+    train_idx = torch.as_tensor(np.flatnonzero(~held_out(ends, len(data["obs"])))).to(device)  # 50th episodes held out
     score_net = stage1a_behaviour_models(run, data, train_idx, mask, args, stage1, gen(args.stage1_seed, 1))
     q_target = stage1b_critic(run, data, args, stage1, gen(args.stage1_seed, 2))
     actors, init = stage2_actors(run, data, score_net, q_target, mask, args, gen(args.seed, 3), evaluate_fn, ref)
@@ -589,7 +589,7 @@ def main(args: Args) -> dict:
                    diagnostics=diagnostics)  # fmt: skip
     if args.env_id == "bandit":
         with torch.no_grad():
-            results["final_actions"] = actors(torch.ones(n, 1, bandit.OBS_DIM))[:, 0, 0].tolist()
+            results["final_actions"] = actors.eval()(torch.ones(n, 1, bandit.OBS_DIM, device=device))[:, 0, 0].tolist()
     draw = (lambda out: videos(actors, args, order, obs_max, prey, out)) if args.capture_video else None
     paper = paper_comparison(args.env_id, ref)  # the paper's constants, where ours are close to them
     return finish_run(run, results, actors, order, asdict(args), ref, paper, draw)

@@ -136,8 +136,8 @@ def settings(command: str) -> tuple:
 
 
 def check_same_settings(cfg, out):
-    """Refuse a grid whose cells already have rows in `out` made with other settings (other --extra, defaults or
-    code): their seeds would be averaged into one cell of the table."""
+    """Refuse a grid whose cells already have rows in `out` made with another command (other --extra): their seeds
+    would be averaged into one cell of the table. (Rows of the same command made by other code are not detected.)"""
     rows = load_rows(out, cfg.family, cfg.results)
     have = {(r["task"], r["quality"], r["decomposition"]): settings(r["command"]) for r in rows}
     for dec in cfg.decompositions:
@@ -148,7 +148,7 @@ def check_same_settings(cfg, out):
                 if theirs is not None and theirs != mine:
                     fail(
                         f"{out} holds rows of {task} {quality} {dec} made with other settings "
-                        f"({shlex.join(theirs)}); give another --out (or --results) for these"
+                        f"({shlex.join(theirs)}); give another --out for these"
                     )
 
 
@@ -491,7 +491,7 @@ def report(family, out, figures, reps):
         kinds = sorted({settings(r["command"]) for r in cell})
         if len(kinds) > 1:
             fail(f"{out}: the rows of {' '.join(key)} were made with different settings ({shlex.join(kinds[0])} / "
-                 f"{shlex.join(kinds[1])}); keep each setting's rows apart (--out or --results)")  # fmt: skip
+                 f"{shlex.join(kinds[1])}); keep each setting's rows in a directory of their own")  # fmt: skip
 
     def order(k):
         return (

@@ -274,19 +274,6 @@ def check_metadata(path: str, meta: dict):
     _check_metadata(path, meta, TASKS, QUALITIES + tuple(CONTROLLED), ENV_VERSION)
 
 
-if __name__ == "__main__":
-    cli(
-        __doc__ + f"\ntasks: {', '.join(TASKS)}",
-        TASKS,
-        QUALITIES + tuple(CONTROLLED),
-        "simple_spread",
-        DEFAULT_TRANSITIONS,
-        default_path,
-        ensure_dataset,
-        task_qualities,
-    )
-
-
 # ---- how actions and episodes relate to the conventions of the controlled data (omsd_utils/diagnostics.py)
 NEAR = 0.3  # an action follows a convention of the controlled spread data when it lies this close to its action
 
@@ -322,3 +309,16 @@ def assignment_stats(obs_last: np.ndarray, order: list[int], n_conventions: int)
     per = [float((nearest == np.array(c)[:, None]).all(0).mean()) for c in CONVENTIONS]
     distinct = float(np.mean([len(set(nearest[:, e])) == nearest.shape[0] for e in range(nearest.shape[1])]))
     return {"per_convention": per, "in_data_convention": float(sum(per[:n_conventions])), "distinct": distinct}
+
+
+if __name__ == "__main__":
+    cli(
+        __doc__ + f"\ntasks: {', '.join(TASKS)}",
+        TASKS,
+        QUALITIES + tuple(CONTROLLED),
+        "simple_spread",
+        DEFAULT_TRANSITIONS,
+        default_path,
+        ensure_dataset,
+        task_qualities,
+    )

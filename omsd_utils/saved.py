@@ -22,6 +22,12 @@ from envs import render
 from omsd_utils.files import unwritable_dir
 from omsd_utils.runs import RunError, normalized_score, stop_at_once, write_json_atomic
 
+# options of runs made before docs/studies.md retired them; none changes how a saved run's actors are evaluated
+RETIRED = ("diffusion_ema", "diffusion_t_sampling", "condition", "init_select", "init_candidates", "init_steps",
+           "init_states", "team_reward", "prefix", "regq", "holdout_every", "prey", "dataset_format",
+           "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "save_model", "t_min", "t_max",
+           "polyak", "diffusion_blocks", "diffusion_lr", "critic_lr", "video_episodes")  # fmt: skip
+
 
 def read_run(run_dir: str, args_cls, resolve) -> tuple:
     """(the run's Args, its results.json) of a finished run; RunError when the directory is not one."""
@@ -38,7 +44,9 @@ def read_run(run_dir: str, args_cls, resolve) -> tuple:
     if not isinstance(results, dict) or not isinstance(results.get("args"), dict) or "agent_order" not in results:
         raise RunError(f"--eval-from {run_dir}: results.json has no 'args' and 'agent_order' (not a run of this repo)")
     names = {f.name for f in dataclasses.fields(args_cls)}
-    saved = results["args"]
+    saved = {k: v for k, v in results["args"].items() if k not in RETIRED}  # they do not change an evaluation
+    if isinstance(saved.get("capture_video"), bool):  # a flag before it counted episodes
+        saved["capture_video"] = 0
     unknown = sorted(set(saved) - names)
     if unknown:
         raise RunError(
@@ -137,7 +145,7 @@ def load_actors(actors: torch.nn.Module, path: str, order: list[int], what: str)
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
-        raise RunError(f"{path} does not exist (the run was made with --no-save-model?)") from None
+        raise RunError(f"{path} does not exist; the run did not finish, or its actors.pt was removed") from None
     except Exception as e:  # torch's advice (weights_only=False) would run the file's code: never taken here
         why = "a pickle of Python objects, never unpickled here" if "Weights only" in str(e) else "corrupt or truncated"
         raise RunError(

@@ -57,6 +57,9 @@ def test_eval_from_reproduces_the_final_return_and_trains_nothing(mpe_run, tmp_p
     work, run_dir, res, _ = mpe_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("videos"))
+    old = json.loads((copy / "results.json").read_text())  # a run made before options were retired: evaluated too
+    old["args"].update(diffusion_ema=0.0, holdout_every=50, save_model=True, capture_video=False, video_episodes=2)
+    (copy / "results.json").write_text(json.dumps(old))
     r = run_script(MPE, work, "--eval-from", str(copy), "--eval-episodes", "2", "--capture-video", "1")
     with open(copy / "eval_2_episodes.json") as f:
         ev = json.load(f)
