@@ -583,11 +583,38 @@ def report(family, out, figures, reps):
             if multi
             else f"| {name} | no such cells |"
         )
+    path = os.path.join(out, f"{family}_marl_eval.json")  # for marl-eval's plots and other tools
+    with open(path, "w") as f:
+        json.dump(marl_eval_json(rows, family), f)
+    lines += ["", f"marl-eval's raw-data format: {path}"]
     print("\n".join(lines))
     os.makedirs(figures, exist_ok=True)
     curves(cells, family, figures, order)
     if agg is not None:
         rliable_figures(agg, family, figures, reps)
+
+
+def marl_eval_json(rows, family: str) -> dict:
+    """The rows in marl-eval's raw-data format (instadeepai/marl-eval, README "Data Structure for Raw Experiment
+    data"): environment -> task -> algorithm -> run -> step_k {step_count, metric: [one value per evaluation
+    episode]} and absolute_metrics (the final evaluation). Task = <env-id>_<quality>; algorithm = omsd_sequential,
+    omsd_independent or bc; run = run_<seed>. Metrics: return and normalized_score (with the row's own constants);
+    an evaluation whose row records no per-episode returns contributes its mean as one value."""
+
+    def metrics(h, ref):
+        returns = [float(x) for x in h.get("episode_returns") or [h["return"]] if x is not None]
+        norm = [100.0 * (x - ref["random"]) / (ref["expert"] - ref["random"]) for x in returns] if ref else []
+        return {"return": returns, **({"normalized_score": norm} if ref else {})}
+
+    out = {}
+    for r in sorted(rows, key=lambda r: (r["task"], r["quality"], r["decomposition"], r["seed"])):
+        algo = r["decomposition"] if r["decomposition"] in BASELINES else f"omsd_{r['decomposition']}"
+        history, ref = r["eval_history"], r.get("normalization")
+        run = {f"step_{k}": {"step_count": int(h["step"]), **metrics(h, ref)} for k, h in enumerate(history)}
+        run["absolute_metrics"] = metrics(history[-1], ref)
+        task = out.setdefault(family, {}).setdefault(f"{r['task']}_{r['quality']}", {})
+        task.setdefault(algo, {})[f"run_{r['seed']}"] = run
+    return out
 
 
 def rliable_figures(agg, family, figures, reps):

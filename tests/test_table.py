@@ -207,6 +207,37 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     ]
 
 
+def test_marl_eval_json_follows_its_documented_schema(tmp_path, capsys):
+    """<out>/<family>_marl_eval.json: environment -> task -> algorithm -> run -> step_k {step_count, metric: [values
+    per evaluation episode]} and absolute_metrics (marl-eval's README, "Data Structure for Raw Experiment data")."""
+    rows = rows_of({("Hopper-3x1", "expert", "sequential"): [1, 2], ("Hopper-3x1", "expert", "bc"): [3, 4]})
+    ref = {"random": 0.0, "expert": 200.0, "source": "test"}
+    for r in rows:
+        r["normalization"] = ref
+        final = {"step": 10, "return": r["final_return"], "normalized_score": r["final_return"] / 2}
+        r["eval_history"] = [{"step": 0, "return": 1.0, "normalized_score": 0.5}, final]
+    rows[0]["eval_history"][1]["episode_returns"] = [0.0, 2.0]  # MaMuJoCo rows keep every episode's return
+    with open(tmp_path / "mamujoco.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(family="mamujoco", report_only=True, out=str(tmp_path), reps=50))
+    assert "marl-eval's raw-data format" in capsys.readouterr().out
+    data = json.loads((tmp_path / "mamujoco_marl_eval.json").read_text())
+    assert list(data) == ["mamujoco"] and list(data["mamujoco"]) == ["Hopper-3x1_expert"]
+    algos = data["mamujoco"]["Hopper-3x1_expert"]
+    assert sorted(algos) == ["bc", "omsd_sequential"] and sorted(algos["bc"]) == ["run_1", "run_2"]
+    for algo in algos.values():
+        for run in algo.values():
+            assert sorted(run) == ["absolute_metrics", "step_0", "step_1"]
+            for step in ("step_0", "step_1"):
+                assert isinstance(run[step]["step_count"], int)
+                for metric in ("return", "normalized_score"):
+                    assert run[step][metric] and all(isinstance(x, float) for x in run[step][metric])
+            assert run["absolute_metrics"]["return"] == run["step_1"]["return"]  # the final evaluation
+    first = algos["omsd_sequential"]["run_1"]
+    assert first["step_1"]["return"] == [0.0, 2.0] and first["step_1"]["normalized_score"] == [0.0, 1.0]
+    assert algos["bc"]["run_1"]["absolute_metrics"]["return"] == [rows[2]["final_return"]]  # a mean as one value
+
+
 def bad(capsys, **kw):
     with pytest.raises(SystemExit) as e:
         table.main(table.Cfg(**kw))
