@@ -114,8 +114,9 @@ def vp_sde(t):
 
 
 class ScoreNet(nn.Module):
-    """eps_k(x_t, t | cond_k) for all n positions k at once, an IDQL-style residual MLP per position (Fourier time
-    features, residual blocks h + W2 relu(W1 LayerNorm(h)))."""
+    """eps_k(x_t, t | cond_k) for all n positions k at once: an IDQL-style residual MLP per position. Gaussian
+    Fourier time features (fixed W ~ N(0, 30^2)) -> time MLP; [x_t, cond, t_emb] -> hidden; residual blocks
+    h + W2 relu(W1 LayerNorm(h)); relu -> linear output (the predicted noise)."""
 
     def __init__(self, n: int, act_dim: int, cond_dim: int, hidden: int, blocks: int = DIFFUSION_BLOCKS):
         super().__init__()
@@ -169,7 +170,8 @@ def mlp(i: int, h: int, o: int) -> nn.Sequential:
 
 
 class Actors(nn.Module):
-    """Deterministic actors a_i = tanh(MLP_i(o_i)) (self.nets[i]), evaluated in one batched matmul per layer."""
+    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own parameters and
+    optimizer), evaluated for all agents in one batched matmul per layer."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()
@@ -212,8 +214,9 @@ def q_grad(q_target, s, joint):
 
 
 def noised_eps_hat(score_net, a, cond, weighting: str, z_baseline: bool, gen):
-    """eps_hat(a_t, t | cond) at a_t = alpha_t a + sigma_t z, t ~ U(T_MIN, T_MAX), and w(t), for every position; with
-    z_baseline eps_hat - z: the same expectation (z is independent of the actor), far less noise."""
+    """eps_hat(a_t, t | cond) at a_t = alpha_t a + sigma_t z, t ~ U(T_MIN, T_MAX), and w(t), for every position;
+    with z_baseline eps_hat - z, which has the same expectation (z is independent of the actor) and far less noise:
+    for a well-trained model most of eps_hat is z itself."""
     t = torch.rand(a.shape[0], a.shape[1], 1, generator=gen, device=a.device) * (T_MAX - T_MIN) + T_MIN
     z = torch.randn(a.shape, generator=gen, device=a.device)
     alpha_t, sigma_t = vp_sde(t)
@@ -267,8 +270,9 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
 
 
 def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) -> dict:
-    """--actor-init samples, a mode-seeking start: the actors first imitate one joint behaviour sample per state, drawn
-    with one noise z for all states (so the mode a sample lands in varies smoothly with the state)."""
+    """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
+    modes, so the actors first imitate one joint sample per state, drawn with one noise z for all states (so the mode
+    a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
     rows = torch.randperm(N, generator=g, device=g.device)[:INIT_STATES].to(device)
@@ -316,12 +320,11 @@ def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> di
 
 @torch.no_grad()
 def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
-    """--eval-episodes episodes (env seeds seed + 100 + e), decentralised, stepped together (one batched actor call per
-    step) until each has ended: {"return": mean team return (None if an episode failed), "episode_returns",
-    "episode_lengths", "failed_episodes"}. An episode fails, and stops, at a non-finite action or a `diverged` step;
-    the others go on, so that every failure is recorded."""
+    """--eval-episodes episodes (env seeds seed + 100 + e), decentralised, stepped together until each has ended:
+    {"return": mean team return (None if an episode failed), "episode_returns", "episode_lengths", "failed_episodes"}.
+    An episode fails, and stops, at a non-finite action or a `diverged` step; the others go on (every failure kept)."""
     actors.eval()
-    E, device = args.eval_episodes, next(actors.parameters()).device
+    E, device = args.eval_episodes, next(actors.parameters(), torch.empty(0)).device
     envs = [make_env(args.env_id) for _ in range(E)]
     names, seeds = envs[0].possible_agents, [args.seed + 100 + e for e in range(E)]
     obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds)]
@@ -329,7 +332,7 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
     fail = lambda e, t, what: failed.append({"episode": e, "env_seed": seeds[e], "env_step": t, "what": what})
     live = [e for e in range(E) if not (d := diverged(envs[e], obs[e], 0.0, names)) or fail(e, 0, d + " after reset")]
     for t in range(1, EPISODE_LEN + 1):
-        if not live:
+        if not live:  # every episode has ended
             break
         o = np.stack([saved.padded(obs[e], names, order, obs_max) for e in live], 1)  # (n positions, live, obs)
         act = actors(torch.as_tensor(o, device=device)).cpu().numpy()  # (n positions, live, act)
@@ -352,8 +355,7 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
     [env.close() for env in envs]
     actors.train()
     failed.sort(key=lambda f: f["episode"])
-    bad = {f["episode"] for f in failed}
-    returns = [None if e in bad else returns[e] for e in range(E)]
+    returns = [None if any(f["episode"] == e for f in failed) else returns[e] for e in range(E)]
     return {"return": None if failed else float(np.mean(returns)), "episode_returns": returns,
             "episode_lengths": lengths, "failed_episodes": failed}  # fmt: skip
 
@@ -426,11 +428,11 @@ def finish(run, actors, args: Args, meta: dict, source: str, order, ref, status:
     """results.json and actors.pt of a finished run, or of one whose evaluation failed (status "failed")."""
     history, init = run.policy_extra["eval_history"], run.policy_extra.get("init")
     failed = [dict(f, policy_step=h["step"]) for h in history for f in h.get("failed_episodes", [])]
-    note = None if ref else NO_REFERENCE
     results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
                    dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,
-                   weighting=args.weighting, seed=args.seed, status=status, normalization_note=note, metric=METRIC,
-                   failed_episodes=failed, actor_init=init, diagnostics=diagnostics)  # fmt: skip
+                   weighting=args.weighting, seed=args.seed, status=status, metric=METRIC, failed_episodes=failed,
+                   normalization_note=None if ref else NO_REFERENCE, actor_init=init,
+                   diagnostics=diagnostics)  # fmt: skip
     return finish_run(run, results, actors, order, asdict(args), ref, None, draw)
 
 

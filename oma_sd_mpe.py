@@ -115,10 +115,8 @@ class StackedLinear(nn.Module):
 
 def vp_sde(t):
     """Continuous-time VP-SDE with linear beta(t), beta_0 = 0.1, beta_1 = 20: x_t = alpha_t a + sigma_t z."""
-    log_alpha_t = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
-    alpha_t = torch.exp(log_alpha_t)
-    sigma_t = torch.sqrt(1.0 - alpha_t**2)
-    return alpha_t, sigma_t
+    alpha_t = torch.exp(-0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1)
+    return alpha_t, torch.sqrt(1.0 - alpha_t**2)
 
 
 class ScoreNet(nn.Module):
@@ -131,10 +129,8 @@ class ScoreNet(nn.Module):
         self.register_buffer("W", torch.randn(16) * 30.0)
         self.t1, self.t2 = StackedLinear(n, 32, 64), StackedLinear(n, 64, 64)
         self.inp = StackedLinear(n, act_dim + cond_dim + 64, hidden)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
-            for _ in range(blocks)
-        )
+        pair = lambda: nn.ModuleList([StackedLinear(n, hidden, 2 * hidden), StackedLinear(n, 2 * hidden, hidden)])
+        self.blocks = nn.ModuleList(pair() for _ in range(blocks))
         self.out = StackedLinear(n, hidden, act_dim)
 
     def forward(self, x_t, t, cond):  # (n, B, act), (n, B, 1), (n, B, cond)
@@ -154,9 +150,8 @@ def prefix_mask(n: int, decomposition: str) -> torch.Tensor:
 
 
 def condition(base, a_prev_source, mask):
-    """cond_k = [o_k, a_1, ..., a_{k-1}, 0, ...]: a fixed width for every position; the zero slots of agents that
-    are not in the prefix make the stacked models equal to per-agent models of varying width. base (n, B, d): own
-    observations; a_prev_source (n, B, act): actions in position order."""
+    """cond_k = [o_k, a_1, ..., a_{k-1}, 0, ...] (base (n, B, d): own observations; a_prev_source (n, B, act): actions
+    in position order): the zero slots make the stacked models equal to per-agent models of varying width."""
     n, B, act = a_prev_source.shape
     src = a_prev_source[: mask.shape[1]]  # (n-1, B, act): position n-1 is never anyone's prefix
     prefix = mask[:, :, None, None] * src[None]  # (n, n-1, B, act)
@@ -168,11 +163,8 @@ class TwinQ(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.l1, self.l2, self.l3 = (
-            StackedLinear(2, in_dim, hidden),
-            StackedLinear(2, hidden, hidden),
-            StackedLinear(2, hidden, 1),
-        )
+        sizes = ((in_dim, hidden), (hidden, hidden), (hidden, 1))
+        self.l1, self.l2, self.l3 = (StackedLinear(2, i, o) for i, o in sizes)
 
     def forward(self, s, a):  # (B, S), (B, n*act) -> (2, B)
         x = torch.cat([s, a], -1).expand(2, -1, -1)
@@ -235,8 +227,7 @@ def noised_eps_hat(score_net, a, cond, weighting: str, z_baseline: bool, gen):
     z = torch.randn(a.shape, generator=gen, device=a.device)
     alpha_t, sigma_t = vp_sde(t)
     eps_hat = score_net(alpha_t * a + sigma_t * z, t, cond)
-    if z_baseline:
-        eps_hat = eps_hat - z
+    eps_hat = eps_hat - z if z_baseline else eps_hat
     w = {"sigma2": sigma_t**2, "one": torch.ones_like(sigma_t), "alpha_over_sigma": alpha_t / sigma_t}[weighting]
     return eps_hat, w
 
@@ -249,9 +240,8 @@ def actor_surrogate(a, eps_hat, grad_q, w, beta):
 
 # ====== The behaviour models' DDIM sampler, and the actors' start from its samples
 def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
-    """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing: a
-    uniform grid in t takes too large steps at small noise, and DDIM's samples then lose most of their spread).
-    lambda -> t inverts L = -2 log alpha_t = log(1 + exp(-2 lambda)) for the linear beta(t): 9.95 t^2 + 0.1 t = L."""
+    """steps + 1 times from t_start to t_end, uniform in lambda = log(alpha_t / sigma_t) (DPM-Solver's spacing); t
+    inverts L = -2 log alpha_t = log(1 + exp(-2 lambda)) for the linear beta(t): 9.95 t^2 + 0.1 t = L."""
 
     def lam(t):
         alpha_t, sigma_t = vp_sde(torch.tensor(t, dtype=torch.float64))
@@ -264,10 +254,8 @@ def logsnr_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
-    """Deterministic DDIM samples of every position's behaviour model, from x_1 = z (n, B, act). The prefix of
-    position k is a_prev (e.g. the dataset's actions) if given, else the samples of positions < k: ancestral sampling
-    of mu(a|s) = prod_k mu_k(a_k | s, a_<k), one pass per position (one pass if no position has a prefix).
-    x0_hat = (x_t - sigma_t eps_hat) / alpha_t is clipped to the action box [-1, 1] at each step."""
+    """Deterministic DDIM samples of every position's behaviour model from x_1 = z (n, B, act), x0_hat clipped to
+    [-1, 1]; position k's prefix is a_prev if given, else the samples of positions < k (ancestral sampling)."""
     n, B, _ = z.shape
     ts = logsnr_grid(1.0, 1e-3, steps).to(z.device)
     passes = 1 if a_prev is not None or not mask.any() else n
@@ -298,7 +286,7 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     obs = data["obs"][rows].transpose(0, 1)
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
     with torch.no_grad():
-        q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean(0).mean().item()
+        q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
     opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr)
     for _ in range(INIT_STEPS):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
         idx = torch.randint(obs.shape[1], (args.policy_batch_size,), generator=g, device=device)
@@ -345,10 +333,13 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
     position order, and the observations after the last step (n, E, obs), for the diagnostics."""
     actors.eval()
     if args.env_id == "bandit":
-        a = actors(torch.ones(2, 1, bandit.OBS_DIM, device=next(actors.parameters()).device))[:, 0, 0]
+        a = actors(torch.ones(2, 1, bandit.OBS_DIM, device=next(actors.parameters(), torch.empty(0)).device))[:, 0, 0]
         actors.train()
         return float(bandit.reward(a[0], a[1]))
-    envs, device = [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)], next(actors.parameters()).device
+    envs, device = (
+        [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)],
+        next(actors.parameters(), torch.empty(0)).device,
+    )
     names = envs[0].possible_agents
     obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
     rewards, steps = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names))), []
@@ -467,10 +458,7 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
     q_target.load_state_dict(q_net.state_dict())
-    q_opt, v_opt = (
-        torch.optim.Adam(q_net.parameters(), lr=CRITIC_LR),
-        torch.optim.Adam(v_net.parameters(), lr=CRITIC_LR),
-    )
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR) for m in (q_net, v_net))
     keys = ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")
     fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
     objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
