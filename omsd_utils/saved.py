@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -90,6 +91,7 @@ def open_saved(args, args_cls, resolve) -> tuple:
     ev_args = dataclasses.replace(run_args, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)})
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"evaluating {run_dir} over {ev_args.eval_episodes} episodes", file=sys.stderr, flush=True)
     return ev_args, run_args, results
 
 

@@ -553,7 +553,10 @@ def test_eval_from_refuses_settings_it_would_ignore_and_stops_at_once(tmp_path):
     env = {**os.environ, "OMSD_DATA_DIR": str(tmp_path / "data")}
     p = subprocess.Popen([sys.executable, MJ, "--eval-from", run_dir, "--eval-episodes", "400", "--threads", "1"],
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    time.sleep(4)
+    for line in p.stderr:  # the evaluation has started (imports done, the signal handlers set)
+        if line.startswith("evaluating "):
+            break
+    time.sleep(1)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
