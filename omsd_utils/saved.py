@@ -91,7 +91,6 @@ def open_saved(args, args_cls, resolve) -> tuple:
     ev_args = dataclasses.replace(run_args, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)})
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"evaluating {run_dir} over {ev_args.eval_episodes} episodes", file=sys.stderr, flush=True)
     return ev_args, run_args, results
 
 
@@ -106,7 +105,9 @@ def saved_actors(actors_cls, env, args, results) -> tuple:
         f"{args.actor_hidden})"
     )
     path = os.path.join(args.eval_from, "actors.pt")
-    return load_actors(actors_cls(len(names), obs_max, act_dim, args.actor_hidden), path, order, what), order, obs_max
+    actors = load_actors(actors_cls(len(names), obs_max, act_dim, args.actor_hidden), path, order, what)
+    print(f"evaluating {args.eval_from} over {args.eval_episodes} episodes", file=sys.stderr, flush=True)
+    return actors, order, obs_max
 
 
 def write_evaluation(ev_args, run_args, results, ev: dict, videos, seconds: float) -> dict:
