@@ -12,10 +12,12 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import nn
 
 from envs import render
@@ -43,7 +45,8 @@ class Args:
 
     decomposition: str = "sequential"
     """sequential: mu_i conditions on the actions of the agents before i (OMSD) | independent: the marginal"""
-    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1 (none: 0..n-1)
+    agent_order: Annotated[tuple[int, ...], tyro.conf.arg(help_behavior_hint="(default: 0..n-1)")] = ()
+    """order of the sequential decomposition, a permutation of 0..n-1"""
     beta: float | None = None  # weight of grad_a Q: SMALL = STRONG behaviour constraint (BETA_DEFAULTS)
     weighting: str = "sigma2"  # w(t) of the score term: sigma2 (the authors') | one | alpha_over_sigma
     z_baseline: bool = True  # eps_hat - z in the actor loss (SRPO's variance reduction; same expected gradient)
@@ -89,7 +92,7 @@ STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
-NO_REFERENCE = "the dataset's metadata names no reference returns (no behaviour checkpoint, or unknown constants)"
+NO_REF = "the dataset's metadata names no reference returns (no behaviour checkpoint, or unknown constants)"
 METRIC = "team return: the team reward (every agent's) summed over the episode (1000 steps, or until Hopper/Ant fall)"
 
 
@@ -409,8 +412,6 @@ def resolve_args(args: Args) -> Args:
     args.stage1_seed = args.seed if args.stage1_seed is None else args.stage1_seed
     n = env_spec(args.env_id)["n_agents"] if args.agent_order else None
     runs.check_args(args, {"actor_init": ("random", "samples")}, ("video_every", "sample_steps"), n)
-    if not args.eval_from:
-        runs.check_dirs(args.cache_dir)
     return args
 
 
@@ -431,8 +432,7 @@ def finish(run, actors, args: Args, meta: dict, source: str, order, ref, status:
     results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
                    dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,
                    weighting=args.weighting, seed=args.seed, status=status, metric=METRIC, failed_episodes=failed,
-                   normalization_note=None if ref else NO_REFERENCE, actor_init=init,
-                   diagnostics=diagnostics)  # fmt: skip
+                   normalization_note=None if ref else NO_REF, actor_init=init, diagnostics=diagnostics)  # fmt: skip
     return finish_run(run, results, actors, order, asdict(args), ref, None, draw)
 
 

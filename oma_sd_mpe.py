@@ -12,10 +12,12 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import nn
 
 from envs import bandit, render
@@ -48,7 +50,8 @@ class Args:
     prey_path: str = ""  # tag/world: OMAR's pretrained prey, converted by `python -m envs.omar_prey`
     trust_pickle: bool = False  # allow unpickling OMAR's original prey .pt (runs any code it contains) to convert it
     decomposition: str = "sequential"  # sequential: mu_i given the actions of agents < i (OMSD) | independent
-    agent_order: tuple[int, ...] = ()  # order of the sequential decomposition, a permutation of 0..n-1 (none: 0..n-1)
+    agent_order: Annotated[tuple[int, ...], tyro.conf.arg(help_behavior_hint="(default: 0..n-1)")] = ()
+    """order of the sequential decomposition, a permutation of 0..n-1"""
     beta: float | None = None  # weight of grad_a Q: SMALL beta = STRONG behaviour constraint (BETA_DEFAULTS)
     weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
     z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
@@ -405,8 +408,6 @@ def resolve_args(args: Args) -> Args:
     runs.check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps",), n)
     if args.capture_video and args.env_id == "bandit":
         raise RunError("--capture-video: the bandit has no episodes to draw")
-    if not args.eval_from:
-        runs.check_dirs(args.cache_dir)
     return args
 
 

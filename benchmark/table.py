@@ -29,6 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import submitit
@@ -52,10 +53,12 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default (2 min) would stop e
 class Cfg:
     family: str = "mpe"
     """mpe (oma_sd_mpe.py) | mamujoco (oma_sd_mamujoco.py)"""
-    tasks: tuple[str, ...] = ()
-    """--env-id values to run (none given: all of the family's)"""
-    qualities: tuple[str, ...] = ()
-    """dataset qualities to run (none given: the family's standard ones)"""
+    tasks: Annotated[tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: all of the family's)")] = ()
+    """--env-id values to run"""
+    qualities: Annotated[
+        tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: the family's standard ones)")
+    ] = ()
+    """dataset qualities to run"""
     decompositions: tuple[str, ...] = DECOMPOSITIONS
     """OMSD's sequential and independent, and bc: behaviour cloning on the cell's data with the same actors,
     steps and evaluation (benchmark/bc_reference.py; --extra applies to it too)"""

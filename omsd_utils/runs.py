@@ -70,6 +70,8 @@ def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents
         if getattr(args, k) <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     check_common_args(args, n_agents)
+    if not args.eval_from:  # the run directory and the cache can be written (before any data are made)
+        check_dirs(args.cache_dir)
 
 
 def parse_cli(args_cls, env_defaults, argv: list[str] | None = None):
