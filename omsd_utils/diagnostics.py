@@ -176,12 +176,9 @@ def diagnose(
         early = torch.as_tensor(np.flatnonzero(is_ref & (step_in_episode < 5))).to(device)
     cond_base = lambda idx: data["obs"][idx].transpose(0, 1)  # noqa: E731
     behaviour = behaviour_fit(fns, score_net, data, rows, cond_base, mask, sample_steps, order, early, conventions)
-    if heldout:
-        behaviour["heldout_denoising_loss"] = behaviour.pop("denoising_loss")
-        behaviour = {"heldout_denoising_loss": behaviour.pop("heldout_denoising_loss"), **behaviour}
-    else:
-        behaviour["denoising_loss_rows"] = "every 50th episode, seen in training"
-        behaviour = {k: behaviour[k] for k in ("denoising_loss", "denoising_loss_rows", "sample_to_data_distance")}
+    loss = behaviour.pop("denoising_loss")  # named for whether stage 1a saw these rows
+    seen = {"denoising_loss": loss, "denoising_loss_rows": "every 50th episode, seen in training"}
+    behaviour = {"heldout_denoising_loss": loss, **behaviour} if heldout else {**seen, **behaviour}
     out = {"behaviour": behaviour, "critic": critic_quality(q_target, data, ends, gamma)}
     if actors is not None:
         _, obs_e, act_e, obs_last, *_ = fns["rollout"](actors)  # the same episodes as the final evaluation

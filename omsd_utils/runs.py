@@ -393,10 +393,6 @@ class Run:
         self.cache_dir, self.env_id, self.resume = cache_dir, env_id, resume
         self.timing, self.cache_files, self.policy_extra, self.writer = {}, {}, {}, None
 
-    def seconds(self) -> float:
-        """The run's time so far, over all of its processes."""
-        return time.time() - self.t_start
-
     def cache_file(self, kind: str, fields: dict) -> str:
         self.cache_files[kind] = cache_path(self.cache_dir, self.env_id, kind, fields)
         return self.cache_files[kind]
