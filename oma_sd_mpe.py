@@ -29,6 +29,7 @@ from omsd_data.dataset import DatasetError, episode_ends
 from omsd_data.mpe_data import DEFAULT_TRANSITIONS, check_metadata, ensure_dataset, env_spec, task_qualities
 from omsd_data.sources import load_prey_arg, read_dataset, same_prey
 from omsd_utils import runs, saved
+from omsd_utils.critic_gradient import critic_truth
 from omsd_utils.diagnostics import diagnose, held_out
 from omsd_utils.runs import RunError, check_finite, finish_run, start_run
 
@@ -571,7 +572,8 @@ def main(args: Args) -> dict:
         diagnostics = diagnose(fns, score_net, q_target, None if args.env_id == "bandit" else actors, data, ends,
                                mask, sample_steps=args.sample_steps, gamma=args.gamma, seed=args.seed, order=order,
                                heldout=True, n_conventions=K, conventions=mpe_data, writer=run.writer,
-                               step=args.policy_steps)  # fmt: skip
+                               step=args.policy_steps,
+                               gradient_truth=critic_truth(args.env_id, arrays, meta, args.gamma, order))  # fmt: skip
     results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
                    dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,
                    weighting=args.weighting, seed=args.seed, prey=prey_record, metric=METRIC, actor_init=init,

@@ -30,6 +30,7 @@ import math
 import os
 
 import numpy as np
+import torch
 from gymnasium import spaces
 from mpe2._mpe_utils.core import World
 from mpe2.simple_spread.simple_spread import Scenario as Mpe2SpreadScenario
@@ -269,8 +270,6 @@ class LearnedPrey:
     Call it with one observation (obs_dim,) or a batch (B, obs_dim); returns the action(s) in [-1, 1]."""
 
     def __init__(self, path: str):
-        import torch  # only where a prey is loaded
-
         if not os.path.isfile(path):
             raise PreyError(
                 f"the learned prey {path} is missing; restore it from git or retrain it with "
@@ -403,3 +402,51 @@ class MPEEnv(ParallelEnv):
         if done:
             self.agents = []
         return obs, rewards, terms, truncs, infos
+
+
+class SpreadBatch:
+    """B copies of simple_spread stepped together in float64 torch (the same equations as `MPEEnv`, which
+    tests/test_mpe_env.py checks step by step): the simulator of the critic's Monte-Carlo ground truth
+    (omsd_utils/critic_gradient.py), which rolls out hundreds of thousands of episodes at once.
+    pos, vel: (B, 3, 2) of the agents; lm: (B, 3, 2) of the landmarks."""
+
+    dt, damping, contact_force, contact_margin, size, sensitivity, n = 0.1, 0.25, 100.0, 1e-3, 0.15, 5.0, 3
+
+    def __init__(self, pos, vel, lm):
+        self.pos, self.vel, self.lm = (torch.as_tensor(x, dtype=torch.float64).clone() for x in (pos, vel, lm))
+
+    @classmethod
+    def from_state(cls, state):
+        """From env.state() rows (B, 54), the agents' observations [vel, pos, landmarks - pos, others - pos, comm]:
+        landmarks are the mean over agents of pos + relative position (float32 storage: errors ~1e-7)."""
+        s = torch.as_tensor(np.asarray(state), dtype=torch.float64).reshape(len(state), cls.n, -1)
+        vel, pos = s[..., 0:2], s[..., 2:4]
+        return cls(pos, vel, (pos.unsqueeze(2) + s[..., 4:10].reshape(-1, cls.n, 3, 2)).mean(1))
+
+    def obs(self) -> torch.Tensor:
+        """(n, B, 18) float32 observations in the env's layout (the 4 comm values are 0: spread agents are silent)."""
+        B, out = self.pos.shape[0], []
+        for i in range(self.n):
+            p = self.pos[:, i]
+            others = [self.pos[:, j] - p for j in range(self.n) if j != i]
+            rel = (self.lm - p.unsqueeze(1)).reshape(B, -1)
+            out.append(torch.cat([self.vel[:, i], p, rel, *others, torch.zeros(B, 4, dtype=torch.float64)], -1))
+        return torch.stack(out).float()
+
+    def step(self, act) -> torch.Tensor:
+        """act (n, B, 2), clipped to [-1, 1] as the env does; returns every agent's reward (B, n). Differentiable in
+        act (inside the box)."""
+        u = act.to(torch.float64).clamp(-1.0, 1.0).transpose(0, 1) * self.sensitivity  # (B, n, 2)
+        delta = self.pos.unsqueeze(2) - self.pos.unsqueeze(1)  # (B, a, b, 2): p_a - p_b
+        dist = delta.pow(2).sum(-1).sqrt()
+        dist = torch.where(dist == 0, torch.ones_like(dist), dist)
+        k = self.contact_margin
+        penetration = torch.logaddexp(torch.zeros_like(dist), -(dist - 2 * self.size) / k) * k
+        contact = (self.contact_force * delta / dist.unsqueeze(-1) * penetration.unsqueeze(-1)).sum(2)
+        self.vel = self.vel * (1 - self.damping) + (u + contact) * self.dt  # OMAR: damp, push, then move
+        self.pos = self.pos + self.vel * self.dt
+        d_lm = (self.pos.unsqueeze(2) - self.lm.unsqueeze(1)).pow(2).sum(-1).sqrt().min(1).values  # (B, landmarks)
+        cover = torch.where(d_lm <= 0.1, torch.full_like(d_lm, 10.0), 1.0 / d_lm).sum(-1)
+        d_ag = (self.pos.unsqueeze(2) - self.pos.unsqueeze(1)).pow(2).sum(-1).sqrt()
+        hits = ((d_ag < 2 * self.size) & ~torch.eye(self.n, dtype=torch.bool)).sum(-1).to(torch.float64)
+        return cover.unsqueeze(-1) - 5.0 * hits

@@ -5,7 +5,8 @@ the denoising loss, the conditioning and an evaluation rollout), so that this mo
 
 - the behaviour models' fit: denoising loss on held-out (or every 50th) episodes, the distance of DDIM samples given
   the data's prefix actions to the data's action, and their return when they act as a joint policy;
-- the critic: Q of dataset actions against discounted Monte-Carlo returns (`pearson_r`);
+- the critic: Q of dataset actions against discounted Monte-Carlo returns (`pearson_r`), and where a ground truth is
+  known, the direction of its action gradient (`gradient`: omsd_utils/critic_gradient.py);
 - the policy: its distance from the data's support at the states of its evaluation episodes (the authors' planned
   OOD measure), against the data's own distance;
 - on the controlled simple_spread data also which coordination convention samples and episodes follow
@@ -18,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+
+from omsd_utils.critic_gradient import grade
 
 
 @torch.no_grad()
@@ -150,6 +153,7 @@ def diagnose(
     joint_state: str = "critic_state",
     max_policy_steps: int | None = None,
     max_pool: int | None = None,
+    gradient_truth: dict | None = None,
     writer=None,
     step: int = 0,
 ) -> dict:
@@ -161,7 +165,8 @@ def diagnose(
     ends: the last row of every episode. Every 50th episode (the last one of a smaller dataset) is where the models'
     fit and the data's own support distance are measured; `heldout`: stage 1a did not train on it. joint_state: the
     data key the support distance compares states by; max_policy_steps / max_pool: subsample the policy's steps and
-    the pool of dataset rows (the exact nearest-neighbour search is quadratic)."""
+    the pool of dataset rows (the exact nearest-neighbour search is quadratic). gradient_truth: the Monte-Carlo
+    truth of the critic's action gradient (omsd_utils/critic_gradient.py), graded into critic/gradient."""
     t0, device = time.time(), data["obs"].device
     N = data["obs"].shape[0]
     episode, is_ref = np.searchsorted(ends, np.arange(N)), held_out(ends, N)
@@ -180,6 +185,9 @@ def diagnose(
     seen = {"denoising_loss": loss, "denoising_loss_rows": "every 50th episode, seen in training"}
     behaviour = {"heldout_denoising_loss": loss, **behaviour} if heldout else {**seen, **behaviour}
     out = {"behaviour": behaviour, "critic": critic_quality(q_target, data, ends, gamma)}
+    if gradient_truth is not None:  # the actors' critic: the mean of the two target heads
+        q_fn = lambda s, a: q_target(s, a).mean(0)  # noqa: E731
+        out["critic"]["gradient"] = {**grade(q_fn, gradient_truth, device=device), "truth": gradient_truth["info"]}
     if actors is not None:
         _, obs_e, act_e, obs_last, *_ = fns["rollout"](actors)  # the same episodes as the final evaluation
         obs_t, act_t = torch.as_tensor(obs_e), torch.as_tensor(act_e)

@@ -161,7 +161,7 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
     assert np.isfinite(res["actor_init"]["mean_q"]) and len(res["actor_init"]["regression_loss"]) == 3
     d = res["diagnostics"]
     assert len(d["behaviour"]["heldout_denoising_loss"]) == 3 and len(d["behaviour"]["samples_near_a_convention"]) == 3
-    assert set(d["critic"]) == {"q_mean", "mc_return_mean", "abs_error", "pearson_r"}
+    assert set(d["critic"]) == {"q_mean", "mc_return_mean", "abs_error", "pearson_r"}  # scripted data: no truth
     assert d["policy"]["support_distance"] >= 0 and 0 <= d["policy"]["ood_share"] <= 1
     first = d["policy"]["conventions_first_step"]
     assert 0 <= first["joint_in_one"] <= 1 and len(first["per_convention"]) == 3
@@ -179,4 +179,6 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
         and "samples_near_a_convention" not in res["diagnostics"]["behaviour"]
         and set(res["diagnostics"]["behaviour"]["sampler"]) == {"return"}
     )
+    gradient = res["diagnostics"]["critic"]["gradient"]  # one behaviour policy: its Monte-Carlo truth is known
+    assert -1 <= gradient["cosine"] <= 1 and gradient["truth"]["M"] == 8 and gradient["truth"]["K"] == 64
     assert results_of(workdir, run(workdir, *TINY, "--no-diagnostics").stdout)["diagnostics"] is None

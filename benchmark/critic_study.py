@@ -1,0 +1,158 @@
+"""The critic study of docs/studies.md: train one variant of oma_sd_mpe.py's stage-1b critic on simple_spread data
+(no behaviour models, no stage 2) and grade its action gradient against the Monte-Carlo truth
+(omsd_utils/critic_gradient.py). Appends one JSON row to --out.
+
+With no variant flags this is the script's stage 1b step for step (the same TwinQ and mlp, seeding, IQL losses,
+data tensors and Polyak target), so its cosine is the one a default run's diagnostics report. Each flag changes one
+thing; the first six are the script's own options:
+
+  --gamma, --bootstrap-truncation, --expectile, --critic-steps, --critic-batch-size, --critic-hidden
+  --standardize      Q's and V's inputs standardised with the data's mean and std (inside the module, so grad_a is
+                     still taken in raw action units)
+  --layernorm        LayerNorm after each hidden layer of Q and V
+  --cql-alpha A      + A E[logsumexp_j Q(s, u_j) - Q(s, a)], u_j ~ U[-1, 1]^(n act), 10 draws (CQL)
+  --cfcql-alpha A    CFCQL's counterfactual form: per agent i, u_j = the data's joint action with agent i's action
+                     uniform (4 draws); logsumexp per agent, averaged over agents, minus Q(s, a)
+
+    python benchmark/critic_study.py --dataset random --name default
+    python benchmark/critic_study.py --dataset random --name g95_boot --gamma 0.95 --bootstrap-truncation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import oma_sd_mpe as om  # noqa: E402
+from omsd_data.mpe_data import ensure_dataset  # noqa: E402
+from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
+from omsd_utils.diagnostics import critic_quality  # noqa: E402
+from omsd_data.dataset import episode_ends  # noqa: E402
+
+DEFAULTS = dict(seed=0, gamma=0.99, bootstrap_truncation=False, expectile=0.7, critic_steps=10_000,
+                critic_batch_size=256, critic_hidden=256, standardize=False, layernorm=False, cql_alpha=0.0,
+                cfcql_alpha=0.0)  # fmt: skip
+
+
+class TwinQLN(nn.Module):
+    """TwinQ with LayerNorm after each hidden layer: two heads, forward -> (2, B)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleList(ln_mlp(in_dim, hidden, 1) for _ in range(2))
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], -1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+
+def ln_mlp(i, h, o):
+    return nn.Sequential(nn.Linear(i, h), nn.LayerNorm(h), nn.ReLU(), nn.Linear(h, h), nn.LayerNorm(h), nn.ReLU(),
+                         nn.Linear(h, o))  # fmt: skip
+
+
+class Standardized(nn.Module):
+    """core((s - mu_s) / sd_s[, (a - mu_a) / sd_a]) with the data's constants as buffers."""
+
+    def __init__(self, core, stats: dict, with_action: bool):
+        super().__init__()
+        self.core, self.with_action = core, with_action
+        for k, v in stats.items():
+            self.register_buffer(k, v)
+
+    def forward(self, s, a=None):
+        s = (s - self.mu_s) / self.sd_s
+        return self.core(s, (a - self.mu_a) / self.sd_a) if self.with_action else self.core(s)
+
+
+def train(cfg: dict, data: dict):
+    """The script's stage-1b loop with the variant's changes; returns the target critic (2, B)."""
+    N, n, act_dim = data["act"].shape
+    S, A, h = data["critic_state"].shape[1], n * act_dim, cfg["critic_hidden"]
+    joint = data["act"].reshape(N, -1)
+    torch.manual_seed(cfg["seed"] * 1000 + 2)
+    if cfg["layernorm"]:
+        q_net, v_net, q_target = TwinQLN(S + A, h), ln_mlp(S, h, 1), TwinQLN(S + A, h)
+    else:
+        q_net, v_net, q_target = om.TwinQ(S + A, h), om.mlp(S, h, 1), om.TwinQ(S + A, h)
+    if cfg["standardize"]:
+        cs = data["critic_state"]
+        stats = dict(mu_s=cs.mean(0), sd_s=cs.std(0).clamp_min(1e-3), mu_a=joint.mean(0), sd_a=joint.std(0))
+        q_net, q_target = Standardized(q_net, stats, True), Standardized(q_target, stats, True)
+        v_net = Standardized(v_net, {k: stats[k] for k in ("mu_s", "sd_s")}, False)
+    q_target.load_state_dict(q_net.state_dict())
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=om.CRITIC_LR) for m in (q_net, v_net))
+    g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 2)
+    t0 = time.time()
+    for step in range(1, cfg["critic_steps"] + 1):
+        idx = torch.randint(N, (cfg["critic_batch_size"],), generator=g)
+        s, a, s2 = data["critic_state"][idx], joint[idx], data["next_critic_state"][idx]
+        with torch.no_grad():
+            q_t = q_target(s, a).min(0).values
+        v_loss = om.expectile_loss(q_t - v_net(s).squeeze(-1), cfg["expectile"])
+        v_opt.zero_grad(set_to_none=True)
+        v_loss.backward()
+        v_opt.step()
+        with torch.no_grad():
+            y = data["reward"][idx] + cfg["gamma"] * (1 - data["done"][idx]) * v_net(s2).squeeze(-1)
+        q_data = q_net(s, a)
+        loss = 0.5 * ((q_data - y) ** 2).mean(1).sum()
+        B = len(idx)
+        if cfg["cql_alpha"] > 0:  # uniform joint actions
+            u = torch.rand(B * 10, A, generator=g) * 2 - 1
+            q_u = q_net(s.repeat_interleave(10, 0), u).reshape(2, B, 10)
+            loss = loss + cfg["cql_alpha"] * (torch.logsumexp(q_u, -1) - q_data).mean(1).sum()
+        if cfg["cfcql_alpha"] > 0:  # one agent's action uniform, the others the data's
+            u = a.reshape(B, 1, 1, n, act_dim).repeat(1, n, 4, 1, 1)
+            for i in range(n):
+                u[:, i, :, i] = torch.rand(B, 4, act_dim, generator=g) * 2 - 1
+            q_u = q_net(s.repeat_interleave(n * 4, 0), u.reshape(B * n * 4, A)).reshape(2, B, n, 4)
+            loss = loss + cfg["cfcql_alpha"] * (torch.logsumexp(q_u, -1).mean(-1) - q_data).mean(1).sum()
+        om.check_finite(loss, "critic", step)
+        q_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        q_opt.step()
+        with torch.no_grad():
+            for p, pt in zip(q_net.parameters(), q_target.parameters()):
+                pt.lerp_(p, om.POLYAK)
+        if step % 2000 == 0:
+            print(f"  step {step}: {step / (time.time() - t0):.1f} steps/s", file=sys.stderr, flush=True)
+    return q_target.eval().requires_grad_(False), time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the variant's label in the rows")
+    p.add_argument("--dataset", default="random", choices=("random", "medium", "expert"))
+    for k, v in DEFAULTS.items():
+        flag = "--" + k.replace("_", "-")
+        p.add_argument(flag, **({"action": "store_true"} if isinstance(v, bool) else {"type": type(v), "default": v}))
+    p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "critic_study.jsonl"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = {k: getattr(a, k) for k in DEFAULTS}
+    arrays, meta, _ = ensure_dataset("simple_spread", a.dataset)
+    data = om.to_tensors(arrays, [0, 1, 2], cfg["bootstrap_truncation"])
+    q_target, seconds = train(cfg, data)
+    q_fn = lambda s, act: q_target(s, act).mean(0)  # noqa: E731  (the actors' critic)
+    row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != DEFAULTS[k]}}
+    for gamma in sorted({cfg["gamma"], 0.99}):  # a gamma-0.95 critic is also graded against the default's truth
+        truth = critic_truth("simple_spread", arrays, meta, gamma, [0, 1, 2])
+        row[f"gamma{gamma}"] = {k: round(v, 4) for k, v in grade(q_fn, truth).items()}
+    row["pearson_r"] = round(critic_quality(q_target, data, episode_ends(arrays), cfg["gamma"])["pearson_r"], 4)
+    row["seconds"] = round(seconds, 1)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

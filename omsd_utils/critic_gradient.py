@@ -1,0 +1,221 @@
+"""Does the critic's action gradient point uphill? Its grad_a Q against a Monte-Carlo ground truth.
+
+Stage 2 moves each actor along grad_{a_i} Q, so what matters is the direction of the critic's action gradient, not
+how well Q fits returns (a critic can correlate with returns at r = 0.6 while its gradient is close to random:
+docs/studies.md, "The critic's gradient"). The truth, for M dataset transitions and one agent i per transition
+(i = m mod n):
+
+- simple_spread (`spread_truth`): the simulator is set to the transition's state (`envs.mpe.SpreadBatch`, rebuilt
+  from the stored observations of all agents), agent i's action is moved by +-h on each coordinate (the others keep
+  the data's), and the data's behaviour policy (its committed snapshot plus the collection noise) rolls on K times to
+  the end of the episode, with the same noise for every variant of a transition. Central differences of the
+  discounted returns give dQ^mu/da_i; the same rollouts from a grid of far actions of agent i ({-1, 0, 1}^act)
+  give their Q^mu. An IQL critic estimates the Q of an improved policy, not Q^mu, but its gradient should agree in
+  direction. Only data of one committed policy (random, medium, expert) have a known behaviour policy.
+- the bandit (`bandit_truth`): one step with reward a_1 a_2, so Q(a) = a_1 a_2 and dQ/da_i = a_j exactly.
+
+`grade(q_fn, truth)` compares any critic q_fn(state (B, S), joint action (B, n*act)) -> (B,) with a truth:
+cosine (mean over transitions), share of positive cosines, the centred cosine (each agent's mean gradient removed
+from both sides: a direction common to all transitions, such as the behaviour's drift, scores on the raw cosine
+without any knowledge of the state), the cosine with the states shuffled across transitions (what the actions
+alone explain), and on the far actions how often the critic's best is the true best (chance 1/grid) and the share
+of the attainable gain its pick gets. `shuffled(q_fn, M)` is the negative control: a critic answering for another
+transition, whose centred cosine must be ~0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import torch
+
+from envs.mpe import EPISODE_LEN, SpreadBatch
+
+M_DEFAULT, K_DEFAULT, H_DEFAULT = 256, 64, 0.1  # transitions, rollouts per variant, finite-difference step
+SINGLE_POLICY = ("random", "medium", "expert")  # the MPE qualities rolled out by one committed snapshot
+
+
+def far_grid(act_dim: int) -> np.ndarray:
+    """The far actions of one agent: {-1, 0, 1}^act_dim (box corners, edge midpoints, the centre)."""
+    return np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=act_dim)), np.float32)
+
+
+def _in_order(arrays: dict, idx, order: list[int], agent_env: np.ndarray) -> dict:
+    """State, joint action and graded agent of rows idx in the critic's agent order (the scripts' `order`)."""
+    pos = np.argsort(order)  # position of every env agent
+    return {
+        "state": np.concatenate([arrays[f"obs_{i}"][idx] for i in order], 1),
+        "joint": np.stack([arrays[f"actions_{i}"][idx] for i in order], 1),  # (M, n, act)
+        "agent": pos[agent_env],
+    }
+
+
+def spread_behaviour(meta: dict):
+    """(actor, noise) of the policy that generated a simple_spread dataset of one committed snapshot, else None."""
+    from omsd_data.mpe_data import load_behaviour
+    from omsd_data.policies import actor_from_state_dict
+
+    policies = (meta.get("behaviour") or {}).get("policies") or []
+    if meta.get("task") != "simple_spread" or len(policies) != 1:
+        return None
+    quality = policies[0][0].removeprefix("seed0/")
+    if quality not in SINGLE_POLICY:
+        return None
+    return actor_from_state_dict(load_behaviour("simple_spread", 0)[0][quality]), float(meta["collect_noise"])
+
+
+@torch.no_grad()
+def spread_truth(
+    arrays: dict, behaviour, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT, h=H_DEFAULT, seed=0, chunk=16
+) -> dict:
+    """Q^mu and dQ^mu/da_i of M simple_spread transitions by Monte Carlo (module docstring); the critic's reward is
+    agent 0's. behaviour: (actor (n, B, obs) -> (n, B, act), noise std) as `spread_behaviour` returns."""
+    t0, (actor, noise) = time.time(), behaviour
+    n, act_dim = SpreadBatch.n, 2
+    N = len(arrays["rewards_0"])
+    starts = np.concatenate([[0], np.flatnonzero(arrays["terminals"] | arrays["truncations"])[:-1] + 1])
+    t_in_episode = np.arange(N) - starts[np.searchsorted(starts, np.arange(N), side="right") - 1]
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(N, min(M, N), replace=False))
+    M, agent = len(idx), np.arange(len(idx)) % n
+    state = np.concatenate([arrays[f"obs_{i}"][idx] for i in range(n)], 1)
+    joint = np.stack([arrays[f"actions_{i}"][idx] for i in range(n)], 1)  # (M, n, act), env order
+    grid = far_grid(act_dim)
+    # the first joint action of every variant: the data's, agent i's +-h pairs (clipped), then the grid
+    V = 1 + 2 * act_dim + len(grid)
+    first = np.repeat(joint[:, None], V, 1)  # (M, V, n, act)
+    a_i, rows = joint[np.arange(M), agent], np.arange(M)
+    step = np.zeros((M, act_dim), np.float32)
+    for c in range(act_dim):
+        hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
+        first[rows, 1 + 2 * c, agent, c], first[rows, 2 + 2 * c, agent, c] = hi, lo
+        step[:, c] = hi - lo
+    first[rows[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    G = np.zeros((M, V, K))
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    for lo in range(0, M, chunk):
+        m = np.arange(lo, min(lo + chunk, M))
+        B = len(m) * V * K
+        rep = lambda x: np.repeat(np.repeat(x[:, None], V, 1)[:, :, None], K, 2).reshape(B, *x.shape[1:])  # noqa
+        sim = SpreadBatch.from_state(rep(state[m]))
+        t_row = torch.as_tensor(rep(t_in_episode[idx[m]]))
+        act = torch.as_tensor(np.repeat(first[m][:, :, None], K, 2).reshape(B, n, act_dim)).transpose(0, 1)
+        ret = torch.zeros(B, dtype=torch.float64)
+        for s in range(EPISODE_LEN):
+            alive = (t_row + s) < EPISODE_LEN
+            if not alive.any():
+                break
+            if s > 0:  # the behaviour policy; one noise draw shared by the V variants of a (transition, rollout)
+                z = torch.randn(n, len(m), 1, K, act_dim, generator=gen).expand(-1, -1, V, -1, -1)
+                act = (actor(sim.obs()) + noise * z.reshape(n, B, act_dim)).clamp(-1.0, 1.0)
+            r = sim.step(act)[:, 0]
+            ret += torch.where(alive, gamma**s * r, torch.zeros_like(r))
+        G[m] = ret.reshape(len(m), V, K).numpy()
+    diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
+    half = K // 2
+    split = _cos(diffs[..., :half].mean(-1), diffs[..., half:].mean(-1)).mean() if K > 1 else float("nan")
+    info = dict(M=M, K=K, h=h, gamma=gamma, split_half_cosine=float(split), seconds=time.time() - t0)
+    return {
+        **_in_order(arrays, idx, order, agent),
+        "grad": diffs.mean(-1),  # (M, act): dQ^mu/da_i
+        "q_data": G[:, 0].mean(-1),  # Q^mu(s, a_data)
+        "q_grid": G[:, 1 + 2 * act_dim :].mean(-1),  # (M, grid)
+        "grid": grid,
+        "info": info,
+    }
+
+
+def bandit_truth(arrays: dict, order: list[int], M=M_DEFAULT, seed=0) -> dict:
+    """The bandit's exact truth: Q(a) = a_1 a_2, so dQ/da_i is the other agent's action."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(arrays["rewards_0"]), min(M, len(arrays["rewards_0"])), replace=False))
+    agent = np.arange(len(idx)) % 2
+    a = np.stack([arrays[f"actions_{i}"][idx] for i in range(2)], 1)  # (M, 2, 1), env order
+    other = a[np.arange(len(idx)), 1 - agent]  # (M, 1)
+    grid = far_grid(a.shape[-1])
+    return {
+        **_in_order(arrays, idx, order, agent),
+        "grad": other.astype(np.float64),
+        "q_data": (a[:, 0, 0] * a[:, 1, 0]).astype(np.float64),
+        "q_grid": (other * grid[None, :, 0]).astype(np.float64),
+        "grid": grid,
+        "info": dict(M=len(idx), exact=True),
+    }
+
+
+def _cos(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def _rows_of(perm, rows: int):
+    """A permutation of M transitions applied to a batch of M*r rows stored transition-major."""
+    return (perm[:, None] * (rows // len(perm)) + torch.arange(rows // len(perm))[None]).reshape(-1)
+
+
+def shuffled(q_fn, M: int, seed: int = 0):
+    """The negative control: transition b gets the critic's answer for another transition c (its state and actions,
+    the gradient routed back to b's action), i.e. a critic that knows nothing of b."""
+    perm = torch.as_tensor(np.random.default_rng(seed + 1).permutation(M))
+
+    def q(s, a):
+        p = _rows_of(perm, a.shape[0])
+        return q_fn(s[p], a[p].detach() + (a - a.detach()))
+
+    return q
+
+
+def state_shuffled(q_fn, M: int, seed: int = 0):
+    """q_fn given another transition's state with the transition's own actions: what the actions alone explain."""
+    perm = torch.as_tensor(np.random.default_rng(seed + 2).permutation(M))
+    return lambda s, a: q_fn(s[_rows_of(perm, a.shape[0])], a)
+
+
+def grade(q_fn, truth: dict, controls: bool = True, device="cpu") -> dict:
+    """The critic q_fn(state (B, S), joint (B, n*act)) -> (B,) against a truth (module docstring)."""
+    M, agent, grid = len(truth["agent"]), truth["agent"], truth["grid"]
+    s = torch.as_tensor(truth["state"], dtype=torch.float32, device=device)
+    joint = torch.as_tensor(truth["joint"], dtype=torch.float32, device=device).requires_grad_(True)
+    with torch.enable_grad():
+        q = q_fn(s, joint.reshape(M, -1))
+        (g_all,) = torch.autograd.grad(q.sum(), joint)
+    g, true = g_all[torch.arange(M), torch.as_tensor(agent)].cpu().numpy().astype(np.float64), truth["grad"]
+    cos = _cos(g, true)
+    gc, tc = g.copy(), true.copy()
+    for i in np.unique(agent):
+        gc[agent == i] -= gc[agent == i].mean(0)
+        tc[agent == i] -= tc[agent == i].mean(0)
+    with torch.no_grad():
+        far = np.repeat(truth["joint"][:, None], len(grid), 1)
+        far[np.arange(M), :, agent] = grid[None]
+        s_far = s.repeat_interleave(len(grid), 0)
+        q_far = q_fn(s_far, torch.as_tensor(far, device=device).reshape(M * len(grid), -1)).reshape(M, -1).cpu()
+    mc, pick = truth["q_grid"], q_far.numpy().argmax(1)
+    gain, best_gain = mc[np.arange(M), pick] - mc.mean(1), mc.max(1) - mc.mean(1)
+    q_np = q.detach().cpu().numpy()
+    out = {
+        "cosine": float(cos.mean()),
+        "cosine_se": float(cos.std(ddof=1) / math.sqrt(M)),
+        "positive_share": float((cos > 0).mean()),
+        "cosine_centred": float(_cos(gc, tc).mean()),
+        "far_top1": float((pick == mc.argmax(1)).mean()),
+        "far_gain_share": float(gain.mean() / best_gain.mean()) if best_gain.mean() > 0 else float("nan"),
+        "grad_norm_ratio": float(np.median(np.linalg.norm(g, axis=1)) / np.median(np.linalg.norm(true, axis=1))),
+        "r_q_truth": float(np.corrcoef(q_np, truth["q_data"])[0, 1]) if q_np.std() > 0 else float("nan"),
+    }
+    if controls:
+        out["cosine_states_shuffled"] = grade(state_shuffled(q_fn, M), truth, False, device)["cosine"]
+    return out
+
+
+def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT):
+    """The truth of a run's data where one is known (the bandit; simple_spread data of one committed behaviour
+    policy), else None. The same transitions for every run on the same data: M, but at most one in 100 (at least 8),
+    so that tiny test datasets take a fraction of a second."""
+    M = max(8, min(M, len(arrays["rewards_0"]) // 100))
+    if env_id == "bandit":
+        return bandit_truth(arrays, order, M)
+    behaviour = spread_behaviour(meta) if env_id == "simple_spread" else None
+    return None if behaviour is None else spread_truth(arrays, behaviour, gamma, order, M, K)

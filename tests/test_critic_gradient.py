@@ -1,0 +1,96 @@
+"""The critic's gradient against ground truth (omsd_utils/critic_gradient.py): the batched simulator is the env, the
+grade is 1 for a critic that is the truth and ~0 for one that knows nothing of the transition."""
+
+import numpy as np
+import pytest
+import torch
+
+from envs.mpe import EPISODE_LEN, MPEEnv, SpreadBatch
+from omsd_data.bandit_data import bandit_data
+from omsd_utils import critic_gradient as cg
+
+
+def spread_episodes(episodes: int, seed: int = 0) -> dict:
+    """simple_spread rows of random actions, in the datasets' layout (env state, actions, rewards, episode ends)."""
+    rng, env = np.random.default_rng(seed), MPEEnv("simple_spread")
+    rows = {k: [] for k in ("obs", "act", "rew")}
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed * 100 + e)
+        for _ in range(EPISODE_LEN):
+            a = rng.uniform(-1, 1, (3, 2)).astype(np.float32)
+            rows["obs"].append(np.stack([obs[n] for n in env.possible_agents]))
+            rows["act"].append(a)
+            obs, rew, *_ = env.step({n: a[i] for i, n in enumerate(env.possible_agents)})
+            rows["rew"].append([rew[n] for n in env.possible_agents])
+    obs, act, rew = (np.array(rows[k], np.float32) for k in ("obs", "act", "rew"))
+    truncations = np.arange(len(obs)) % EPISODE_LEN == EPISODE_LEN - 1
+    out = {"terminals": np.zeros(len(obs), bool), "truncations": truncations}
+    for i in range(3):
+        out.update({f"obs_{i}": obs[:, i], f"actions_{i}": act[:, i], f"rewards_{i}": rew[:, i]})
+    return out
+
+
+def test_spread_batch_is_the_env():
+    rng, env = np.random.default_rng(1), MPEEnv("simple_spread")
+    env.reset(seed=3)
+    w = env.world
+    sim = SpreadBatch(*(np.array([[e.state.p_pos for e in w.agents]]), np.array([[e.state.p_vel for e in w.agents]])),
+                      np.array([[lm.state.p_pos for lm in w.landmarks]]))  # fmt: skip
+    rebuilt = SpreadBatch.from_state(env.state()[None])
+    assert torch.allclose(rebuilt.obs(), sim.obs(), atol=1e-6)  # the state rebuilt from float32 observations
+    for _ in range(EPISODE_LEN):
+        a = rng.uniform(-1.3, 1.3, (3, 2)).astype(np.float32)  # also outside the box: both clip
+        obs, rew, *_ = env.step({n: a[i] for i, n in enumerate(env.possible_agents)})
+        r_sim = sim.step(torch.as_tensor(a).unsqueeze(1))[0].numpy()
+        np.testing.assert_allclose(sim.obs()[:, 0].numpy(), np.stack(list(obs.values())), atol=1e-6)
+        np.testing.assert_allclose(r_sim, [rew[n] for n in env.possible_agents], atol=1e-9)
+
+
+def test_one_step_truth_grades_the_reward_itself_as_right_and_a_shuffled_critic_as_blind():
+    arrays = spread_episodes(8)
+    zero = (lambda obs: torch.zeros(*obs.shape[:2], 2), 0.1)  # any behaviour: with gamma 0 only step 0 counts
+    truth = cg.spread_truth(arrays, zero, gamma=0.0, order=[0, 1, 2], M=120, K=2, h=0.01)
+    # the agents whose action changes the reward (one nearest to a landmark, or colliding); the others' is 0
+    keep = np.linalg.norm(truth["grad"], axis=1) > 1e-6
+    assert 40 < keep.sum() < 120
+    truth = {k: v[keep] if isinstance(v, np.ndarray) and len(v) == len(keep) else v for k, v in truth.items()}
+
+    def reward_critic(s, a):  # Q(s, a) = r(s, a): the exact critic of a one-step truth (differentiable)
+        return SpreadBatch.from_state(s.detach()).step(a.reshape(len(a), 3, 2).transpose(0, 1).double())[:, 0]
+
+    right = cg.grade(reward_critic, truth)
+    assert right["cosine"] > 0.95 and right["cosine_centred"] > 0.9 and right["far_top1"] > 0.9
+    assert right["r_q_truth"] > 0.99
+    blind = cg.grade(cg.shuffled(reward_critic, int(keep.sum())), truth)
+    assert abs(blind["cosine_centred"]) < 0.25 and blind["far_top1"] < 0.6
+
+
+def test_agent_order_permutes_the_critic_inputs_not_the_truth():
+    arrays = spread_episodes(4)
+    zero = (lambda obs: torch.zeros(*obs.shape[:2], 2), 0.1)
+    a = cg.spread_truth(arrays, zero, 0.0, [0, 1, 2], M=30, K=2)
+    b = cg.spread_truth(arrays, zero, 0.0, [2, 0, 1], M=30, K=2)
+    np.testing.assert_array_equal(a["grad"], b["grad"])
+    np.testing.assert_array_equal(b["state"][:, :18], a["state"][:, 36:])  # position 0 holds env agent 2
+    np.testing.assert_array_equal(b["joint"][np.arange(30), b["agent"]], a["joint"][np.arange(30), a["agent"]])
+
+
+def test_bandit_truth_is_exact():
+    arrays = bandit_data()[0]
+    truth = cg.bandit_truth(arrays, [0, 1], M=256)
+    exact = cg.grade(lambda s, a: a[:, 0] * a[:, 1], truth)
+    assert exact["cosine"] == pytest.approx(1.0) and exact["far_top1"] == 1.0 and exact["far_gain_share"] == 1.0
+    flipped = cg.grade(lambda s, a: -a[:, 0] * a[:, 1], truth)  # a critic pointing downhill
+    assert flipped["cosine"] == pytest.approx(-1.0)
+    blind = cg.grade(cg.shuffled(lambda s, a: a[:, 0] * a[:, 1], 256), truth)
+    assert abs(blind["cosine"]) < 0.3
+    assert cg.critic_truth("bandit", arrays, {}, 0.99, [0, 1])["info"]["M"] == 256
+
+
+def test_only_data_of_one_committed_policy_get_a_spread_truth():
+    meta = {"task": "simple_spread", "collect_noise": 0.1, "behaviour": {"policies": [["seed0/medium", 4000]]}}
+    actor, noise = cg.spread_behaviour(meta)
+    assert noise == 0.1 and actor(torch.zeros(3, 5, 18)).shape == (3, 5, 2)
+    for policies in ([["seed0/replay_0", 2], ["seed0/replay_1", 2]], [["scripted/unimodal", 4000]]):
+        assert cg.spread_behaviour({**meta, "behaviour": {"policies": policies}}) is None
+    assert cg.spread_behaviour({**meta, "task": "simple_tag"}) is None
