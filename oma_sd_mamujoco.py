@@ -47,7 +47,7 @@ class Args:
     """sequential: mu_i conditions on the actions of the agents before i (OMSD) | independent: the marginal"""
     agent_order: Annotated[tuple[int, ...], tyro.conf.arg(help_behavior_hint="(default: 0..n-1)")] = ()
     """order of the sequential decomposition, a permutation of 0..n-1"""
-    beta: float | None = None  # weight of grad_a Q: SMALL = STRONG behaviour constraint (BETA_DEFAULTS)
+    beta: float | None = None  # weight of grad_a Q: SMALL = STRONG behaviour constraint (BETA_DEFAULTS, docs/omsd.md)
     weighting: str = "sigma2"  # w(t) of the score term: sigma2 (the authors') | one | alpha_over_sigma
     z_baseline: bool = True  # eps_hat - z in the actor loss (SRPO's variance reduction; same expected gradient)
     diffusion_steps: int = 30_000  # gradient steps, all agents' models together (the authors: 2e6)
@@ -389,7 +389,7 @@ def videos(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 def env_defaults(args: Args) -> Args:
     """Fill the settings left at None with the defaults of --dataset and --env-id (BETA_*, ENV_DEFAULTS)."""
-    if args.beta is None:
+    if args.beta is None and not args.dataset_path:
         args.beta = BETA_ENV_DEFAULTS.get((args.env_id, args.dataset), BETA_DEFAULTS.get(args.dataset, 0.05))
     for k, v in {**STAGE2_DEFAULT, **ENV_DEFAULTS.get(args.env_id, {})}.items():
         if getattr(args, k) is None:
@@ -561,6 +561,9 @@ def main(args: Args) -> dict:
         return evaluate_saved(args)
     torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
     arrays, meta, source = load_data(args)
+    if args.dataset_path:  # beta: --beta, else the default of the quality the data record, else --dataset's
+        beta_of = lambda q: BETA_ENV_DEFAULTS.get((args.env_id, q), BETA_DEFAULTS.get(q))  # noqa: E731
+        args.beta = runs.data_beta(args.beta, beta_of, args.dataset, meta.get("quality"))
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)

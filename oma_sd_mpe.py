@@ -53,7 +53,7 @@ class Args:
     decomposition: str = "sequential"  # sequential: mu_i given the actions of agents < i (OMSD) | independent
     agent_order: Annotated[tuple[int, ...], tyro.conf.arg(help_behavior_hint="(default: 0..n-1)")] = ()
     """order of the sequential decomposition, a permutation of 0..n-1"""
-    beta: float | None = None  # weight of grad_a Q: SMALL beta = STRONG behaviour constraint (BETA_DEFAULTS)
+    beta: float | None = None  # weight of grad_a Q: SMALL = STRONG behaviour constraint (BETA_DEFAULTS, docs/omsd.md)
     weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
     z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
     diffusion_steps: int | None = None  # gradient steps, all agents' models together (depends on --env-id)
@@ -382,7 +382,7 @@ def env_defaults(args: Args) -> Args:
     for k, v in ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.beta is None:
+    if args.beta is None and not args.dataset_path:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
     return args
 
@@ -539,6 +539,9 @@ def main(args: Args) -> dict:
     prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
     torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
     arrays, meta, source = load_data(args)
+    if args.dataset_path:  # beta: --beta, else the default of the quality the data record, else --dataset's
+        beta_of = lambda q: BETA_DEFAULTS.get(args.env_id, {}).get(q)  # noqa: E731
+        args.beta = runs.data_beta(args.beta, beta_of, args.dataset, meta.get("quality"))
     n = sum(1 for k in arrays if k.startswith("obs_"))
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)

@@ -32,10 +32,10 @@ from torch import nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import oma_sd_mpe as om  # noqa: E402
+from omsd_data.dataset import episode_ends  # noqa: E402
 from omsd_data.mpe_data import ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
-from omsd_data.dataset import episode_ends  # noqa: E402
 
 DEFAULTS = dict(seed=0, gamma=0.99, bootstrap_truncation=False, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, standardize=False, layernorm=False, cql_alpha=0.0,

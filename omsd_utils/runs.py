@@ -57,6 +57,22 @@ POSITIVE = (
 )
 
 
+def data_beta(beta, beta_of, dataset: str, recorded) -> float:
+    """beta of a --dataset-path run: --beta where given, else beta_of(quality) of the quality the data record (the
+    project's files, OMAR's and MADiff's directories, OMIGA's file names), else of --dataset. Prints which and why."""
+    if beta is not None:
+        why = "given"
+    elif recorded is not None and beta_of(recorded) is not None:
+        beta, why = beta_of(recorded), f"the default of {recorded} data, the quality the data record"
+    else:
+        beta = beta_of(dataset) or 0.05
+        why = (
+            f"the default of --dataset {dataset} (the data record no quality with a default: give --dataset or --beta)"
+        )
+    print(f"beta {beta}: {why}", file=sys.stderr)
+    return beta
+
+
 def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents: int | None = None):
     """Reject bad settings before anything is written: the options with a fixed set of values (CHOICES and the
     script's `choices`), beta, the counts that must be positive (POSITIVE and the script's `positive`), the
@@ -64,7 +80,7 @@ def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents
     for k, allowed in {**CHOICES, **(choices or {})}.items():
         if getattr(args, k) not in allowed:
             raise RunError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, k)!r}")
-    if not args.beta > 0:
+    if args.beta is not None and not args.beta > 0:  # None: a --dataset-path run's, set once its data are read
         raise RunError(f"--beta must be > 0 (small beta = strong behaviour constraint), got {args.beta}")
     for k in POSITIVE + tuple(positive):
         if getattr(args, k) <= 0:
@@ -81,11 +97,12 @@ def parse_cli(args_cls, env_defaults, argv: list[str] | None = None):
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--env-id", "--env_id", default=args_cls.env_id)
     pre.add_argument("--dataset", default=args_cls.dataset)
+    pre.add_argument("--dataset-path", "--dataset_path", default="")  # its beta is set once the data are read
     try:
         known = pre.parse_known_args(argv)[0]
     except argparse.ArgumentError:  # e.g. --env-id without a value: tyro reports it
         known = args_cls()
-    default = env_defaults(args_cls(env_id=known.env_id, dataset=known.dataset))
+    default = env_defaults(args_cls(env_id=known.env_id, dataset=known.dataset, dataset_path=known.dataset_path))
     box = io.StringIO()
     try:
         with contextlib.redirect_stderr(box):
@@ -125,7 +142,7 @@ def check_common_args(args, n_agents: int | None = None):
             f"directory's name), got {name!r}"
         )
     for k in ("beta", "actor_lr", "expectile", "gamma"):
-        if not math.isfinite(getattr(args, k)):
+        if getattr(args, k) is not None and not math.isfinite(getattr(args, k)):  # beta None: set from the data
             raise RunError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
     if not args.actor_lr > 0:
         raise RunError(f"--actor-lr must be > 0, got {args.actor_lr}")

@@ -125,6 +125,32 @@ def test_dataset_of_another_env(workdir):
     assert "the env needs" in line
 
 
+def test_dataset_path_takes_the_beta_of_the_quality_the_data_record(workdir):
+    """A --dataset-path run without --beta uses the default of the data's recorded quality, not --dataset's, and
+    says so; a file with no known quality falls back to --dataset's default, --beta always wins."""
+    from omsd_data.dataset import load_dataset, save_dataset
+
+    run(workdir, *TINY, "--dataset", "medium", "--policy-steps", "1", "--no-diagnostics")
+    path = next((workdir / "data" / "mpe").glob("simple_spread-medium-*.npz"))
+    r = run(workdir, *TINY, "--dataset-path", str(path), "--policy-steps", "1", "--no-diagnostics")
+    medium = mpe_data_beta("medium")
+    assert f"beta {medium}: the default of medium data" in r.stderr and results_of(workdir, r.stdout)["beta"] == medium
+    arrays, meta = load_dataset(str(path))
+    unknown = workdir / "unknown_quality.npz"
+    save_dataset(str(unknown), arrays, {**{k: v for k, v in meta.items() if k != "sha256"}, "quality": None})
+    r = run(workdir, *TINY, "--dataset-path", str(unknown), "--dataset", "random", "--policy-steps", "1",
+            "--no-diagnostics")  # fmt: skip
+    assert f"beta {mpe_data_beta('random')}: the default of --dataset random" in r.stderr
+    r = run(workdir, *TINY, "--dataset-path", str(path), "--beta", "0.3", "--policy-steps", "1", "--no-diagnostics")
+    assert "beta 0.3: given" in r.stderr and results_of(workdir, r.stdout)["beta"] == 0.3
+
+
+def mpe_data_beta(quality: str) -> float:
+    import oma_sd_mpe
+
+    return oma_sd_mpe.BETA_DEFAULTS["simple_spread"][quality]
+
+
 def test_non_finite_data(workdir):
     from omsd_data.dataset import load_dataset
 
