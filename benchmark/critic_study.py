@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import oma_sd_mpe as om  # noqa: E402
 from omsd_data.dataset import episode_ends  # noqa: E402
-from omsd_data.mpe_data import ensure_dataset  # noqa: E402
+from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
 
@@ -132,6 +132,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the variant's label in the rows")
     p.add_argument("--dataset", default="random", choices=("random", "medium", "expert"))
+    p.add_argument("--dataset-transitions", type=int, default=DEFAULT_TRANSITIONS)
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
         p.add_argument(flag, **({"action": "store_true"} if isinstance(v, bool) else {"type": type(v), "default": v}))
@@ -139,7 +140,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = {k: getattr(a, k) for k in DEFAULTS}
-    arrays, meta, _ = ensure_dataset("simple_spread", a.dataset)
+    arrays, meta, _ = ensure_dataset("simple_spread", a.dataset, a.dataset_transitions)
     data = om.to_tensors(arrays, [0, 1, 2], cfg["bootstrap_truncation"])
     q_target, seconds = train(cfg, data)
     q_fn = lambda s, act: q_target(s, act).mean(0)  # noqa: E731  (the actors' critic)

@@ -1,6 +1,9 @@
 """The critic's gradient against ground truth (omsd_utils/critic_gradient.py): the batched simulator is the env, the
 grade is 1 for a critic that is the truth and ~0 for one that knows nothing of the transition."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch
 from envs.mpe import EPISODE_LEN, MPEEnv, SpreadBatch
 from omsd_data.bandit_data import bandit_data
 from omsd_utils import critic_gradient as cg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spread_episodes(episodes: int, seed: int = 0) -> dict:
@@ -94,3 +99,19 @@ def test_only_data_of_one_committed_policy_get_a_spread_truth():
     for policies in ([["seed0/replay_0", 2], ["seed0/replay_1", 2]], [["scripted/unimodal", 4000]]):
         assert cg.spread_behaviour({**meta, "behaviour": {"policies": policies}}) is None
     assert cg.spread_behaviour({**meta, "task": "simple_tag"}) is None
+
+
+def test_the_critic_study_grades_a_variant(tmp_path):
+    """benchmark/critic_study.py trains a critic variant and appends its grade against both truths."""
+    from tests.helpers import run_script
+
+    out = tmp_path / "rows.jsonl"
+    flags = ["--name", "tiny", "--dataset-transitions", "2500", "--critic-steps", "20", "--critic-hidden", "16",
+             "--critic-batch-size", "32", "--gamma", "0.95", "--bootstrap-truncation", "--standardize"]  # fmt: skip
+    flags += ["--out", str(out)]
+    run_script(os.path.join(REPO, "benchmark", "critic_study.py"), tmp_path, *flags)
+    row = json.loads(out.read_text())
+    assert row["changed"] == {"gamma": 0.95, "bootstrap_truncation": True, "critic_steps": 20, "critic_hidden": 16,
+                              "critic_batch_size": 32, "standardize": True}  # fmt: skip
+    for gamma in ("gamma0.95", "gamma0.99"):
+        assert -1 <= row[gamma]["cosine"] <= 1 and 0 <= row[gamma]["far_top1"] <= 1
