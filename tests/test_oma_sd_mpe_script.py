@@ -34,7 +34,7 @@ def run(workdir, *args, check=True):
         ("simple_world", ["--dataset", "random"]),
         ("simple_spread", ["--decomposition", "independent", "--dataset", "mixture"]),
         ("simple_tag", ["--agent-order", "2", "0", "1", "--dataset", "medium-replay", "--actor-init", "random"]),
-        ("simple_world", ["--weighting", "sigma2", "--no-z-baseline", "--bootstrap-truncation"]),
+        ("simple_world", ["--weighting", "sigma2", "--no-z-baseline", "--no-bootstrap-truncation", "--gamma", "0.99"]),
     ],
 )
 def test_smoke_every_task(workdir, env_id, extra):
