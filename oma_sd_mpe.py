@@ -539,7 +539,7 @@ def main(args: Args) -> dict:
     prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
     torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
     arrays, meta, source = load_data(args)
-    if args.dataset_path:  # beta: --beta, else the default of the quality the data record, else --dataset's
+    if args.dataset_path and args.env_id != "bandit":  # beta: --beta, else the data's quality's, else --dataset's
         beta_of = lambda q: BETA_DEFAULTS.get(args.env_id, {}).get(q)  # noqa: E731
         args.beta = runs.data_beta(args.beta, beta_of, args.dataset, meta.get("quality"))
     n = sum(1 for k in arrays if k.startswith("obs_"))

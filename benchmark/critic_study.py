@@ -15,7 +15,7 @@ thing; the first six are the script's own options:
                      uniform (4 draws); logsumexp per agent, averaged over agents, minus Q(s, a)
 
     python benchmark/critic_study.py --dataset random --name default
-    python benchmark/critic_study.py --dataset random --name g95_boot --gamma 0.95 --bootstrap-truncation
+    python benchmark/critic_study.py --dataset random --name authors --gamma 0.99 --no-bootstrap-truncation
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
 
-DEFAULTS = dict(seed=0, gamma=0.99, bootstrap_truncation=False, expectile=0.7, critic_steps=10_000,
+DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, standardize=False, layernorm=False, cql_alpha=0.0,
                 cfcql_alpha=0.0)  # fmt: skip
 
@@ -135,7 +135,8 @@ def main(argv=None):
     p.add_argument("--dataset-transitions", type=int, default=DEFAULT_TRANSITIONS)
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
-        p.add_argument(flag, **({"action": "store_true"} if isinstance(v, bool) else {"type": type(v), "default": v}))
+        kind = {"action": argparse.BooleanOptionalAction, "default": v} if isinstance(v, bool) else {"type": type(v)}
+        p.add_argument(flag, **{"default": v, **kind})
     p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "critic_study.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)

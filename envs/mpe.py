@@ -406,7 +406,7 @@ class MPEEnv(ParallelEnv):
 
 class SpreadBatch:
     """B copies of simple_spread stepped together in float64 torch (the same equations as `MPEEnv`, which
-    tests/test_mpe_env.py checks step by step): the simulator of the critic's Monte-Carlo ground truth
+    tests/test_critic_gradient.py checks step by step): the simulator of the critic's Monte-Carlo ground truth
     (omsd_utils/critic_gradient.py), which rolls out hundreds of thousands of episodes at once.
     pos, vel: (B, 3, 2) of the agents; lm: (B, 3, 2) of the landmarks."""
 

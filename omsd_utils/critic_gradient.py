@@ -17,7 +17,7 @@ docs/studies.md, "The critic's gradient"). The truth, for M dataset transitions 
 `grade(q_fn, truth)` compares any critic q_fn(state (B, S), joint action (B, n*act)) -> (B,) with a truth:
 cosine (mean over transitions), share of positive cosines, the centred cosine (each agent's mean gradient removed
 from both sides: a direction common to all transitions, such as the behaviour's drift, scores on the raw cosine
-without any knowledge of the state), the cosine with the states shuffled across transitions (what the actions
+without any knowledge of the transition), the cosine with the states shuffled across transitions (what the actions
 alone explain), and on the far actions how often the critic's best is the true best (chance 1/grid) and the share
 of the attainable gain its pick gets. `shuffled(q_fn, M)` is the negative control: a critic answering for another
 transition, whose centred cosine must be ~0.
@@ -31,8 +31,6 @@ import time
 
 import numpy as np
 import torch
-
-from envs.mpe import EPISODE_LEN, SpreadBatch
 
 M_DEFAULT, K_DEFAULT, H_DEFAULT = 256, 64, 0.1  # transitions, rollouts per variant, finite-difference step
 SINGLE_POLICY = ("random", "medium", "expert")  # the MPE qualities rolled out by one committed snapshot
@@ -54,15 +52,18 @@ def _in_order(arrays: dict, idx, order: list[int], agent_env: np.ndarray) -> dic
 
 
 def spread_behaviour(meta: dict):
-    """(actor, noise) of the policy that generated a simple_spread dataset of one committed snapshot, else None."""
-    from omsd_data.mpe_data import load_behaviour
+    """(actor, noise) of the policy that generated a simple_spread dataset of one committed snapshot, else None (also
+    when the data record another snapshot than the committed one: another training run's)."""
+    from omsd_data.mpe_data import load_behaviour, snapshot
     from omsd_data.policies import actor_from_state_dict
 
-    policies = (meta.get("behaviour") or {}).get("policies") or []
+    behaviour = meta.get("behaviour") or {}
+    policies = behaviour.get("policies") or []
     if meta.get("task") != "simple_spread" or len(policies) != 1:
         return None
-    quality = policies[0][0].removeprefix("seed0/")
-    if quality not in SINGLE_POLICY:
+    name = policies[0][0]
+    quality = name.removeprefix("seed0/")
+    if quality not in SINGLE_POLICY or (behaviour.get("snapshots") or {}).get(name) != snapshot("simple_spread", name):
         return None
     return actor_from_state_dict(load_behaviour("simple_spread", 0)[0][quality]), float(meta["collect_noise"])
 
@@ -72,7 +73,12 @@ def spread_truth(
     arrays: dict, behaviour, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT, h=H_DEFAULT, seed=0, chunk=16
 ) -> dict:
     """Q^mu and dQ^mu/da_i of M simple_spread transitions by Monte Carlo (module docstring); the critic's reward is
-    agent 0's. behaviour: (actor (n, B, obs) -> (n, B, act), noise std) as `spread_behaviour` returns."""
+    agent 0's. behaviour: (actor (n, B, obs) -> (n, B, act), noise std) as `spread_behaviour` returns. The data are
+    whole episodes of the env's 25 steps, one after the other (`critic_truth` checks). The return ends at the time
+    limit: a critic that bootstraps through it estimates more on an episode's last steps, the same in its gradient
+    wherever the rest of the episode dominates."""
+    from envs.mpe import EPISODE_LEN, SpreadBatch
+
     t0, (actor, noise) = time.time(), behaviour
     n, act_dim = SpreadBatch.n, 2
     N = len(arrays["rewards_0"])
@@ -191,7 +197,8 @@ def grade(q_fn, truth: dict, controls: bool = True, device="cpu") -> dict:
         far = np.repeat(truth["joint"][:, None], len(grid), 1)
         far[np.arange(M), :, agent] = grid[None]
         s_far = s.repeat_interleave(len(grid), 0)
-        q_far = q_fn(s_far, torch.as_tensor(far, device=device).reshape(M * len(grid), -1)).reshape(M, -1).cpu()
+        far = torch.as_tensor(far, dtype=torch.float32, device=device).reshape(M * len(grid), -1)
+        q_far = q_fn(s_far, far).reshape(M, -1).cpu()
     mc, pick = truth["q_grid"], q_far.numpy().argmax(1)
     gain, best_gain = mc[np.arange(M), pick] - mc.mean(1), mc.max(1) - mc.mean(1)
     q_np = q.detach().cpu().numpy()
@@ -218,4 +225,7 @@ def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: lis
     if env_id == "bandit":
         return bandit_truth(arrays, order, M)
     behaviour = spread_behaviour(meta) if env_id == "simple_spread" else None
-    return None if behaviour is None else spread_truth(arrays, behaviour, gamma, order, M, K)
+    ends = np.flatnonzero(arrays["terminals"] | arrays["truncations"])
+    if behaviour is None or not np.array_equal(ends, np.arange(24, len(arrays["rewards_0"]), 25)):
+        return None  # no known behaviour policy, or not whole 25-step episodes
+    return spread_truth(arrays, behaviour, gamma, order, M, K)

@@ -93,11 +93,21 @@ def test_bandit_truth_is_exact():
 
 
 def test_only_data_of_one_committed_policy_get_a_spread_truth():
-    meta = {"task": "simple_spread", "collect_noise": 0.1, "behaviour": {"policies": [["seed0/medium", 4000]]}}
+    from omsd_data.mpe_data import snapshot
+
+    snapshots = {"seed0/medium": snapshot("simple_spread", "seed0/medium")}
+    behaviour = {"policies": [["seed0/medium", 4000]], "snapshots": snapshots}
+    meta = {"task": "simple_spread", "collect_noise": 0.1, "behaviour": behaviour}
     actor, noise = cg.spread_behaviour(meta)
     assert noise == 0.1 and actor(torch.zeros(3, 5, 18)).shape == (3, 5, 2)
+    other_run = {"seed0/medium": {**snapshots["seed0/medium"], "training_step": -1}}  # another training run's snapshot
+    assert cg.spread_behaviour({**meta, "behaviour": {**behaviour, "snapshots": other_run}}) is None
     for policies in ([["seed0/replay_0", 2], ["seed0/replay_1", 2]], [["scripted/unimodal", 4000]]):
-        assert cg.spread_behaviour({**meta, "behaviour": {"policies": policies}}) is None
+        assert cg.spread_behaviour({**meta, "behaviour": {**behaviour, "policies": policies}}) is None
+    arrays = spread_episodes(2)
+    assert cg.critic_truth("simple_spread", arrays, meta, 0.95, [0, 1, 2], K=2)["info"]["M"] == 8
+    arrays["truncations"][30] = True  # an episode that is not the env's 25 steps: no truth
+    assert cg.critic_truth("simple_spread", arrays, meta, 0.95, [0, 1, 2], K=2) is None
     assert cg.spread_behaviour({**meta, "task": "simple_tag"}) is None
 
 
@@ -107,11 +117,10 @@ def test_the_critic_study_grades_a_variant(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     flags = ["--name", "tiny", "--dataset-transitions", "2500", "--critic-steps", "20", "--critic-hidden", "16",
-             "--critic-batch-size", "32", "--gamma", "0.95", "--bootstrap-truncation", "--standardize"]  # fmt: skip
+             "--critic-batch-size", "32", "--gamma", "0.99", "--no-bootstrap-truncation", "--standardize"]  # fmt: skip
     flags += ["--out", str(out)]
     run_script(os.path.join(REPO, "benchmark", "critic_study.py"), tmp_path, *flags)
     row = json.loads(out.read_text())
-    assert row["changed"] == {"gamma": 0.95, "bootstrap_truncation": True, "critic_steps": 20, "critic_hidden": 16,
+    assert row["changed"] == {"gamma": 0.99, "bootstrap_truncation": False, "critic_steps": 20, "critic_hidden": 16,
                               "critic_batch_size": 32, "standardize": True}  # fmt: skip
-    for gamma in ("gamma0.95", "gamma0.99"):
-        assert -1 <= row[gamma]["cosine"] <= 1 and 0 <= row[gamma]["far_top1"] <= 1
+    assert -1 <= row["gamma0.99"]["cosine"] <= 1 and 0 <= row["gamma0.99"]["far_top1"] <= 1 and "gamma0.95" not in row
