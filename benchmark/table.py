@@ -411,12 +411,15 @@ def cells_of(rows):
 def score_matrices(rows, qualities=None):
     """Normalised final scores as rliable wants them: {decomposition: (seeds x cells) array}, with the cells
     (task, quality) that both decompositions have and the seeds that every one of those cells has, so both
-    matrices hold the same runs. Rows without a normalised score are left out. Returns (matrices, cells, seeds),
-    or (None, [], []) when no cell has both decompositions."""
+    matrices hold the same runs. The paper's constants where a row has that score (rows made before they recorded
+    it were normalised with them), else the row's own. Rows without a normalised score are left out. Returns
+    (matrices, cells, seeds), or (None, [], []) when no cell has both decompositions."""
     score = defaultdict(dict)
     for r in rows:
-        if r.get("final_normalized_score") is not None and r["decomposition"] in DECOMPOSITIONS:
-            score[(r["task"], r["quality"], r["decomposition"])].setdefault(r["seed"], r["final_normalized_score"])
+        s = r.get("final_paper_normalized_score")
+        s = r.get("final_normalized_score") if s is None else s
+        if s is not None and r["decomposition"] in DECOMPOSITIONS:
+            score[(r["task"], r["quality"], r["decomposition"])].setdefault(r["seed"], s)
     keys = sorted({(t, q) for t, q, _ in score if qualities is None or q in qualities})
     keys = [k for k in keys if all((*k, d) in score for d in DECOMPOSITIONS)]
     seeds = sorted(set.intersection(*[set(score[(*k, d)]) for k in keys for d in DECOMPOSITIONS])) if keys else []
