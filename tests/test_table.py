@@ -131,6 +131,14 @@ def test_iqm_mean_and_probability_of_improvement_on_constructed_rows():
     )
     assert const["point"]["sequential"][0] == 5 and list(const["interval"]["sequential"][:, 0]) == [5, 5]
 
+    # a row with the paper's constants is aggregated on that scale (rows made before they recorded it used them)
+    mixed = rows_of(
+        {("simple_spread", "random", "sequential"): [1, 1], ("simple_spread", "random", "independent"): [2, 2]}
+    )
+    for r in mixed[:2]:
+        r["final_paper_normalized_score"] = 7.0
+    assert table.aggregate(mixed, reps=50)["point"]["sequential"][1] == 7.0
+
 
 def test_vectorised_probability_of_improvement_is_rliables():
     from rliable import metrics
