@@ -40,7 +40,7 @@ class Args:
     seed: int = 1  # seed of the run (networks, minibatches, diffusion noise); evaluation envs use seed + 100 + episode
     stage1_seed: int | None = None  # seed of stages 1a/1b (default: --seed); runs with one share the cached models
     cuda: bool = False  # use CUDA if available (everything here is sized for CPU)
-    threads: int = 1  # torch CPU threads (0: all cores)
+    threads: int = 0  # torch CPU threads (0: every core this process may use)
     env_id: str = "simple_spread"  # simple_spread | simple_tag | simple_world | bandit (sets the per-env defaults)
     dataset: str = "expert"
     """random | medium-replay | medium | expert | mixture (spread also: unimodal | multimodal-2 | multimodal-3 |
@@ -59,6 +59,7 @@ class Args:
     diffusion_steps: int | None = None  # gradient steps, all agents' models together (depends on --env-id)
     diffusion_batch_size: int = 256  # minibatch size
     diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
+    diffusion_bf16: bool = True  # stage 1a's matmuls in bfloat16 where the CPU (AVX-512 BF16) or GPU runs them natively
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
     critic_batch_size: int = 256  # minibatch size
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
@@ -291,7 +292,7 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
     with torch.no_grad():
         q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
-    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr)
+    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)
     for _ in range(INIT_STEPS):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
         idx = torch.randint(obs.shape[1], (args.policy_batch_size,), generator=g, device=device)
         loss = ((actors(obs[:, idx]) - target[:, idx]) ** 2).sum(-1).mean(-1)
@@ -433,16 +434,18 @@ def stage1a_behaviour_models(run, data, train_idx, mask, args: Args, stage1: dic
     n, act_dim, obs_max = data["act"].shape[1], data["act"].shape[2], data["obs"].shape[2]
     torch.manual_seed(args.stage1_seed * 1000 + 1)
     score_net = ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, args.diffusion_hidden).to(mask.device)
-    opt = torch.optim.AdamW(score_net.parameters(), lr=DIFFUSION_LR, weight_decay=0.01)
+    opt = torch.optim.AdamW(score_net.parameters(), lr=DIFFUSION_LR, weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.diffusion_steps, eta_min=1e-5)
     keys = ("decomposition", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden")
-    fields = dict(stage1, stage="diffusion", **{k: getattr(args, k) for k in keys})
+    bf16 = args.diffusion_bf16 and runs.native_bf16(mask.device)
+    fields = dict(stage1, stage="diffusion", bf16=bf16, **{k: getattr(args, k) for k in keys})
     objs = {"model": score_net, "opt": opt, "sched": sched}
     stage = run.stage("stage 1a: diffusion", fields, objs, g, args.diffusion_steps, args.checkpoint_every)
     for step in stage.steps():
         idx = train_idx[torch.randint(len(train_idx), (args.diffusion_batch_size,), generator=g, device=g.device)]
         a0 = data["act"][idx].transpose(0, 1)  # (n, B, act), dataset actions, position order
-        loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), g)
+        with torch.autocast(mask.device.type, torch.bfloat16, enabled=bf16):  # weights and optimiser stay float32
+            loss = diffusion_loss(score_net, a0, condition(data["obs"][idx].transpose(0, 1), a0, mask), g)
         check_finite(loss, "stage 1a (diffusion)", step)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -460,7 +463,7 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
     q_target.load_state_dict(q_net.state_dict())
-    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR) for m in (q_net, v_net))
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR, fused=True) for m in (q_net, v_net))
     keys = ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")
     fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
     objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
@@ -482,9 +485,8 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
         q_opt.zero_grad(set_to_none=True)
         q_loss.backward()
         q_opt.step()
-        with torch.no_grad():
-            for p, pt in zip(q_net.parameters(), q_target.parameters()):
-                pt.lerp_(p, POLYAK)
+        with torch.no_grad():  # Polyak averaging, all tensors in one op
+            torch._foreach_lerp_(list(q_target.parameters()), list(q_net.parameters()), POLYAK)
         stage.log(step, {"losses/q_loss": q_loss, "losses/v_loss": v_loss}, f"q {q_loss:.3f} v {v_loss:.3f}")
     stage.save({"q": q_net, "q_target": q_target, "v": v_net})
     return q_target.eval().requires_grad_(False)
@@ -495,7 +497,7 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
     (N, n, act_dim), obs_max = data["act"].shape, data["obs"].shape[2]
     torch.manual_seed(args.seed * 1000 + 3)
     actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(mask.device)
-    opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr) for k in range(n)]  # one per agent
+    opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr, fused=True) for k in range(n)]  # per agent
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
     objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}}
     objs.update({f"sched{k}": s for k, s in enumerate(scheds)})
@@ -537,7 +539,7 @@ def main(args: Args) -> dict:
     if args.eval_from:
         return evaluate_saved(args)
     prey, prey_record = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
-    torch.set_num_threads(args.threads or torch.get_num_threads())  # 0: torch's default, every core
+    runs.set_threads(args.threads)
     arrays, meta, source = load_data(args)
     if args.dataset_path and args.env_id != "bandit":  # beta: --beta, else the data's quality's, else --dataset's
         beta_of = lambda q: BETA_DEFAULTS.get(args.env_id, {}).get(q)  # noqa: E731
@@ -558,7 +560,7 @@ def main(args: Args) -> dict:
     print(f"data: {source}, {len(data['obs']):,} transitions, {n} agents, order {order}", file=sys.stderr)
     # each stage has its own RNG stream, so a cached stage 1 leaves stage 2 unchanged
     gen = lambda seed, stage: torch.Generator(device).manual_seed(seed * 1000 + stage)  # noqa: E731
-    stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=3)  # cache format
+    stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=4)  # cache format
     mask = prefix_mask(n, args.decomposition).to(device)
     obs_max = data["obs"].shape[2]
     evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max, prey)  # noqa: E731

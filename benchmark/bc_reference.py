@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from omsd_data.dataset import DatasetError  # noqa: E402
 from omsd_data.mamujoco_data import normalization  # noqa: E402
+from omsd_utils import runs  # noqa: E402
 from omsd_utils.runs import RunError, normalized_score  # noqa: E402
 
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
@@ -58,8 +59,7 @@ def run(family: str, argv: list[str]) -> dict:
     if args.eval_from or args.capture_video:
         raise RunError("behaviour cloning trains and evaluates its own actors: --eval-from and --capture-video are the "
                        "training scripts' (evaluate a BC run's numbers from its row instead)")  # fmt: skip
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runs.set_threads(args.threads)
     if family == "mpe":
         from omsd_data.sources import load_prey_arg
 
@@ -88,7 +88,7 @@ def run(family: str, argv: list[str]) -> dict:
 
     torch.manual_seed(args.seed * 1000 + 3)  # the actors' initialisation of the script's stage 2
     actors = om.Actors(n, obs_max, act.shape[-1], args.actor_hidden)
-    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr)  # per parameter, as one Adam per agent is
+    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)  # per parameter, as one Adam per agent is
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.policy_steps, eta_min=0.0)
     g = torch.Generator().manual_seed(args.seed * 1000 + 3)
     history = [{"step": 0, "return": evaluate(actors, order, obs_max)}]

@@ -78,13 +78,13 @@ class Cfg:
     launcher: str = "local"
     """local: jobs are subprocesses of this command, --parallel at a time | slurm: one job array on a cluster"""
     parallel: int = 2
-    """local launcher: runs at the same time (each uses the script's --threads, 1 by default)"""
+    """local launcher: runs at the same time (with more than one, each has one torch thread; --extra='--threads N')"""
     slurm_partition: str = ""
     """SLURM partition (default: the cluster's)"""
     slurm_time: int = 240
     """SLURM time limit per job in minutes; a job that runs out is requeued and continues from its checkpoints"""
     slurm_cpus: int = 1
-    """CPUs per SLURM job (pass --extra='--threads N' to use more than one)"""
+    """CPUs per SLURM job (a job's script uses all of them)"""
     slurm_mem_gb: int = 8
     """memory per SLURM job in GB"""
     slurm_array_parallelism: int = 32
@@ -180,13 +180,16 @@ class Cell(submitit.helpers.Checkpointable):
     submitit requeues this same call; the script, given the same command, continues from its own checkpoints
     (the stage in progress is saved every --checkpoint-every steps)."""
 
-    def __init__(self, family, task, quality, dec, seed, cmd, workdir):
+    def __init__(self, family, task, quality, dec, seed, cmd, workdir, threads: int = 0):
         self.family, self.task, self.quality, self.dec, self.seed = family, task, quality, dec, seed
-        self.command, self.workdir = cmd, workdir
+        self.command, self.workdir, self.threads = cmd, workdir, threads
 
     def script_argv(self) -> list[str]:
-        """The command's flags of the family's script (BC takes them too, after its --family)."""
-        return shlex.split(self.command)[4 if self.dec == "bc" else 2 :]
+        """The command's flags of the family's script (BC takes them too, after its --family). Local jobs share the
+        cores: each gets `--threads 1` ahead of the command's own flags (which win; --threads is not part of a run's
+        identity, so the row's command stays as printed)."""
+        head = ["--threads", str(self.threads)] if self.threads else []
+        return head + shlex.split(self.command)[4 if self.dec == "bc" else 2 :]
 
     def __call__(self) -> dict:
         os.chdir(self.workdir)
@@ -304,13 +307,13 @@ def run_grid(cfg: Cfg, out: str):
     # Decomposition outermost: while fewer run at a time than one decomposition has cells, the runs in progress
     # differ in seed or dataset and never train the same critic (stage 1b, which both decompositions share); the
     # independent runs find theirs cached.
-    cells = []
+    cells, local_threads = [], 1 if cfg.launcher == "local" and cfg.parallel > 1 else 0  # 0: the script's default
     for dec in cfg.decompositions:
         for task in cfg.tasks or tasks:
             for quality in cfg.qualities or standard:
                 for seed in cfg.seeds:
                     cmd = command(cfg.family, task, quality, dec, seed, cfg.extra)
-                    cells.append(Cell(cfg.family, task, quality, dec, seed, cmd, cfg.workdir))
+                    cells.append(Cell(cfg.family, task, quality, dec, seed, cmd, cfg.workdir, local_threads))
     rows = load_rows(out, cfg.family, cfg.results)
     done = {r["command"] for r in rows}
     n_grid = len(cells)

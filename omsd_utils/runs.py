@@ -201,6 +201,22 @@ class Progress:
         return (step - self.start) / max(self.seconds, 1e-9)
 
 
+def set_threads(threads: int) -> int:
+    """torch's CPU threads: `threads`, or for 0 every core this process may use (torch's default counts physical
+    cores; the affinity mask is what a scheduler such as SLURM or taskset allows). Returns the number set."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or min(torch.get_num_threads(), allowed))
+    return torch.get_num_threads()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX CPUs, Ampere+ GPUs): there a
+    bfloat16 matmul takes about half the time of a float32 one; elsewhere it is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def seed_everything(seed: int):
     """Python's, numpy's and torch's global RNGs, and deterministic torch algorithms (same seed, same numbers)."""
     random.seed(seed)

@@ -21,7 +21,7 @@ import torch
 
 from envs import render
 from omsd_utils.files import unwritable_dir
-from omsd_utils.runs import RunError, normalized_score, stop_at_once, write_json_atomic
+from omsd_utils.runs import RunError, normalized_score, set_threads, stop_at_once, write_json_atomic
 
 # options of runs made before docs/studies.md retired them; none changes how a saved run's actors are evaluated
 RETIRED = ("diffusion_ema", "diffusion_t_sampling", "condition", "init_select", "init_candidates", "init_steps",
@@ -89,8 +89,7 @@ def open_saved(args, args_cls, resolve) -> tuple:
     if why:
         raise RunError(f"--eval-from {run_dir}: cannot write its evaluation there ({why})")
     ev_args = dataclasses.replace(run_args, **{k: getattr(args, k) for k in EVAL_SETTINGS if hasattr(run_args, k)})
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return ev_args, run_args, results
 
 
