@@ -174,8 +174,8 @@ def mlp(i: int, h: int, o: int) -> nn.Sequential:
 
 
 class Actors(nn.Module):
-    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own parameters and
-    optimizer), evaluated for all agents in one batched matmul per layer."""
+    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own parameters),
+    evaluated for all agents in one batched matmul per layer."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()
@@ -507,10 +507,10 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
     (N, n, act_dim), obs_max = data["act"].shape, data["obs"].shape[2]
     torch.manual_seed(args.seed * 1000 + 3)
     actors = Actors(n, obs_max, act_dim, args.actor_hidden).to(mask.device)
-    opts = [torch.optim.Adam(actors.nets[k].parameters(), lr=args.actor_lr, fused=True) for k in range(n)]  # per agent
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.policy_steps, eta_min=0.0) for o in opts]
-    objs = {"actors": actors, **{f"opt{k}": o for k, o in enumerate(opts)}}
-    objs.update({f"sched{k}": s for k, s in enumerate(scheds)})
+    # one Adam over every actor's parameters: Adam is per parameter, so this is exactly one Adam per agent
+    opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.policy_steps, eta_min=0.0)
+    objs = {"actors": actors, "opt": opt, "sched": sched}
     stage = run.stage("stage 2: actors", None, objs, g, args.policy_steps, args.checkpoint_every)
 
     def evaluated(step: int):
@@ -542,12 +542,10 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
         eps_hat, w = noised_eps_hat(score_net, cur, condition(obs, cur, mask), args.weighting, args.z_baseline, g)
         loss = actor_surrogate(a, eps_hat, grad_q, w, args.beta)  # (n,)
         check_finite(loss, "stage 2 (actors)", step)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # agents share no parameters: each actor gets exactly its own gradient
-        for o, sc in zip(opts, scheds):
-            o.step()
-            sc.step()
+        opt.step()
+        sched.step()
         if step % args.eval_every == 0 or step == args.policy_steps:
             evaluated(step)
         ret = stage.extra["eval_history"][-1]["return"]

@@ -96,6 +96,7 @@ def main(cfg: Cfg):
                 for name, tree in trees.items():  # alternate: a change of the machine's load hits both
                     print(f"{name}, threads {label(threads)}, run {rep + 1}", file=sys.stderr, flush=True)
                     got[name].append(run(tree, cfg, threads, work, data))
+                    print("  " + ", ".join(f"{k} {v:,.0f}" for k, v in got[name][-1].items()), file=sys.stderr)
             rows[threads] = {n: {k: float(np.median([g[k] for g in v])) for k, _, _ in STAGES} for n, v in got.items()}
     print(f"{cfg.script} {cfg.extra}: samples/s, median of {cfg.repeats} run(s); baseline {cfg.baseline}, new = "
           f"this checkout {cfg.new_extra}; steps {cfg.steps}; {cores} cores allowed\n")  # fmt: skip

@@ -1,0 +1,204 @@
+"""The three-mode study of docs/studies.md: train one variant of oma_sd_mpe.py's stage-1a behaviour models on
+simple_spread data and grade them without a critic or actors: the held-out denoising loss per position; where
+samples given the data's prefix land (near a convention, in the data's convention; controlled data only); and the
+models acting alone as a joint policy over --episodes episodes, with a fresh noise every step (as a run's
+diagnostics) and with one noise per episode. Appends one JSON row to --out.
+
+With no variant flags this is the script's stage 1a step for step (the same ScoreNet, seeding, loss, held-out
+episodes, AdamW, schedule and bfloat16 autocast) and its DDIM sampler. The trained models are kept under --cache,
+keyed by the training settings, so that sampler variants reuse them.
+
+  --diffusion-steps, --diffusion-batch-size, --diffusion-hidden, --diffusion-bf16, --sample-steps: the script's
+  --t-power P   training times t = 1e-3 + (1 - 1e-3) u^P, u ~ U(0, 1): P > 1 spends more of the training at small t,
+                where alpha_t is large and the modes are apart (P = 1: the script's uniform t)
+  --eta E       DDIM's eta (sampler only): 0 the script's deterministic sampler, 1 ancestral sampling
+
+    python benchmark/behaviour_study.py --dataset multimodal-3 --name default
+    python benchmark/behaviour_study.py --dataset multimodal-3 --name eta1 --eta 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import oma_sd_mpe as om  # noqa: E402
+from omsd_data import mpe_data  # noqa: E402
+from omsd_data.dataset import episode_ends  # noqa: E402
+from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
+from omsd_utils import runs  # noqa: E402
+from omsd_utils.diagnostics import behaviour_fit, held_out, rounded  # noqa: E402
+
+DEFAULTS = dict(seed=0, diffusion_steps=15_000, diffusion_batch_size=256, diffusion_hidden=128, diffusion_bf16=True,
+                t_power=1.0, sample_steps=20, eta=0.0)  # fmt: skip
+TRAINING = ("seed", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_bf16", "t_power")
+
+
+def diffusion_loss(score_net, a0, cond, gen, t_power: float):
+    """The script's noise-prediction loss with t = 1e-3 + (1 - 1e-3) u^t_power (t_power 1: the script's own)."""
+    if t_power == 1.0:
+        return om.diffusion_loss(score_net, a0, cond, gen)
+    u = torch.rand((a0.shape[0], a0.shape[1], 1), generator=gen, device=a0.device)
+    t = u**t_power * (1 - 1e-3) + 1e-3
+    z = torch.randn(a0.shape, generator=gen, device=a0.device)
+    alpha_t, sigma_t = om.vp_sde(t)
+    return ((score_net(alpha_t * a0 + sigma_t * z, t, cond) - z) ** 2).sum(-1).mean(-1)
+
+
+def train(cfg: dict, data: dict, train_idx, mask):
+    """The script's stage-1a loop with the variant's t-sampling; returns the behaviour models."""
+    n, act_dim, obs_max = data["act"].shape[1], data["act"].shape[2], data["obs"].shape[2]
+    torch.manual_seed(cfg["seed"] * 1000 + 1)
+    score_net = om.ScoreNet(n, act_dim, obs_max + mask.shape[1] * act_dim, cfg["diffusion_hidden"])
+    opt = torch.optim.AdamW(score_net.parameters(), lr=om.DIFFUSION_LR, weight_decay=0.01, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg["diffusion_steps"], eta_min=1e-5)
+    g, bf16 = (
+        torch.Generator().manual_seed(cfg["seed"] * 1000 + 1),
+        cfg["diffusion_bf16"] and runs.native_bf16(mask.device),
+    )
+    bar = runs.Progress("stage 1a", cfg["diffusion_steps"])
+    for step in range(1, cfg["diffusion_steps"] + 1):
+        idx = train_idx[torch.randint(len(train_idx), (cfg["diffusion_batch_size"],), generator=g)]
+        a0 = data["act"][idx].transpose(0, 1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(
+                score_net, a0, om.condition(data["obs"][idx].transpose(0, 1), a0, mask), g, cfg["t_power"]
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+        bar.update(step, f"loss {loss.mean():.3f}")
+    return score_net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample_actions(score_net, base, mask, z, steps: int, a_prev=None, eta: float = 0.0, xi=None):
+    """The script's sample_actions with DDIM's eta: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c xi_i,
+    c = eta sigma_s / sigma_t sqrt(1 - (alpha_t sigma_s)^2 / (alpha_s sigma_t)^2); xi (passes, steps, n, B, act)."""
+    if eta == 0.0:
+        return om.sample_actions(score_net, base, mask, z, steps, a_prev)
+    n, B, _ = z.shape
+    ts = om.logsnr_grid(1.0, 1e-3, steps).to(z.device)
+    passes = 1 if a_prev is not None or not mask.any() else n
+    xi = torch.randn(passes, steps, *z.shape) if xi is None else xi
+    out = torch.zeros_like(z)
+    for k in range(passes):
+        cond = om.condition(base, out if a_prev is None else a_prev, mask)
+        x = z
+        for i in range(steps):
+            alpha_t, sigma_t = om.vp_sde(ts[i])
+            alpha_s, sigma_s = om.vp_sde(ts[i + 1])
+            x0 = ((x - sigma_t * score_net(x, ts[i].expand(n, B, 1), cond)) / alpha_t).clamp(-1.0, 1.0)
+            eps = (x - alpha_t * x0) / sigma_t
+            c = (
+                eta
+                * sigma_s
+                / sigma_t
+                * torch.sqrt((1 - (alpha_t * sigma_s) ** 2 / (alpha_s * sigma_t) ** 2).clamp(min=0))
+            )
+            x = alpha_s * x0 + torch.sqrt((sigma_s**2 - c**2).clamp(min=0)) * eps + c * xi[k, i]
+        if passes == 1:
+            return x0
+        out[k] = x0[k]
+    return out
+
+
+class JointSampler(torch.nn.Module):
+    """The behaviour models acting alone (agent k's sample given those of agents < k): a fresh noise every step, or
+    one noise (z and the sampler's) per episode, drawn at its first step."""
+
+    def __init__(self, score_net, mask, act_dim: int, cfg: dict, gen, per_episode: bool):
+        super().__init__()
+        self.score_net, self.mask, self.act_dim, self.cfg, self.gen = score_net, mask, act_dim, cfg, gen
+        self.per_episode, self.noise = per_episode, None
+
+    def forward(self, obs):  # (n, E, obs) -> (n, E, act)
+        n, E = obs.shape[:2]
+        if self.noise is None or not self.per_episode:
+            z = torch.randn(n, E, self.act_dim, generator=self.gen)
+            xi = torch.randn(n, self.cfg["sample_steps"], n, E, self.act_dim, generator=self.gen)
+            self.noise = (z, xi)
+        z, xi = self.noise
+        return sample_actions(self.score_net, obs, self.mask, z, self.cfg["sample_steps"], eta=self.cfg["eta"], xi=xi)
+
+
+def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict:
+    """The behaviour models' fit on the held-out episodes, and their return acting alone."""
+    order, ends, N = [0, 1, 2], episode_ends(arrays), len(data["obs"])
+    K = len(meta.get("behaviour", {}).get("conventions") or [])
+    is_ref = held_out(ends, N)
+    rows = torch.as_tensor(np.flatnonzero(is_ref))[:2048]
+    step_in_episode = np.arange(N) - np.concatenate([[0], ends + 1])[np.searchsorted(ends, np.arange(N))]
+    early = torch.as_tensor(np.flatnonzero(is_ref & (step_in_episode < 5))) if K else None
+    sampler = lambda net, base, m, z, steps, a_prev=None: sample_actions(net, base, m, z, steps, a_prev, cfg["eta"])  # noqa: E731
+    fns = dict(sample_actions=sampler, diffusion_loss=om.diffusion_loss, condition=om.condition)
+    fit = behaviour_fit(fns, score_net, data, rows, lambda idx: data["obs"][idx].transpose(0, 1), mask,
+                        cfg["sample_steps"], order, early, mpe_data if K else None)  # fmt: skip
+    out = {"heldout_denoising_loss": fit.pop("denoising_loss"), **fit}
+    ev_args = om.Args(env_id="simple_spread", seed=cfg["seed"], eval_episodes=episodes)
+    for per_episode in (False, True):
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 5)
+        policy = JointSampler(score_net, mask, data["act"].shape[-1], cfg, g, per_episode)
+        ret, obs_e, act_e, obs_last = om.evaluate(policy, ev_args, order, data["obs"].shape[2], None, record=True)
+        row = {"return": ret}
+        if K:
+            table = mpe_data.convention_table(obs_e[:, :episodes], order)
+            row["first_step"] = mpe_data.convention_stats(act_e[:, :episodes], table)
+            row["final_assignment"] = mpe_data.assignment_stats(obs_last, order, K)
+        out["joint_noise_per_episode" if per_episode else "joint_noise_per_step"] = row
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the variant's label in the rows")
+    p.add_argument("--dataset", default="multimodal-3")
+    p.add_argument("--dataset-transitions", type=int, default=DEFAULT_TRANSITIONS)
+    for k, v in DEFAULTS.items():
+        flag = "--" + k.replace("_", "-")
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(v, bool) else {"type": type(v)}
+        p.add_argument(flag, default=v, **kind)
+    p.add_argument("--episodes", type=int, default=50, help="episodes of the joint-policy grade")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default=os.path.join(REPO, "runs", "cache", "behaviour_study"))
+    p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "behaviour_study.jsonl"))
+    a = p.parse_args(argv)
+    runs.set_threads(a.threads)
+    cfg = {k: getattr(a, k) for k in DEFAULTS}
+    arrays, meta, _ = ensure_dataset("simple_spread", a.dataset, a.dataset_transitions)
+    data = om.to_tensors(arrays, [0, 1, 2], True)
+    mask = om.prefix_mask(3, "sequential")
+    train_idx = torch.as_tensor(np.flatnonzero(~held_out(episode_ends(arrays), len(data["obs"]))))
+    key = json.dumps({"sha256": meta["sha256"], **{k: cfg[k] for k in TRAINING}}, sort_keys=True)
+    path = os.path.join(a.cache, hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
+    t0 = time.time()
+    if os.path.exists(path):  # a model this tool saved for the same data and training settings
+        score_net = om.ScoreNet(3, 2, data["obs"].shape[2] + 2 * 2, cfg["diffusion_hidden"])
+        score_net.load_state_dict(torch.load(path, weights_only=True))
+        score_net.eval().requires_grad_(False)
+    else:
+        score_net = train(cfg, data, train_idx, mask)
+        os.makedirs(a.cache, exist_ok=True)
+        torch.save(score_net.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    seconds = time.time() - t0
+    row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != DEFAULTS[k]}}
+    row.update(rounded(grade(score_net, cfg, data, arrays, meta, mask, a.episodes)))
+    row["train_seconds"] = round(seconds, 1)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
