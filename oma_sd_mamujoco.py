@@ -107,8 +107,8 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, i, o).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, o).uniform_(-bound, bound))
 
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x, pos=slice(None)):  # pos: the agents (positions) x holds, all by default
+        return torch.baddbmm(self.bias[pos], x, self.weight[pos])
 
 
 def vp_sde(t):
@@ -131,13 +131,13 @@ class ScoreNet(nn.Module):
         self.blocks = nn.ModuleList(pair() for _ in range(blocks))
         self.out = StackedLinear(n, hidden, act_dim)
 
-    def forward(self, x_t, t, cond):  # (n, B, act), (n, B, 1), (n, B, cond)
+    def forward(self, x_t, t, cond, pos=slice(None)):  # (n, B, act), (n, B, 1), (n, B, cond); pos: the positions given
         f = 2 * math.pi * t * self.W
-        t_emb = self.t2(F.relu(self.t1(torch.cat([torch.sin(f), torch.cos(f)], -1))))
-        h = self.inp(torch.cat([x_t, cond, t_emb], -1))
+        t_emb = self.t2(F.relu(self.t1(torch.cat([torch.sin(f), torch.cos(f)], -1), pos)), pos)
+        h = self.inp(torch.cat([x_t, cond, t_emb], -1), pos)
         for w1, w2 in self.blocks:
-            h = h + w2(F.relu(w1(F.layer_norm(h, h.shape[-1:]))))
-        return self.out(F.relu(h))
+            h = h + w2(F.relu(w1(F.layer_norm(h, h.shape[-1:]), pos)), pos)
+        return self.out(F.relu(h), pos)
 
 
 def prefix_mask(n: int, decomposition: str) -> torch.Tensor:
@@ -259,17 +259,18 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
     passes = 1 if a_prev is not None or not mask.any() else n
     out = torch.zeros_like(z)
     for k in range(passes):
-        cond = condition(base, out if a_prev is None else a_prev, mask)
-        x = z
+        pos = slice(None) if passes == 1 else slice(k, k + 1)  # pass k needs only position k's model
+        cond = condition(base, out if a_prev is None else a_prev, mask)[pos]
+        x = z[pos]
         for i in range(steps):
             alpha_t, sigma_t = vp_sde(ts[i])
             alpha_s, sigma_s = vp_sde(ts[i + 1])
-            eps_hat = score_net(x, ts[i].expand(n, B, 1), cond)
+            eps_hat = score_net(x, ts[i].expand(x.shape[0], B, 1), cond, pos)
             x0 = ((x - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
             x = alpha_s * x0 + sigma_s * (x - alpha_t * x0) / sigma_t
         if passes == 1:
             return x0
-        out[k] = x0[k]
+        out[k] = x0[0]
     return out
 
 

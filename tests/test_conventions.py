@@ -118,10 +118,10 @@ class GaussianScore(torch.nn.Module):
 
     s = 0.05
 
-    def forward(self, x_t, t, cond):
+    def forward(self, x_t, t, cond, pos=slice(None)):
         alpha_t, sigma_t = om.vp_sde(t)
-        m = torch.full_like(x_t, 0.5)
-        m[1:] = cond[1:, :, 3:4]  # cond = [base (3 values), a_1, a_2]
+        first = (torch.arange(3)[pos] == 0)[:, None, None]  # which of the given positions is position 0
+        m = torch.where(first, 0.5, cond[..., 3:4])  # cond = [base (3 values), a_1, a_2]
         return sigma_t * (x_t - alpha_t * m) / (alpha_t**2 * self.s**2 + sigma_t**2)
 
 
@@ -258,9 +258,9 @@ class ConventionScore(torch.nn.Module):
     """The exact noise prediction of a point mass at the scripted controller's action of convention 1, read from the
     condition's observation part: every DDIM step's x0_hat is that action."""
 
-    def forward(self, x_t, t, cond):
+    def forward(self, x_t, t, cond, pos=slice(None)):
         target = torch.as_tensor(
-            mpe_data.convention_actions(cond[..., :18].numpy(), np.tile((1, 2, 0), (cond.shape[1], 1)))
+            mpe_data.convention_actions(cond[..., :18].numpy(), np.tile(np.array((1, 2, 0))[pos], (cond.shape[1], 1)))
         )
         alpha_t, sigma_t = om.vp_sde(t)
         return (x_t - alpha_t * target) / sigma_t
