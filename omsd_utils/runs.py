@@ -201,11 +201,14 @@ class Progress:
         return (step - self.start) / max(self.seconds, 1e-9)
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's default: the physical cores (read before anything changes it)
+
+
 def set_threads(threads: int) -> int:
-    """torch's CPU threads: `threads`, or for 0 every core this process may use (torch's default counts physical
-    cores; the affinity mask is what a scheduler such as SLURM or taskset allows). Returns the number set."""
+    """torch's CPU threads: `threads`, or for 0 every core this process may use (torch's default, capped by the
+    affinity mask that a scheduler such as SLURM or taskset sets). Returns the number set."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads or min(torch.get_num_threads(), allowed))
+    torch.set_num_threads(threads or min(TORCH_THREADS, allowed))
     return torch.get_num_threads()
 
 

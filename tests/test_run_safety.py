@@ -623,3 +623,16 @@ def test_behaviour_trainer_refuses_other_files_locks_and_write_errors(tmp_path, 
 def test_behaviour_trainer_unknown_task_is_one_line_exit_2():
     code, _, err = as_main("omsd_data.train_behaviour", "--task", "Walker-2x3", module=True)
     assert "unknown --task 'Walker-2x3'" in one_error(code, err)
+
+
+def test_threads_zero_means_every_core_the_process_may_use():
+    from omsd_utils import runs
+
+    before = torch.get_num_threads()
+    try:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert runs.set_threads(1) == 1
+        assert runs.set_threads(0) == min(runs.TORCH_THREADS, allowed) >= 1  # not the 1 set just before
+        assert runs.set_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)

@@ -363,3 +363,15 @@ def test_report_names_only_the_multimodal_qualities_it_has(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| all (2) |" in text
     assert "| multimodal data: mixture (1) | 0.94 [" in text  # 8 of 9 seed pairs better, one tie
+
+
+def test_local_jobs_side_by_side_get_one_thread_each_and_a_commands_own_threads_win():
+    import oma_sd_mpe as om
+
+    def threads(cmd, n):
+        cell = table.Cell("mpe", "simple_spread", "expert", "sequential", 1, cmd, REPO, n)
+        return om.cli_args(cell.script_argv()).threads, cell.command
+
+    assert threads("python oma_sd_mpe.py --seed 1", 1) == (1, "python oma_sd_mpe.py --seed 1")  # row's command as is
+    assert threads("python oma_sd_mpe.py --seed 1 --threads 2", 1)[0] == 2
+    assert threads("python oma_sd_mpe.py --seed 1", 0)[0] == 0  # one job at a time / SLURM: the script's default
