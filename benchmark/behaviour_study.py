@@ -84,7 +84,7 @@ def train(cfg: dict, data: dict, train_idx, mask):
 @torch.no_grad()
 def sample_actions(score_net, base, mask, z, steps: int, a_prev=None, eta: float = 0.0, xi=None):
     """The script's sample_actions with DDIM's eta: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c xi_i,
-    c = eta sigma_s / sigma_t sqrt(1 - (alpha_t sigma_s)^2 / (alpha_s sigma_t)^2); xi (passes, steps, n, B, act)."""
+    c = eta sigma_s / sigma_t sqrt(1 - alpha_t^2 / alpha_s^2); xi (passes, steps, n, B, act)."""
     if eta == 0.0:
         return om.sample_actions(score_net, base, mask, z, steps, a_prev)
     n, B, _ = z.shape
@@ -100,12 +100,7 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None, eta: float
             alpha_s, sigma_s = om.vp_sde(ts[i + 1])
             x0 = ((x - sigma_t * score_net(x, ts[i].expand(n, B, 1), cond)) / alpha_t).clamp(-1.0, 1.0)
             eps = (x - alpha_t * x0) / sigma_t
-            c = (
-                eta
-                * sigma_s
-                / sigma_t
-                * torch.sqrt((1 - (alpha_t * sigma_s) ** 2 / (alpha_s * sigma_t) ** 2).clamp(min=0))
-            )
+            c = eta * sigma_s / sigma_t * torch.sqrt(1 - (alpha_t / alpha_s) ** 2)  # eta 1: the DDPM posterior's std
             x = alpha_s * x0 + torch.sqrt((sigma_s**2 - c**2).clamp(min=0)) * eps + c * xi[k, i]
         if passes == 1:
             return x0
@@ -174,6 +169,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "behaviour_study.jsonl"))
     a = p.parse_args(argv)
     runs.set_threads(a.threads)
+    torch.manual_seed(a.seed)  # the sampler's noise in the fit's samples
     cfg = {k: getattr(a, k) for k in DEFAULTS}
     arrays, meta, _ = ensure_dataset("simple_spread", a.dataset, a.dataset_transitions)
     data = om.to_tensors(arrays, [0, 1, 2], True)
