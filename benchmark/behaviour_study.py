@@ -157,7 +157,7 @@ def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the variant's label in the rows")
-    p.add_argument("--dataset", default="multimodal-3")
+    p.add_argument("--dataset", default="multimodal-3", choices=mpe_data.task_qualities("simple_spread"))
     p.add_argument("--dataset-transitions", type=int, default=DEFAULT_TRANSITIONS)
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
