@@ -365,14 +365,6 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
             "episode_lengths": lengths, "failed_episodes": failed}  # fmt: skip
 
 
-def rollout(policy, args: Args, order: list[int], obs_max: int):
-    """The final evaluation's episodes played by `policy`: (mean return, obs, act of every step, None, lengths)."""
-    rec = saved.Recorder(policy)
-    ev = evaluate(rec, args, order, obs_max)
-    obs, act = (np.concatenate([c[i] for c in rec.calls], 1) for i in (0, 1))
-    return ev["return"], obs, act, None, {"episode_lengths": ev["episode_lengths"]}
-
-
 def videos(actors, args: Args, order: list[int], obs_max: int, out: str) -> dict:
     """--capture-video N: the evaluation again, recorded, and GIFs of its first N episodes in `out`."""
     names = make_env(args.env_id).possible_agents
@@ -591,7 +583,7 @@ def main(args: Args) -> dict:
     diagnostics = None
     if args.diagnostics:  # which part limits the score (omsd_utils/diagnostics.py)
         fns = dict(sample_actions=sample_actions, diffusion_loss=diffusion_loss, condition=condition,
-                   rollout=lambda policy: rollout(policy, args, order, obs_max))  # fmt: skip
+                   rollout=lambda policy: saved.recorded_rollout(evaluate_fn, policy))  # fmt: skip
         diagnostics = diagnose(fns, score_net, q_target, actors, data, ends, mask, sample_steps=args.sample_steps,
                                gamma=args.gamma, seed=args.seed, order=order, heldout=False, joint_state="obs",
                                max_policy_steps=2000, max_pool=200_000, writer=run.writer,

@@ -37,6 +37,7 @@ from omsd_data.dataset import episode_ends  # noqa: E402
 from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils import runs  # noqa: E402
 from omsd_utils.diagnostics import behaviour_fit, held_out, rounded  # noqa: E402
+from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, diffusion_steps=15_000, diffusion_batch_size=256, diffusion_hidden=128, diffusion_bf16=True,
                 t_power=1.0, sample_steps=20, eta=0.0)  # fmt: skip
@@ -191,8 +192,7 @@ def main(argv=None):
     row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != DEFAULTS[k]}}
     row.update(rounded(grade(score_net, cfg, data, arrays, meta, mask, a.episodes)))
     row["train_seconds"] = round(seconds, 1)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(a.out, row)  # two studies may write one file at a time
     print(json.dumps(row))
 
 

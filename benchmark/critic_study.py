@@ -36,6 +36,7 @@ from omsd_data.dataset import episode_ends  # noqa: E402
 from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
+from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, standardize=False, layernorm=False, cql_alpha=0.0,
@@ -151,8 +152,7 @@ def main(argv=None):
         row[f"gamma{gamma}"] = {k: round(v, 4) for k, v in grade(q_fn, truth).items()}
     row["pearson_r"] = round(critic_quality(q_target, data, episode_ends(arrays), cfg["gamma"])["pearson_r"], 4)
     row["seconds"] = round(seconds, 1)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(a.out, row)  # two studies may write one file at a time
     print(json.dumps(row))
 
 

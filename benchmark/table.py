@@ -37,6 +37,8 @@ import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from omsd_utils.files import append_row  # noqa: E402
+
 SCRIPTS = {"mpe": "oma_sd_mpe", "mamujoco": "oma_sd_mamujoco"}
 LAUNCHERS = ("local", "slurm")
 RESULTS_DIR = os.path.join(REPO, "benchmark", "results")
@@ -163,15 +165,6 @@ def load_rows(out, family, also=""):
             with open(os.path.join(out, name)) as f:
                 rows += [json.loads(line) for line in f if line.strip()]
     return rows
-
-
-def append_row(path, row):
-    """The whole line in one write() on an O_APPEND descriptor, so lines of two writers never interleave."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 class Cell(submitit.helpers.Checkpointable):

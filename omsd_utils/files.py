@@ -1,10 +1,12 @@
-"""File-system helpers shared by the dataset writer, the generators, the training scripts and the behaviour
-trainer: advisory locks (fcntl), writability checks that create nothing, removal of stale temporary files."""
+"""File-system helpers shared by the dataset writer, the generators, the training scripts, the behaviour trainer and
+the benchmark tools: advisory locks (fcntl), writability checks that create nothing, removal of stale temporary
+files, rows appended to a JSONL file."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -139,3 +141,12 @@ def describe_write_error(e: BaseException, directory: str) -> str:
     if unwritable_dir(directory):
         return unwritable_dir(directory)
     return f"torch: {text.strip().splitlines()[0][:200]}" if text.strip() else type(e).__name__
+
+
+def append_row(path, row: dict):
+    """`row` as one JSON line, in one write() on an O_APPEND descriptor, so lines of two writers never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)

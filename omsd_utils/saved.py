@@ -180,6 +180,15 @@ class Recorder(torch.nn.Module):
         return act
 
 
+def recorded_rollout(run_eval, policy):
+    """The evaluation's episodes played by `policy` (run_eval(policy) -> the script's evaluation dict), for the
+    diagnostics: (mean return, obs and act of every step (n, steps, .), None, {"episode_lengths"})."""
+    rec = Recorder(policy)
+    ev = run_eval(rec)
+    obs, act = (np.concatenate([c[i] for c in rec.calls], 1) for i in (0, 1))
+    return ev["return"], obs, act, None, {"episode_lengths": ev["episode_lengths"]}
+
+
 def padded(obs: dict, names: list[str], order: list[int], obs_max: int) -> np.ndarray:
     """(n, obs_max): position k holds agent order[k]'s own observation, zero-padded (as the scripts' evaluate)."""
     o = np.zeros((len(order), obs_max), np.float32)
