@@ -67,7 +67,8 @@ class Args:
     actor_init: str = "random"  # random (the authors') | samples: start in one joint mode of the behaviour models
     sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
     eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
-    eval_episodes: int = 10  # evaluation episodes; a diverged one fails the run (status "failed" in results.json)
+    eval_episodes: int = 32  # episodes of the final evaluation, the return a run reports; a diverged one fails the run
+    periodic_eval_episodes: int = 10  # episodes of the evaluations every --eval-every steps (at most --eval-episodes)
     diagnostics: bool = True  # after training: the models' fit, the critic's quality, the policy's support distance
     cache_dir: str = "runs/cache"  # where stage-1 models and the checkpoints of the stage in progress are kept
     resume: bool = True  # continue an interrupted run of the same command from its last checkpoint, same numbers
@@ -324,12 +325,13 @@ def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> di
 
 
 @torch.no_grad()
-def evaluate(actors, args: Args, order: list[int], obs_max: int) -> dict:
-    """--eval-episodes episodes (env seeds seed + 100 + e), decentralised, stepped together until each has ended:
+def evaluate(actors, args: Args, order: list[int], obs_max: int, episodes=None) -> dict:
+    """`episodes` (default --eval-episodes) episodes (env seeds seed + 100 + e), decentralised, stepped together until
+    each has ended:
     {"return": mean team return (None if an episode failed), "episode_returns", "episode_lengths", "failed_episodes"}.
     An episode fails, and stops, at a non-finite action or a `diverged` step; the others go on (every failure kept)."""
     actors.eval()
-    E, device = args.eval_episodes, next(actors.parameters(), torch.empty(0)).device
+    E, device = episodes or args.eval_episodes, next(actors.parameters(), torch.empty(0)).device
     envs = [make_env(args.env_id) for _ in range(E)]
     names, seeds = envs[0].possible_agents, [args.seed + 100 + e for e in range(E)]
     obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds)]
@@ -507,14 +509,15 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
     stage = run.stage("stage 2: actors", None, objs, g, args.policy_steps, args.checkpoint_every)
 
     def evaluated(step: int):
-        ev = evaluate_fn(actors)
+        ev = evaluate_fn(actors, final=step == args.policy_steps)
         failed = ev.pop("failed_episodes")
         stage.evaluated(step, ev.pop("return"), ref, **ev, **({"failed_episodes": failed} if failed else {}))
         if failed:
             run.timing["policy"] = {"seconds": stage.seconds, "failed_at_step": step}
             fail(actors)
             f = failed[0]
-            raise RunError(f"evaluation at policy step {step}: {len(failed)} of {args.eval_episodes} episodes diverged "
+            E = len(ev["episode_returns"])
+            raise RunError(f"evaluation at policy step {step}: {len(failed)} of {E} episodes diverged "
                            f"(first: episode {f['episode']}, env seed {f['env_seed']}, env step {f['env_step']}: "
                            f"{f['what']}); no mean return is reported, see {run.dir}/results.json")  # fmt: skip
 
@@ -574,7 +577,8 @@ def main(args: Args) -> dict:
     stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=4)  # cache format
     mask = prefix_mask(n, args.decomposition).to(device)
     obs_max = data["obs"].shape[2]
-    evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max)
+    periodic = min(args.periodic_eval_episodes, args.eval_episodes)  # the final evaluation has --eval-episodes
+    evaluate_fn = lambda policy, final: evaluate(policy, args, order, obs_max, None if final else periodic)
     fail = lambda actors: finish(run, actors, args, meta, source, order, ref, "failed")
     score_net = stage1a_behaviour_models(run, data, mask, args, stage1, gen(args.stage1_seed, 1))
     q_target = stage1b_critic(run, data, args, stage1, gen(args.stage1_seed, 2))
@@ -583,7 +587,7 @@ def main(args: Args) -> dict:
     diagnostics = None
     if args.diagnostics:  # which part limits the score (omsd_utils/diagnostics.py)
         fns = dict(sample_actions=sample_actions, diffusion_loss=diffusion_loss, condition=condition,
-                   rollout=lambda policy: saved.recorded_rollout(evaluate_fn, policy))  # fmt: skip
+                   rollout=lambda policy: saved.recorded_rollout(lambda p: evaluate_fn(p, False), policy))  # fmt: skip
         diagnostics = diagnose(fns, score_net, q_target, actors, data, ends, mask, sample_steps=args.sample_steps,
                                gamma=args.gamma, seed=args.seed, order=order, heldout=False, joint_state="obs",
                                max_policy_steps=2000, max_pool=200_000, writer=run.writer,

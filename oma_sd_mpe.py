@@ -44,7 +44,7 @@ class Args:
     env_id: str = "simple_spread"  # simple_spread | simple_tag | simple_world | bandit (sets the per-env defaults)
     dataset: str = "expert"
     """random | medium-replay | medium | expert | mixture (spread also: unimodal | multimodal-2 | multimodal-3 |
-    miscoordinated)"""
+    miscoordinated, and unimodal-soft | multimodal-3-soft | miscoordinated-soft)"""
     dataset_path: str = ""  # the project's .npz, or a published dataset (OMAR, OMIGA, og-marl, MADiff)
     dataset_seed: int = 0  # which seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's)
     dataset_transitions: int = DEFAULT_TRANSITIONS  # size of the generated MPE dataset (bandit: 1,000,000)
@@ -57,7 +57,7 @@ class Args:
     weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
     z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
     diffusion_steps: int | None = None  # gradient steps, all agents' models together (depends on --env-id)
-    diffusion_batch_size: int = 256  # minibatch size
+    diffusion_batch_size: int | None = None  # minibatch size (256; 1024 on spread data of three joint modes)
     diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
     diffusion_bf16: bool = True  # stage 1a's matmuls in bfloat16 where the CPU (AVX-512 BF16) or GPU runs them natively
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
@@ -73,7 +73,8 @@ class Args:
     actor_init: str | None = None  # random (the authors') | samples: start in one joint behaviour mode (per env)
     sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
     eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
-    eval_episodes: int = 10  # evaluation episodes (decentralised execution, deterministic actions)
+    eval_episodes: int = 32  # episodes of the final evaluation, the return a run reports (decentralised, deterministic)
+    periodic_eval_episodes: int = 10  # episodes of the evaluations every --eval-every steps (at most --eval-episodes)
     diagnostics: bool = True  # measure which part limits the score (omsd_utils/diagnostics.py)
     cache_dir: str = "runs/cache"  # where stage-1 models and the checkpoints of the stage in progress are kept
     resume: bool = True  # continue an interrupted run of the same command from its last checkpoint
@@ -93,11 +94,14 @@ ENV_DEFAULTS = {
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
     "simple_spread": {"expert": 0.001, "medium": 0.1, "medium-replay": 0.2, "random": 0.3, "mixture": 0.001,
-                      "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001},
+                      "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001,
+                      "unimodal-soft": 0.001, "multimodal-3-soft": 0.001, "miscoordinated-soft": 0.001},
     "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
+# spread data of three joint modes: their behaviour models need more samples (docs/studies.md, three conventions)
+THREE_MODES, THREE_MODES_BATCH = ("multimodal-3", "multimodal-3-soft", "mixture"), 1024
 DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
@@ -333,22 +337,20 @@ def to_tensors(arrays: dict, order: list[int], bootstrap_truncation: bool) -> di
 
 
 @torch.no_grad()
-def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: bool = False):
-    """Mean return of --eval-episodes episodes (env seeds seed + 100 + e), decentralised: each agent acts on its own
-    observation. With `record` also the obs (n, steps x E, obs) and actions (n, steps x E, act) of every step in
-    position order, and the observations after the last step (n, E, obs), for the diagnostics."""
+def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, record: bool = False, episodes=None):
+    """Mean return of `episodes` (default --eval-episodes) episodes (env seeds seed + 100 + e), decentralised: each
+    agent acts on its own observation. With `record` also the obs (n, steps x E, obs) and actions (n, steps x E, act)
+    of every step in position order, and the observations after the last step (n, E, obs), for the diagnostics."""
     actors.eval()
     if args.env_id == "bandit":
         a = actors(torch.ones(2, 1, bandit.OBS_DIM, device=next(actors.parameters(), torch.empty(0)).device))[:, 0, 0]
         actors.train()
         return float(bandit.reward(a[0], a[1]))
-    envs, device = (
-        [MPEEnv(args.env_id, prey=prey) for _ in range(args.eval_episodes)],
-        next(actors.parameters(), torch.empty(0)).device,
-    )
+    E, device = episodes or args.eval_episodes, next(actors.parameters(), torch.empty(0)).device
+    envs = [MPEEnv(args.env_id, prey=prey) for _ in range(E)]
     names = envs[0].possible_agents
     obs = [env.reset(seed=args.seed + 100 + e)[0] for e, env in enumerate(envs)]
-    rewards, steps = np.zeros((args.eval_episodes, envs[0].max_cycles, len(names))), []
+    rewards, steps = np.zeros((E, envs[0].max_cycles, len(names))), []
     stack = lambda: np.stack([[np.pad(ob[names[i]], (0, obs_max - len(ob[names[i]]))) for i in order] for ob in obs], 1)
     for t in range(envs[0].max_cycles):
         o = stack()
@@ -358,7 +360,7 @@ def evaluate(actors, args: Args, order: list[int], obs_max: int, prey=None, reco
             obs[e], r, _, _, _ = env.step({names[i]: act[k, e] for k, i in enumerate(order)})
             rewards[e, t] = [r[a] for a in names]
     actors.train()
-    ret = float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(args.eval_episodes)]))
+    ret = float(np.mean([paper_metric(args.env_id, rewards[e]) for e in range(E)]))
     if not record:
         return ret
     return ret, *(np.concatenate(x, 1) for x in zip(*steps)), stack().astype(np.float32)
@@ -386,6 +388,9 @@ def env_defaults(args: Args) -> Args:
             setattr(args, k, v)
     if args.beta is None and not args.dataset_path:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
+    if args.diffusion_batch_size is None:
+        three = args.env_id == "simple_spread" and args.dataset in THREE_MODES and not args.dataset_path
+        args.diffusion_batch_size = THREE_MODES_BATCH if three else 256
     return args
 
 
@@ -508,7 +513,7 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
             g4 = torch.Generator(mask.device).manual_seed(args.stage1_seed * 1000 + 4)  # stage 1's: shared like it
             stage.extra["init"] = init_from_samples(actors, score_net, q_target, data, mask, args, g4)
         stage.extra.update(eval_history=[], eval_seconds=[])
-        stage.evaluated(0, evaluate_fn(actors), ref)
+        stage.evaluated(0, evaluate_fn(actors, final=False), ref)
     for step in stage.steps():
         idx = torch.randint(N, (args.policy_batch_size,), generator=g, device=mask.device)
         obs, s = data["obs"][idx].transpose(0, 1), data["critic_state"][idx]
@@ -525,7 +530,7 @@ def stage2_actors(run, data, score_net, q_target, mask, args: Args, g, evaluate_
         opt.step()
         sched.step()
         if step % args.eval_every == 0 or step == args.policy_steps:
-            stage.evaluated(step, evaluate_fn(actors), ref)
+            stage.evaluated(step, evaluate_fn(actors, final=step == args.policy_steps), ref)
         ret = stage.extra["eval_history"][-1]["return"]
         stage.log(step, {f"losses/actor_position{k}": loss[k] for k in range(n)}, f"eval return {ret:.2f}")
     stage.save(None)
@@ -562,7 +567,8 @@ def main(args: Args) -> dict:
     stage1 = dict(dataset_sha256=meta["sha256"], n=n, order=order, seed=args.stage1_seed, version=4)  # cache format
     mask = prefix_mask(n, args.decomposition).to(device)
     obs_max = data["obs"].shape[2]
-    evaluate_fn = lambda policy: evaluate(policy, args, order, obs_max, prey)  # noqa: E731
+    periodic = min(args.periodic_eval_episodes, args.eval_episodes)  # the final evaluation has --eval-episodes
+    evaluate_fn = lambda policy, final: evaluate(policy, args, order, obs_max, prey, False, None if final else periodic)  # noqa: E731
     train_idx = torch.as_tensor(np.flatnonzero(~held_out(ends, len(data["obs"])))).to(device)  # 50th episodes held out
     score_net = stage1a_behaviour_models(run, data, train_idx, mask, args, stage1, gen(args.stage1_seed, 1))
     q_target = stage1b_critic(run, data, args, stage1, gen(args.stage1_seed, 2))
@@ -572,11 +578,11 @@ def main(args: Args) -> dict:
     if args.diagnostics:  # which part limits the score (omsd_utils/diagnostics.py)
         K = len(meta.get("behaviour", {}).get("conventions") or []) if args.env_id == "simple_spread" else 0
         fns = dict(sample_actions=sample_actions, diffusion_loss=diffusion_loss, condition=condition,
-                   rollout=lambda policy: evaluate(policy, args, order, obs_max, prey, record=True))  # fmt: skip
+                   rollout=lambda policy: evaluate(policy, args, order, obs_max, prey, True, periodic))  # fmt: skip
         diagnostics = diagnose(fns, score_net, q_target, None if args.env_id == "bandit" else actors, data, ends,
                                mask, sample_steps=args.sample_steps, gamma=args.gamma, seed=args.seed, order=order,
-                               heldout=True, n_conventions=K, conventions=mpe_data, writer=run.writer,
-                               step=args.policy_steps,
+                               heldout=True, n_conventions=K, conventions=mpe_data.conventions_of(meta),
+                               writer=run.writer, step=args.policy_steps,
                                gradient_truth=critic_truth(args.env_id, arrays, meta, args.gamma, order))  # fmt: skip
     results = dict(env_id=args.env_id, dataset=None if args.dataset_path else args.dataset, dataset_path=source,
                    dataset_sha256=meta["sha256"], decomposition=args.decomposition, agent_order=order, beta=args.beta,

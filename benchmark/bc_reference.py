@@ -64,15 +64,15 @@ def run(family: str, argv: list[str]) -> dict:
         from omsd_data.sources import load_prey_arg
 
         prey, _ = load_prey_arg(args.env_id, args.prey_path, args.trust_pickle, args.cache_dir)
-        evaluate = lambda actors, order, obs_max: om.evaluate(actors, args, order, obs_max, prey)  # noqa: E731
+        evaluate = lambda actors, order, obs_max, E: om.evaluate(actors, args, order, obs_max, prey, episodes=E)  # noqa: E731
     else:
 
-        def evaluate(actors, order, obs_max):  # a diverged episode ends the run, as in the script
-            ev = om.evaluate(actors, args, order, obs_max)
+        def evaluate(actors, order, obs_max, E):  # a diverged episode ends the run, as in the script
+            ev = om.evaluate(actors, args, order, obs_max, E)
             if ev["failed_episodes"]:
                 f = ev["failed_episodes"][0]
                 raise RunError(
-                    f"BC evaluation: {len(ev['failed_episodes'])} of {args.eval_episodes} episodes diverged (first: "
+                    f"BC evaluation: {len(ev['failed_episodes'])} of {E} episodes diverged (first: "
                     f"env seed {f['env_seed']}, env step {f['env_step']}: {f['what']}); no mean return is reported"
                 )
             return ev["return"]
@@ -91,7 +91,8 @@ def run(family: str, argv: list[str]) -> dict:
     opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)  # per parameter, as one Adam per agent is
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.policy_steps, eta_min=0.0)
     g = torch.Generator().manual_seed(args.seed * 1000 + 3)
-    history = [{"step": 0, "return": evaluate(actors, order, obs_max)}]
+    periodic = min(args.periodic_eval_episodes, args.eval_episodes)  # the final evaluation has --eval-episodes
+    history = [{"step": 0, "return": evaluate(actors, order, obs_max, periodic)}]
     seconds = [time.time() - t_start]
     t0, last = time.time(), []
     for step in range(1, args.policy_steps + 1):
@@ -103,7 +104,8 @@ def run(family: str, argv: list[str]) -> dict:
         sched.step()
         last = (last + [loss.item()])[-100:]
         if step % args.eval_every == 0 or step == args.policy_steps:
-            history.append({"step": step, "return": evaluate(actors, order, obs_max)})
+            E = args.eval_episodes if step == args.policy_steps else periodic
+            history.append({"step": step, "return": evaluate(actors, order, obs_max, E)})
             seconds.append(time.time() - t_start)
             print(
                 f"[bc] {step}/{args.policy_steps}  mse {loss.item():.4f}  eval return {history[-1]['return']:.2f}  "
@@ -123,6 +125,7 @@ def run(family: str, argv: list[str]) -> dict:
     return {
         "beta": None,
         "final_return": final["return"],
+        "final_eval_episodes": args.eval_episodes,
         "final_normalized_score": final["normalized_score"],
         "normalization": norm,
         "final_paper_normalized_score": normalized_score(final["return"], paper),

@@ -200,6 +200,7 @@ class Cell(submitit.helpers.Checkpointable):
             "seed": self.seed,
             "beta": res["beta"],
             "final_return": res["final_return"],
+            "final_eval_episodes": res.get("final_eval_episodes"),
             "final_normalized_score": res["final_normalized_score"],
             "normalization": res.get("normalization"),
             "final_paper_normalized_score": res.get("final_paper_normalized_score"),
@@ -404,24 +405,24 @@ def cells_of(rows):
     return cells
 
 
-def score_matrices(rows, qualities=None):
-    """Normalised final scores as rliable wants them: {decomposition: (seeds x cells) array}, with the cells
-    (task, quality) that both decompositions have and the seeds that every one of those cells has, so both
+def score_matrices(rows, qualities=None, methods=DECOMPOSITIONS):
+    """Normalised final scores as rliable wants them: {method: (seeds x cells) array}, with the cells (task, quality)
+    that all `methods` (decompositions or "bc") have and the seeds that every one of those cells has, so the
     matrices hold the same runs. The paper's constants where a row has that score (rows made before they recorded
     it were normalised with them), else the row's own. Rows without a normalised score are left out. Returns
-    (matrices, cells, seeds), or (None, [], []) when no cell has both decompositions."""
+    (matrices, cells, seeds), or (None, [], []) when no cell has all methods."""
     score = defaultdict(dict)
     for r in rows:
         s = r.get("final_paper_normalized_score")
         s = r.get("final_normalized_score") if s is None else s
-        if s is not None and r["decomposition"] in DECOMPOSITIONS:
+        if s is not None and r["decomposition"] in methods:
             score[(r["task"], r["quality"], r["decomposition"])].setdefault(r["seed"], s)
     keys = sorted({(t, q) for t, q, _ in score if qualities is None or q in qualities})
-    keys = [k for k in keys if all((*k, d) in score for d in DECOMPOSITIONS)]
-    seeds = sorted(set.intersection(*[set(score[(*k, d)]) for k in keys for d in DECOMPOSITIONS])) if keys else []
+    keys = [k for k in keys if all((*k, d) in score for d in methods)]
+    seeds = sorted(set.intersection(*[set(score[(*k, d)]) for k in keys for d in methods])) if keys else []
     if not seeds:
         return None, [], []
-    return {d: np.array([[score[(*k, d)][s] for k in keys] for s in seeds]) for d in DECOMPOSITIONS}, keys, seeds
+    return {d: np.array([[score[(*k, d)][s] for k in keys] for s in seeds]) for d in methods}, keys, seeds
 
 
 def probability_of_improvement(x, y):
@@ -435,7 +436,8 @@ def probability_of_improvement(x, y):
 
 def aggregate(rows, reps=10000, qualities=None, seed=0):
     """IQM and mean of the normalised scores per decomposition and the probability that sequential improves on
-    independent, each with a 95 % stratified bootstrap interval (rliable: seeds resampled within each cell).
+    independent, each with a 95 % stratified bootstrap interval (rliable: seeds resampled within each cell), and the
+    probability that sequential improves on behaviour cloning over the cells that have both ("bc", None if none).
     Returns None when no cell has both decompositions."""
     from rliable import library as rly
     from rliable import metrics
@@ -451,6 +453,17 @@ def aggregate(rows, reps=10000, qualities=None, seed=0):
     poi, poi_ci = rly.get_interval_estimates(
         {"poi": [m["sequential"], m["independent"]]}, probability_of_improvement, reps=reps
     )
+    bc = None
+    mb, bc_cells, bc_seeds = score_matrices(rows, qualities, ("sequential", "bc"))
+    if mb is not None:
+        np.random.seed(seed)
+        p, ci = rly.get_interval_estimates({"poi": [mb["sequential"], mb["bc"]]}, probability_of_improvement, reps=reps)
+        bc = {
+            "cells": bc_cells,
+            "seeds": bc_seeds,
+            "poi": float(p["poi"]),
+            "poi_ci": [float(v) for v in np.ravel(ci["poi"])],
+        }
     return {
         "cells": keys,
         "seeds": seeds,
@@ -459,6 +472,7 @@ def aggregate(rows, reps=10000, qualities=None, seed=0):
         "interval": interval,
         "poi": float(poi["poi"]),
         "poi_ci": [float(v) for v in np.ravel(poi_ci["poi"])],
+        "bc": bc,
     }
 
 
@@ -572,19 +586,25 @@ def report(family, out, figures, reps):
         for dec in DECOMPOSITIONS:
             p, ci = agg["point"][dec], agg["interval"][dec]
             lines.append(f"| {dec} | {fmt_ci(p[0], ci[:, 0])} | {fmt_ci(p[1], ci[:, 1])} |")
+
+        def vs_bc(a):  # P(sequential > BC) on the cells that have BC rows too
+            b = a and a["bc"]
+            return f"{fmt_ci(b['poi'], b['poi_ci'], 2)} ({len(b['cells'])} cells)" if b else "no BC rows"
+
         lines += [
             "",
-            "| cells | P(sequential > independent) |",
-            "|---|---|",
-            f"| all ({len(agg['cells'])}) | {fmt_ci(agg['poi'], agg['poi_ci'], 2)} |",
+            "| cells | P(sequential > independent) | P(sequential > behaviour cloning) |",
+            "|---|---|---|",
+            f"| all ({len(agg['cells'])}) | {fmt_ci(agg['poi'], agg['poi_ci'], 2)} | {vs_bc(agg)} |",
         ]
         found = [q for q in MULTIMODAL if multi and any(k[1] == q for k in multi["cells"])]  # name only those run
         name = f"multimodal data: {', '.join(found or MULTIMODAL)}"
         lines.append(
-            f"| {name} ({len(multi['cells'])}) | {fmt_ci(multi['poi'], multi['poi_ci'], 2)} |"
+            f"| {name} ({len(multi['cells'])}) | {fmt_ci(multi['poi'], multi['poi_ci'], 2)} | {vs_bc(multi)} |"
             if multi
-            else f"| {name} | no such cells |"
+            else f"| {name} | no such cells | |"
         )
+    lines += ["", protocol(rows)]
     path = os.path.join(out, f"{family}_marl_eval.json")  # for marl-eval's plots and other tools
     with open(path, "w") as f:
         json.dump(marl_eval_json(rows, family), f)
@@ -594,6 +614,24 @@ def report(family, out, figures, reps):
     curves(cells, family, figures, order)
     if agg is not None:
         rliable_figures(agg, family, figures, reps)
+
+
+def protocol(rows) -> str:
+    """The evaluation protocol of the rows, in the terms of Formanek et al. (2024): budget, policy, seeds, episodes."""
+    seeds = sorted({r["seed"] for r in rows})
+    episodes = defaultdict(int)
+    for r in rows:
+        episodes[r.get("final_eval_episodes")] += 1
+    said = [f"{e} episodes ({k} rows)" for e, k in sorted((e, k) for e, k in episodes.items() if e is not None)]
+    if None in episodes:
+        said.append(
+            f"not recorded ({episodes[None]} rows made before rows recorded it, at the scripts' default then: 10)"
+        )
+    return (
+        f"Protocol: each run trains for its script's fixed budget and reports its final policy (no best-of); "
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); final evaluation over {'; '.join(said)}; "
+        "evaluation episodes are env seeds seed + 100 + e, the same however many run together."
+    )
 
 
 def marl_eval_json(rows, family: str) -> dict:

@@ -20,6 +20,9 @@ they have the same return distribution (landmarks are placed i.i.d.) and every a
   multimodal-2    each episode follows one of conventions 0, 1, drawn uniformly
   multimodal-3    each episode follows one of conventions 0, 1, 2
   miscoordinated  each agent draws its own convention among the 3 (what mixing marginals does)
+The `-soft` variants (unimodal-soft, multimodal-3-soft, miscoordinated-soft) steer with a softer controller
+(`SOFT_CONTROLLER`): 3 % of its actions lie on a corner of the action box against 32 %, so the three modes are
+separate points inside the box rather than shared corners (docs/datasets.md).
 
 Usage:
   python -m omsd_data.mpe_data --task simple_spread --quality expert        # make one (cached)
@@ -29,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 import torch
@@ -53,8 +57,11 @@ from omsd_data.policies import actor_from_state_dict
 QUALITIES = ("random", "medium-replay", "medium", "expert", "mixture")
 CONVENTIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # convention k: agent i heads for landmark CONVENTIONS[k][i]
 # quality -> (number of conventions drawn from, whether the agents share one draw per episode)
-CONTROLLED = {"unimodal": (1, True), "multimodal-2": (2, True), "multimodal-3": (3, True), "miscoordinated": (3, False)}
+CONTROLLED = {"unimodal": (1, True), "multimodal-2": (2, True), "multimodal-3": (3, True), "miscoordinated": (3, False),
+              "unimodal-soft": (1, True), "multimodal-3-soft": (3, True),
+              "miscoordinated-soft": (3, False)}  # fmt: skip
 CONTROLLER = {"kp": 3.0, "kd": 1.0, "version": 1}  # gains of the scripted controller (in the file names' tag)
+SOFT_CONTROLLER = {"kp": 1.0, "kd": 0.3, "version": 1}  # the -soft qualities': the gain saturates far less often
 MIXTURE_ROLES = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # agent i is driven by the expert's network roles[i]
 COLLECT_NOISE = 0.1
 DEFAULT_TRANSITIONS = 100_000  # 4,000 episodes of 25 steps
@@ -91,7 +98,11 @@ def normalization(task: str) -> dict:
     return reference_returns(load_behaviour(task, 0)[1], f"omsd_data/behaviour/mpe/{task}_seed0.pt")
 
 
-def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
+def controller_of(quality: str) -> dict:
+    return SOFT_CONTROLLER if quality.endswith("-soft") else CONTROLLER
+
+
+def convention_actions(obs: np.ndarray, landmark_of: np.ndarray, controller: dict = CONTROLLER) -> np.ndarray:
     """The scripted spread controller: agent i steers towards landmark landmark_of[e, i].
 
     obs (n, E, 18) in mpe2's spread layout [own vel 2, own pos 2, landmark positions relative to the agent 3x2,
@@ -101,7 +112,7 @@ def convention_actions(obs: np.ndarray, landmark_of: np.ndarray) -> np.ndarray:
     vel = obs[..., 0:2]
     rel = obs[..., 4:10].reshape(n, E, 3, 2)
     target = rel[np.arange(n)[:, None], np.arange(E)[None, :], landmark_of.T]  # (n, E, 2)
-    return np.clip(CONTROLLER["kp"] * target - CONTROLLER["kd"] * vel, -1.0, 1.0).astype(np.float32)
+    return np.clip(controller["kp"] * target - controller["kd"] * vel, -1.0, 1.0).astype(np.float32)
 
 
 def episode_conventions(quality: str, env_seeds) -> np.ndarray:
@@ -114,11 +125,12 @@ def episode_conventions(quality: str, env_seeds) -> np.ndarray:
 class ConventionController:
     """`convention_actions` for a batch of episodes, as a callable like the behaviour actors (torch in, out)."""
 
-    def __init__(self, conventions: np.ndarray):  # (E, n) convention of each agent
+    def __init__(self, conventions: np.ndarray, controller: dict = CONTROLLER):  # (E, n) convention of each agent
         self.landmark_of = np.array(CONVENTIONS)[conventions, np.arange(conventions.shape[1])[None, :]]
+        self.controller = controller
 
     def __call__(self, obs):
-        return torch.as_tensor(convention_actions(np.asarray(obs), self.landmark_of))
+        return torch.as_tensor(convention_actions(np.asarray(obs), self.landmark_of, self.controller))
 
 
 def rollout(envs, actor, seeds, noise: float, rng) -> dict:
@@ -192,7 +204,7 @@ def _chunk(job):
     for lo in range(0, len(seeds), 50):  # 50 envs stepped together
         envs = [MPEEnv(task) for _ in seeds[lo : lo + 50]]
         if quality in CONTROLLED:
-            actor = ConventionController(episode_conventions(quality, seeds[lo : lo + 50]))
+            actor = ConventionController(episode_conventions(quality, seeds[lo : lo + 50]), controller_of(quality))
         parts.append(rollout(envs, actor, seeds[lo : lo + 50], COLLECT_NOISE, rng))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -231,7 +243,7 @@ def generate(task: str, quality: str, n_transitions=DEFAULT_TRANSITIONS, seed=0,
         else {
             "trainer": "scripted (omsd_data/mpe_data.py convention_actions)",
             "policies": [[n, k] for n, _, k in plan],
-            "controller": CONTROLLER,
+            "controller": controller_of(quality),
             "conventions": [list(c) for c in CONVENTIONS[: CONTROLLED[quality][0]]],
             "shared_draw": CONTROLLED[quality][1],
         }
@@ -278,12 +290,20 @@ def check_metadata(path: str, meta: dict):
 NEAR = 0.3  # an action follows a convention of the controlled spread data when it lies this close to its action
 
 
-def convention_table(obs: np.ndarray, order: list[int]) -> np.ndarray:
+def convention_table(obs: np.ndarray, order: list[int], controller: dict = CONTROLLER) -> np.ndarray:
     """(K, n, B, act): the scripted action of every convention of the controlled spread data (omsd_data/mpe_data.py)
     at observations obs (n, B, obs) in position order; returned in position order too."""
     agents = np.empty_like(obs)
     agents[order] = obs  # position p holds agent order[p]
-    return np.stack([convention_actions(agents, np.tile(c, (obs.shape[1], 1)))[order] for c in CONVENTIONS])
+    return np.stack([convention_actions(agents, np.tile(c, (obs.shape[1], 1)), controller)[order] for c in CONVENTIONS])
+
+
+def conventions_of(meta: dict) -> types.SimpleNamespace:
+    """The convention measures for a dataset, with the controller its metadata names (the default one if none)."""
+    controller = meta.get("behaviour", {}).get("controller") or CONTROLLER
+    table = lambda obs, order: convention_table(obs, order, controller)  # noqa: E731
+    return types.SimpleNamespace(convention_table=table, convention_stats=convention_stats,
+                                 assignment_stats=assignment_stats, NEAR=NEAR)  # fmt: skip
 
 
 def convention_stats(act: np.ndarray, table: np.ndarray) -> dict:

@@ -46,6 +46,7 @@ POSITIVE = (
     "policy_steps",
     "eval_every",
     "eval_episodes",
+    "periodic_eval_episodes",
     "dataset_transitions",
     "diffusion_batch_size",
     "critic_batch_size",
@@ -705,6 +706,7 @@ def finish_run(run: Run, results: dict, actors, order, args: dict, ref, paper=No
     results = {
         **results,
         "final_return": final,
+        "final_eval_episodes": args.get("eval_episodes"),  # the final evaluation's (earlier ones may have fewer)
         "final_normalized_score": history[-1]["normalized_score"],
         "normalization": {"formula": "100 * (R - R_random) / (R_expert - R_random)", **ref} if ref else None,
         "final_paper_normalized_score": normalized_score(final, paper),

@@ -42,8 +42,9 @@ def test_controller_steers_each_agent_to_its_landmark():
 
 @pytest.mark.parametrize(
     "quality,K,joint",
-    [("unimodal", 1, True), ("multimodal-2", 2, True), ("multimodal-3", 3, True), ("miscoordinated", 3, False)],
-)
+    [("unimodal", 1, True), ("multimodal-2", 2, True), ("multimodal-3", 3, True), ("miscoordinated", 3, False),
+     ("unimodal-soft", 1, True), ("multimodal-3-soft", 3, True), ("miscoordinated-soft", 3, False)],
+)  # fmt: skip
 def test_episode_conventions(quality, K, joint):
     conv = mpe_data.episode_conventions(quality, np.arange(600))
     assert conv.shape == (600, 3) and set(np.unique(conv)) == set(range(K))
@@ -69,6 +70,24 @@ def test_controlled_data_follow_their_conventions():
     assert s["per_convention"][2] == 0.0 and min(s["per_convention"][:2]) > 0.2  # only conventions 0 and 1
     with pytest.raises(mpe_data.DatasetError, match="unknown dataset quality 'multimodal-2' for simple_tag"):
         mpe_data.generate("simple_tag", "multimodal-2", 250, workers=1, verbose=False)
+
+
+def test_soft_data_follow_three_conventions_inside_the_box():
+    """The -soft data: the soft controller's gains in the metadata and in the convention measures; the three
+    conventions' actions lie on a corner of the action box far less often than the default controller's."""
+    arrays, meta = mpe_data.generate("simple_spread", "multimodal-3-soft", 1000, workers=1, verbose=False)
+    assert meta["behaviour"]["controller"] == mpe_data.SOFT_CONTROLLER and len(meta["behaviour"]["conventions"]) == 3
+    obs = np.stack([arrays[f"obs_{i}"] for i in range(3)])
+    act = np.stack([arrays[f"actions_{i}"] for i in range(3)])
+    measures = mpe_data.conventions_of(meta)
+    table = measures.convention_table(obs, [0, 1, 2])
+    first = np.arange(0, 1000, 25)
+    s = measures.convention_stats(act[:, first], table[:, :, first])
+    assert s["joint_in_one"] >= 0.9 and min(s["per_convention"]) > 0.15  # one convention per episode, all three
+    hard = mpe_data.conventions_of({}).convention_table(obs, [0, 1, 2])  # no controller recorded: the default one
+    assert np.allclose(hard, mpe_data.convention_table(obs, [0, 1, 2]))
+    corner = lambda t: (np.abs(t) > 0.999).all(-1).mean()  # noqa: E731
+    assert corner(table) < 0.08 and corner(hard) > 0.25  # measured: 3 % against 32 % (docs/datasets.md)
 
 
 def test_conventions_have_the_same_quality():

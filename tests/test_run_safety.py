@@ -636,3 +636,20 @@ def test_threads_zero_means_every_core_the_process_may_use():
         assert runs.set_threads(3) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_final_evaluation_has_eval_episodes_and_the_periodic_ones_fewer(here, monkeypatch):
+    """The return a run reports is the mean of --eval-episodes episodes; the evaluations along stage 2 and the
+    diagnostics' rollouts have --periodic-eval-episodes (at most --eval-episodes)."""
+    seen, real = [], om.evaluate
+
+    def spy(actors, args, order, obs_max, prey=None, record=False, episodes=None):
+        seen.append((record, episodes or args.eval_episodes))
+        return real(actors, args, order, obs_max, prey, record, episodes)
+
+    monkeypatch.setattr(om, "evaluate", spy)
+    argv = list(MPE_TINY)
+    argv[argv.index("--eval-episodes") + 1] = "3"
+    res = om.main(main_args(om.Args, argv + ["--periodic-eval-episodes", "2", "--dataset", "unimodal"]))
+    assert [e for record, e in seen if not record] == [2, 2, 3] and res["final_eval_episodes"] == 3
+    assert (True, 2) in seen  # the diagnostics' rollouts
