@@ -47,7 +47,7 @@ DECOMPOSITIONS = ("sequential", "independent")
 # a row per cell that is not OMSD: behaviour cloning on the same data (benchmark/bc_reference.py)
 BASELINES = ("bc",)
 # the datasets whose joint actions have several modes, where the paper expects sequential to beat independent
-MULTIMODAL = ("mixture", "multimodal-2", "multimodal-3")
+MULTIMODAL = ("mixture", "multimodal-2", "multimodal-3", "multimodal-3-soft")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default (2 min) would stop every run; a week means never
 
 

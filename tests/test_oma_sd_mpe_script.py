@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import oma_sd_mpe as om
 from envs.mpe import normalized_score as paper_score
 from envs.mpe import paper_comparison
 from omsd_data import mpe_data
@@ -208,3 +209,16 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
     gradient = res["diagnostics"]["critic"]["gradient"]  # one behaviour policy: its Monte-Carlo truth is known
     assert -1 <= gradient["cosine"] <= 1 and gradient["truth"]["M"] == 8 and gradient["truth"]["K"] == 64
     assert results_of(workdir, run(workdir, *TINY, "--no-diagnostics").stdout)["diagnostics"] is None
+
+
+def test_data_of_three_joint_modes_train_the_behaviour_models_at_four_times_the_batch():
+    """Spread data of three joint modes get stage 1a's batch 1024 (docs/omsd.md); everything else, a user's own data
+    included, 256; the flag wins."""
+    batch = lambda *argv: om.resolve_args(om.cli_args(list(argv))).diffusion_batch_size  # noqa: E731
+    for q in ("multimodal-3", "multimodal-3-soft", "mixture"):
+        assert batch("--dataset", q) == om.THREE_MODES_BATCH == 1024
+    for q in ("expert", "multimodal-2", "unimodal-soft", "miscoordinated"):
+        assert batch("--dataset", q) == 256
+    assert batch("--env-id", "simple_tag", "--dataset", "mixture") == 256
+    assert batch("--dataset", "mixture", "--dataset-path", "x.npz") == 256
+    assert batch("--dataset", "mixture", "--diffusion-batch-size", "64") == 64

@@ -187,7 +187,7 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     text = capsys.readouterr().out
     assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 | – |" in text
     assert "P(sequential > independent)" in text
-    assert "| multimodal data: mixture, multimodal-2, multimodal-3 | no such cells |" in text
+    assert "| multimodal data: mixture, multimodal-2, multimodal-3, multimodal-3-soft | no such cells |" in text
     assert "Normalized with" not in text  # these rows do not say with what
     ref = {"random": 169.2, "expert": 548.8, "source": "the checkpoint"}
     for i, r in enumerate(rows):
@@ -363,6 +363,28 @@ def test_report_names_only_the_multimodal_qualities_it_has(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| all (2) |" in text
     assert "| multimodal data: mixture (1) | 0.94 [" in text  # 8 of 9 seed pairs better, one tie
+
+
+def test_report_states_the_protocol_and_sequential_against_behaviour_cloning(tmp_path, capsys):
+    rows = rows_of(
+        {
+            ("simple_spread", "expert", "sequential"): [5, 6, 7],
+            ("simple_spread", "expert", "independent"): [1, 2, 3],
+            ("simple_spread", "expert", "bc"): [6, 6, 1],
+            ("simple_spread", "mixture", "sequential"): [1, 2, 3],
+            ("simple_spread", "mixture", "independent"): [1, 2, 3],
+        }
+    )
+    for r in rows[:6]:
+        r["final_eval_episodes"] = 32
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    text = capsys.readouterr().out
+    # expert: sequential beats BC in 5 of 9 seed pairs and ties two (6 / 9); mixture has no BC rows
+    assert "| all (2) | 0.75 [" in text and "| 0.67 [" in text and "(1 cells) |" in text
+    assert "| multimodal data: mixture (1) | 0.50 [" in text and "| no BC rows |" in text
+    assert "3 seeds (1, 2, 3); final evaluation over 32 episodes (6 rows); not recorded (9 rows" in text
 
 
 def test_local_jobs_side_by_side_get_one_thread_each_and_a_commands_own_threads_win():
