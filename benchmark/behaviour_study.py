@@ -138,8 +138,9 @@ def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict
     early = torch.as_tensor(np.flatnonzero(is_ref & (step_in_episode < 5))) if K else None
     sampler = lambda net, base, m, z, steps, a_prev=None: sample_actions(net, base, m, z, steps, a_prev, cfg["eta"])  # noqa: E731
     fns = dict(sample_actions=sampler, diffusion_loss=om.diffusion_loss, condition=om.condition)
+    measures = mpe_data.conventions_of(meta)  # with the data's controller
     fit = behaviour_fit(fns, score_net, data, rows, lambda idx: data["obs"][idx].transpose(0, 1), mask,
-                        cfg["sample_steps"], order, early, mpe_data.conventions_of(meta) if K else None)  # fmt: skip
+                        cfg["sample_steps"], order, early, measures if K else None)  # fmt: skip
     out = {"heldout_denoising_loss": fit.pop("denoising_loss"), **fit}
     ev_args = om.Args(env_id="simple_spread", seed=cfg["seed"], eval_episodes=episodes)
     for per_episode in (False, True):
@@ -148,9 +149,9 @@ def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict
         ret, obs_e, act_e, obs_last = om.evaluate(policy, ev_args, order, data["obs"].shape[2], None, record=True)
         row = {"return": ret}
         if K:
-            table = mpe_data.conventions_of(meta).convention_table(obs_e[:, :episodes], order)
-            row["first_step"] = mpe_data.convention_stats(act_e[:, :episodes], table)
-            row["final_assignment"] = mpe_data.assignment_stats(obs_last, order, K)
+            table = measures.convention_table(obs_e[:, :episodes], order)
+            row["first_step"] = measures.convention_stats(act_e[:, :episodes], table)
+            row["final_assignment"] = measures.assignment_stats(obs_last, order, K)
         out["joint_noise_per_episode" if per_episode else "joint_noise_per_step"] = row
     return out
 
