@@ -147,6 +147,8 @@ def main(argv=None):
     q_target, seconds = train(cfg, data)
     q_fn = lambda s, act: q_target(s, act).mean(0)  # noqa: E731  (the actors' critic)
     row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != DEFAULTS[k]}}
+    if a.dataset_transitions != DEFAULT_TRANSITIONS:
+        row["dataset_transitions"] = a.dataset_transitions
     for gamma in sorted({cfg["gamma"], 0.99}):  # a gamma-0.95 critic is also graded against the default's truth
         truth = critic_truth("simple_spread", arrays, meta, gamma, [0, 1, 2])
         row[f"gamma{gamma}"] = {k: round(v, 4) for k, v in grade(q_fn, truth).items()}
