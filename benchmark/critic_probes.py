@@ -136,6 +136,15 @@ def simulator_grads(truth, v_net=None):
     return torch.autograd.grad(q.sum(), joint)[0][torch.arange(M), agent].numpy()
 
 
+def start_states(episodes: int) -> SpreadBatch:
+    """The evaluation episodes' first states (env seeds 100, 101, ...), one simulator row each."""
+    env, states = MPEEnv("simple_spread"), []
+    for e in range(episodes):
+        env.reset(seed=100 + e)
+        states.append(env.state())
+    return SpreadBatch.from_state(np.array(states))
+
+
 @torch.no_grad()
 def greedy_return(meta, gamma, episodes=16, K=32, greedy=True, seed=0):
     """Mean return of the behaviour policy, or (greedy) of the policy greedy on its Monte-Carlo Q^mu."""
@@ -149,11 +158,7 @@ def greedy_return(meta, gamma, episodes=16, K=32, greedy=True, seed=0):
         z = torch.randn(a.shape, generator=gen, dtype=torch.float64) if z is None else z
         return (a + noise * z).clamp(-1, 1)
 
-    env, states = MPEEnv("simple_spread"), []
-    for e in range(E):
-        env.reset(seed=100 + e)
-        states.append(env.state())
-    world, ret = SpreadBatch.from_state(np.array(states)), np.zeros(E)
+    world, ret = start_states(E), np.zeros(E)
     for t in range(EPISODE_LEN):
         if not greedy:
             ret += world.step(mu(world)).mean(1).numpy()
@@ -179,11 +184,7 @@ def critic_greedy_return(q_fn, meta, episodes=16):
     policy's noise-free action: how well the critic ranks actions, without stage 2's local ascent."""
     actor, _ = spread_behaviour(meta)
     grid, n, E = torch.as_tensor(far_grid(2)), SpreadBatch.n, episodes
-    env, states = MPEEnv("simple_spread"), []
-    for e in range(E):
-        env.reset(seed=100 + e)
-        states.append(env.state())
-    world, ret = SpreadBatch.from_state(np.array(states)), np.zeros(E)
+    world, ret = start_states(E), np.zeros(E)
     for _ in range(EPISODE_LEN):
         obs = world.obs()
         base = actor(obs).transpose(0, 1)  # (E, n, 2)
