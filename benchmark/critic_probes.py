@@ -10,6 +10,8 @@ layers of 256) with one change, or grades the parts of the truth, and appends on
   reward      no critic: r_hat(s, a) regressed onto the reward (the same network and budget), its action gradient
               graded against the true reward's and against the truth
   reward-next the same with r_hat(s, s'), its action gradient taken through the simulator's s' = f(s, a)
+  next        Q(s, a) = W(s, f(s, a)): W(s, s') learns r + gamma V(s') on the data's next states, and its action
+              gradient is taken through the simulator's s' = f(s, a) (the bound of a critic with a learned model)
   parts       the truth against the true reward's action gradient (the simulator's), and against
               grad_a [r + gamma V(s')] through the simulator with the default critic's V; and the return of the
               policy greedy on the default critic over the far actions (`critic_greedy_return`)
@@ -74,7 +76,8 @@ def train(data, seed, steps, batch, kind="default"):
     S, A = data["critic_state"].shape[1], n * act_dim
     joint = data["act"].reshape(N, -1)
     torch.manual_seed(seed * 1000 + 2)
-    q_net = {"silu": SiLUTwinQ, "deep": DeepTwinQ}.get(kind, om.TwinQ)(S + (S if kind == "reward-next" else A), 256)
+    x_dim = S if kind in ("next", "reward-next") else A  # Q's second input: the action, or the next state
+    q_net = {"silu": SiLUTwinQ, "deep": DeepTwinQ}.get(kind, om.TwinQ)(S + x_dim, 256)
     act, depth = (nn.SiLU if kind == "silu" else nn.ReLU), (3 if kind == "deep" else 2)
     v_layers = [nn.Linear(S, 256), act()]  # made in order: the default's initialisation is om.mlp's
     for _ in range(depth - 1):
@@ -91,6 +94,7 @@ def train(data, seed, steps, batch, kind="default"):
         elif kind == "reward":
             y = r
         else:
+            a = s2 if kind == "next" else a
             with torch.no_grad():
                 base = v_bar(s).squeeze(-1) if kind == "residual" else 0.0
                 q_t = base + q_target(s, a).min(0).values
@@ -112,7 +116,19 @@ def train(data, seed, steps, batch, kind="default"):
         m.eval().requires_grad_(False)
     if kind == "residual":
         return (lambda s, a: v_bar(s).squeeze(-1) + q_fn_net(s, a).mean(0)), v_net, time.time() - t0
-    return (lambda s, a: q_fn_net(s, a).mean(0)), v_net, time.time() - t0
+    q_fn = lambda s, a: q_fn_net(s, a).mean(0)  # noqa: E731
+    return (through_simulator(q_fn) if kind in ("next", "reward-next") else q_fn), v_net, time.time() - t0
+
+
+def through_simulator(w_fn):
+    """q(s, a) = w_fn(s, s') with s' the simulator's next state: differentiable in a."""
+
+    def q(s, a):
+        sim = SpreadBatch.from_state(s.detach().cpu().numpy())
+        sim.step(a.reshape(len(a), -1, 2).transpose(0, 1))
+        return w_fn(s, sim.obs().transpose(0, 1).reshape(len(a), -1))
+
+    return q
 
 
 def smoothed(q_fn, sigma, draws=32, seed=0):
@@ -217,6 +233,7 @@ def main(argv=None):
         "ensemble",
         "silu",
         "deep",
+        "next",
         "residual",
         "reward",
         "reward-next",
@@ -257,7 +274,7 @@ def main(argv=None):
     truth = critic_truth("simple_spread", arrays, meta, GAMMA, [0, 1, 2])
     budget = (a.critic_steps, a.critic_batch_size)
     row = {"probe": a.probe, "dataset": a.dataset, "seed": a.seed, "critic_steps": budget[0], "batch": budget[1]}
-    if a.probe in ("silu", "deep", "residual", "smooth", "parts"):
+    if a.probe in ("silu", "deep", "next", "residual", "smooth", "parts"):
         kind = "default" if a.probe in ("smooth", "parts") else a.probe
         q_fn, v_net, row["seconds"] = train(data, a.seed, *budget, kind)
         row["grade"] = short(grade(q_fn, truth))
@@ -273,12 +290,7 @@ def main(argv=None):
         r_fn, _, row["seconds"] = train(data, a.seed, *budget, a.probe)
         M, s = len(truth["agent"]), torch.as_tensor(truth["state"], dtype=torch.float32)
         joint = torch.as_tensor(truth["joint"], dtype=torch.float64).requires_grad_(True)
-        if a.probe == "reward-next":
-            sim = SpreadBatch.from_state(truth["state"])
-            sim.step(joint.transpose(0, 1))
-            q = r_fn(s, sim.obs().transpose(0, 1).reshape(M, -1))
-        else:
-            q = r_fn(s, joint.float().reshape(M, -1))
+        q = r_fn(s, joint.float().reshape(M, -1))  # reward-next: through the simulator
         g_hat = torch.autograd.grad(q.sum(), joint)[0][torch.arange(M), truth["agent"]].numpy()
         row["r_hat_vs_reward_where_nonzero"] = round(float(_cos(g_hat, g_r)[nz].mean()), 4)
         row["r_hat_vs_truth"] = round(float(_cos(g_hat, truth["grad"]).mean()), 4)
