@@ -46,6 +46,14 @@ def rows_of(scores):
     return [row(t, q, d, s + 1, v) for (t, q, d), vs in scores.items() for s, v in enumerate(vs)]
 
 
+def report(tmp_path, capsys, rows) -> str:
+    """The text of `table.py --report-only` over `rows`, written as the out directory's one MPE results file."""
+    with open(tmp_path / "mpe_x.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
+    return capsys.readouterr().out
+
+
 def grid(tmp_path, *flags):
     extra = shlex.join([*MPE_TINY, "--exp-name", "tiny grid"])  # a quoted value must reach the script intact
     r = subprocess.run(
@@ -181,10 +189,7 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     rows = rows_of(
         {("simple_spread", "expert", "sequential"): [1, 2, 3], ("simple_spread", "expert", "independent"): [1, 1, 4]}
     )
-    with open(tmp_path / "mpe_x.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
-    text = capsys.readouterr().out
+    text = report(tmp_path, capsys, rows)
     assert "ddof=1" in text and "| 2.0 ± 1.0 (2.0 ± 1.0) | 2.0 ± 1.7 (2.0 ± 1.7) | 3/3 | – |" in text
     assert "P(sequential > independent)" in text
     assert "| multimodal data: mixture, multimodal-2, multimodal-3, multimodal-3-soft | no such cells |" in text
@@ -193,19 +198,13 @@ def test_report_only_rebuilds_table_and_figures_with_sample_std(tmp_path, capsys
     for i, r in enumerate(rows):
         r.update(normalization=ref, final_paper_normalized_score=r["final_normalized_score"] + 10)
         r["total_seconds"] = 60.0 * (i + 2)  # 2, 3, ..., 7 minutes over the cell's six OMSD runs
-    with open(tmp_path / "mpe_x.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
-    text = capsys.readouterr().out
+    text = report(tmp_path, capsys, rows)
     assert "| 2.0 ± 1.0 (2.0 ± 1.0; paper's constants 12.0 ± 1.0) |" in text
     assert "| 3/3 | 2.0–7.0 | `python oma_sd_mpe.py" in text  # minutes per run, fewest to most
     assert "- simple_spread: R_random 169.2, R_expert 548.8 (the checkpoint)" in text
     del rows[1]["total_seconds"]  # a row that does not record its time is counted as such
     del rows[0]["normalization"]  # a row made before rows recorded their constants is said to be one
-    with open(tmp_path / "mpe_x.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
-    text = capsys.readouterr().out
+    text = report(tmp_path, capsys, rows)
     assert "- simple_spread: some rows do not record their constants" in text
     assert "| 3/3 | 2.0–7.0 (5 of 6 runs) |" in text
     assert sorted(os.listdir(tmp_path / "figures")) == [
@@ -357,10 +356,7 @@ def test_report_names_only_the_multimodal_qualities_it_has(tmp_path, capsys):
             ("simple_spread", "mixture", "independent"): [1, 2, 3],
         }
     )
-    with open(tmp_path / "mpe_x.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
-    text = capsys.readouterr().out
+    text = report(tmp_path, capsys, rows)
     assert "| all (2) |" in text
     assert "| multimodal data: mixture (1) | 0.94 [" in text  # 8 of 9 seed pairs better, one tie
 
@@ -377,10 +373,7 @@ def test_report_states_the_protocol_and_sequential_against_behaviour_cloning(tmp
     )
     for r in rows[:6]:
         r["final_eval_episodes"] = 32
-    with open(tmp_path / "mpe_x.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    table.main(table.Cfg(report_only=True, out=str(tmp_path), reps=50))
-    text = capsys.readouterr().out
+    text = report(tmp_path, capsys, rows)
     # expert: sequential beats BC in 5 of 9 seed pairs and ties two (6 / 9); mixture has no BC rows
     assert "| all (2) | 0.75 [" in text and "| 0.67 [" in text and "(1 cells) |" in text
     assert "| multimodal data: mixture (1) | 0.50 [" in text and "| no BC rows |" in text
