@@ -57,6 +57,7 @@ class Args:
     critic_steps: int = 10_000  # gradient steps (the authors: 1e6)
     critic_batch_size: int = 256  # minibatch size
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
+    critic_lr: float = 3e-4  # Adam learning rate of Q and V (the authors'; oma_sd_mpe.py: 1e-3)
     expectile: float = 0.7  # IQL expectile tau
     gamma: float = 0.99  # discount
     bootstrap_truncation: bool = True  # bootstrap through time-limit ends (terminations never)
@@ -91,7 +92,7 @@ BETA_ENV_DEFAULTS = {("Hopper-3x1", "expert"): 0.001, ("Hopper-3x1", "medium-exp
 # stage-2 length per --env-id (Hopper needs more: docs/studies.md, "Hopper 3x1: policy steps")
 ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
-DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
+DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
 NO_REF = "the dataset's metadata names no reference returns (no behaviour checkpoint, or unknown constants)"
@@ -467,8 +468,8 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
     q_target.load_state_dict(q_net.state_dict())
-    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR, fused=True) for m in (q_net, v_net))
-    keys = ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=args.critic_lr, fused=True) for m in (q_net, v_net))
+    keys = "critic_steps critic_batch_size critic_hidden critic_lr expectile gamma bootstrap_truncation".split()
     fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
     objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
     stage = run.stage("stage 1b: IQL critic", fields, objs, g, args.critic_steps, args.checkpoint_every)

@@ -63,6 +63,7 @@ class Args:
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
     critic_batch_size: int = 256  # minibatch size
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
+    critic_lr: float | None = None  # Adam learning rate of Q and V (depends on --env-id; the authors: 3e-4)
     expectile: float = 0.7  # IQL expectile tau
     gamma: float = 0.95  # discount (the authors' code: 0.99; docs/studies.md, "The critic's gradient")
     bootstrap_truncation: bool = True  # bootstrap through time-limit ends (--no-...: terminal, the authors' code)
@@ -86,10 +87,10 @@ class Args:
 # Per --env-id (docs/studies.md); the paper's scale is in docs/omsd.md.
 # fmt: off
 ENV_DEFAULTS = {
-    "mpe": dict(diffusion_steps=15_000, diffusion_hidden=128, critic_steps=10_000, policy_steps=5_000, actor_lr=3e-4,
-                eval_every=500, actor_init="samples"),
-    "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, policy_steps=3000, actor_lr=1e-2,
-                   eval_every=100, actor_init="random", beta=0.05),
+    "mpe": dict(diffusion_steps=15_000, diffusion_hidden=128, critic_steps=10_000, critic_lr=1e-3, policy_steps=5_000,
+                actor_lr=3e-4, eval_every=500, actor_init="samples"),
+    "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, critic_lr=3e-4, policy_steps=3000,
+                   actor_lr=1e-2, eval_every=100, actor_init="random", beta=0.05),
 }
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
@@ -102,7 +103,7 @@ BETA_DEFAULTS = {
 # fmt: on
 # spread data of three joint modes: their behaviour models need more samples (docs/studies.md, three conventions)
 THREE_MODES, THREE_MODES_BATCH = ("multimodal-3", "multimodal-3-soft", "mixture"), 1024
-DIFFUSION_BLOCKS, DIFFUSION_LR, CRITIC_LR, POLYAK = 2, 3e-4, 3e-4, 0.005
+DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
 METRIC = "spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"
@@ -469,8 +470,8 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
     q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
     q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
     q_target.load_state_dict(q_net.state_dict())
-    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR, fused=True) for m in (q_net, v_net))
-    keys = ("critic_steps", "critic_batch_size", "critic_hidden", "expectile", "gamma", "bootstrap_truncation")
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=args.critic_lr, fused=True) for m in (q_net, v_net))
+    keys = "critic_steps critic_batch_size critic_hidden critic_lr expectile gamma bootstrap_truncation".split()
     fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
     objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
     stage = run.stage("stage 1b: IQL critic", fields, objs, g, args.critic_steps, args.checkpoint_every)

@@ -1,6 +1,6 @@
 """Probes of the critic's gradient on simple_spread data (docs/studies.md, "The critic's gradient: what limits it"):
 each trains critics like benchmark/critic_study.py's default (IQL, gamma 0.95, bootstrapped, 10,000 x 256, two
-layers of 256) with one change, or grades the parts of the truth, and appends one JSON row to --out.
+layers of 256, learning rate 3e-4) with one change, or grades the parts of the truth, and appends one JSON row to --out.
 
   smooth      the default critic graded as E_d Q(s, clip(a + d)), d ~ N(0, sigma^2), 32 draws (sigma 0.05-0.3)
   ensemble    K default critics of seeds seed..seed+K-1, graded one by one and as their mean
@@ -48,7 +48,7 @@ from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import _cos, critic_truth, far_grid, grade, spread_behaviour  # noqa: E402
 from omsd_utils.files import append_row  # noqa: E402
 
-GAMMA = 0.95
+GAMMA, CRITIC_LR = 0.95, 3e-4  # the critic of these probes: gamma 0.95, the authors' learning rate
 
 
 class SiLUTwinQ(om.TwinQ):
@@ -84,7 +84,7 @@ def train(data, seed, steps, batch, kind="default"):
         v_layers += [nn.Linear(256, 256), act()]
     v_net = nn.Sequential(*v_layers, nn.Linear(256, 1))
     q_target, v_bar = copy.deepcopy(q_net), copy.deepcopy(v_net)
-    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=om.CRITIC_LR) for m in (q_net, v_net))
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR) for m in (q_net, v_net))
     g, t0 = torch.Generator().manual_seed(seed * 1000 + 2), time.time()
     for _ in range(steps):
         idx = torch.randint(N, (batch,), generator=g)

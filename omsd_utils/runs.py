@@ -142,11 +142,12 @@ def check_common_args(args, n_agents: int | None = None):
             f"--exp-name must be a plain name of 1 to 100 bytes without '/' (it becomes part of the run "
             f"directory's name), got {name!r}"
         )
-    for k in ("beta", "actor_lr", "expectile", "gamma"):
+    for k in ("beta", "actor_lr", "critic_lr", "expectile", "gamma"):
         if getattr(args, k) is not None and not math.isfinite(getattr(args, k)):  # beta None: set from the data
             raise RunError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
-    if not args.actor_lr > 0:
-        raise RunError(f"--actor-lr must be > 0, got {args.actor_lr}")
+    for k in ("actor_lr", "critic_lr"):
+        if not getattr(args, k) > 0:
+            raise RunError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     if not 0 < args.expectile < 1:
         raise RunError(
             f"--expectile must be in (0, 1) (IQL's tau: 0.5 fits the mean, towards 1 the maximum), got {args.expectile}"

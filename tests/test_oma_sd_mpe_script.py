@@ -96,6 +96,10 @@ def test_cache_reuse_and_determinism(workdir):
     third = results_of(workdir, run(workdir, *args, "--beta", "0.5", "--exp-name", "det2").stdout)
     assert third["stages"]["diffusion"].get("cached") and third["stages"]["critic"].get("cached")
     assert third["eval_history"] != first["eval_history"]
+    # the critic's learning rate is part of its cache key: another one trains a new critic on the same models
+    fourth = results_of(workdir, run(workdir, *args, "--critic-lr", "3e-4", "--exp-name", "det3").stdout)
+    assert fourth["stages"]["diffusion"].get("cached") and not fourth["stages"]["critic"].get("cached")
+    assert fourth["diagnostics"]["critic"]["q_mean"] != first["diagnostics"]["critic"]["q_mean"]
 
 
 def _bad(workdir, *args, creates_run=False):

@@ -113,6 +113,8 @@ BAD_SETTINGS = [
     (["--beta", "inf"], "--beta must be a finite number"),
     (["--actor-lr", "nan"], "--actor-lr must be a finite number"),
     (["--actor-lr", "0"], "--actor-lr must be > 0"),
+    (["--critic-lr", "nan"], "--critic-lr must be a finite number"),
+    (["--critic-lr", "-1e-3"], "--critic-lr must be > 0"),
     (["--exp-name", "a/b"], "--exp-name must be a plain name"),
 ]
 
