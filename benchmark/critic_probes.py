@@ -1,6 +1,7 @@
 """Probes of the critic's gradient on simple_spread data (docs/studies.md, "The critic's gradient: what limits it"):
 each trains critics like benchmark/critic_study.py's default (IQL, gamma 0.95, bootstrapped, 10,000 x 256, two
-layers of 256, learning rate 3e-4) with one change, or grades the parts of the truth, and appends one JSON row to --out.
+layers of 256, learning rate 3e-4 unless --critic-lr) with one change, or grades the parts of the truth, and
+appends one JSON row to --out.
 
   smooth      the default critic graded as E_d Q(s, clip(a + d)), d ~ N(0, sigma^2), 32 draws (sigma 0.05-0.3)
   ensemble    K default critics of seeds seed..seed+K-1, graded one by one and as their mean
@@ -48,7 +49,7 @@ from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import _cos, critic_truth, far_grid, grade, spread_behaviour  # noqa: E402
 from omsd_utils.files import append_row  # noqa: E402
 
-GAMMA, CRITIC_LR = 0.95, 3e-4  # the critic of these probes: gamma 0.95, the authors' learning rate
+GAMMA = 0.95
 
 
 class SiLUTwinQ(om.TwinQ):
@@ -70,7 +71,7 @@ class DeepTwinQ(nn.Module):
         return self.layers[-1](x).squeeze(-1)
 
 
-def train(data, seed, steps, batch, kind="default"):
+def train(data, seed, steps, batch, kind="default", lr=3e-4):
     """(Q or r_hat as q_fn(s, a) -> (B,), V, seconds): the script's stage-1b loop with the probe's change."""
     N, n, act_dim = data["act"].shape
     S, A = data["critic_state"].shape[1], n * act_dim
@@ -84,7 +85,7 @@ def train(data, seed, steps, batch, kind="default"):
         v_layers += [nn.Linear(256, 256), act()]
     v_net = nn.Sequential(*v_layers, nn.Linear(256, 1))
     q_target, v_bar = copy.deepcopy(q_net), copy.deepcopy(v_net)
-    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=CRITIC_LR) for m in (q_net, v_net))
+    q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=lr) for m in (q_net, v_net))
     g, t0 = torch.Generator().manual_seed(seed * 1000 + 2), time.time()
     for _ in range(steps):
         idx = torch.randint(N, (batch,), generator=g)
@@ -247,6 +248,7 @@ def main(argv=None):
     p.add_argument("--ensemble", type=int, default=3)
     p.add_argument("--critic-steps", type=int, default=10_000)
     p.add_argument("--critic-batch-size", type=int, default=256)
+    p.add_argument("--critic-lr", type=float, default=3e-4, help="the probes' critics (the script's MPE default: 1e-3)")
     p.add_argument("--gamma", type=float, default=GAMMA, help="greedy only: the discount of its Q^mu")
     p.add_argument("--beta", type=float, default=30.0, help="stage2-reward only")
     p.add_argument("--policy-steps", type=int, default=5000, help="stage2-reward only")
@@ -274,20 +276,22 @@ def main(argv=None):
     truth = critic_truth("simple_spread", arrays, meta, GAMMA, [0, 1, 2])
     budget = (a.critic_steps, a.critic_batch_size)
     row = {"probe": a.probe, "dataset": a.dataset, "seed": a.seed, "critic_steps": budget[0], "batch": budget[1]}
+    if a.critic_lr != 3e-4:  # the rows without the key: 3e-4
+        row["critic_lr"] = a.critic_lr
     if a.probe in ("silu", "deep", "next", "residual", "smooth", "parts"):
         kind = "default" if a.probe in ("smooth", "parts") else a.probe
-        q_fn, v_net, row["seconds"] = train(data, a.seed, *budget, kind)
+        q_fn, v_net, row["seconds"] = train(data, a.seed, *budget, kind, a.critic_lr)
         row["grade"] = short(grade(q_fn, truth))
     if a.probe == "smooth":
         row["smoothed"] = {str(sigma): short(grade(smoothed(q_fn, sigma), truth)) for sigma in (0.05, 0.1, 0.2, 0.3)}
     if a.probe == "ensemble":
-        fns = [train(data, a.seed + k, *budget)[0] for k in range(a.ensemble)]
+        fns = [train(data, a.seed + k, *budget, lr=a.critic_lr)[0] for k in range(a.ensemble)]
         row["members"] = [short(grade(f, truth))["cosine"] for f in fns]
         row["grade"] = short(grade(lambda s, act: torch.stack([f(s, act) for f in fns]).mean(0), truth))
     g_r = simulator_grads(truth)
     nz = np.linalg.norm(g_r, axis=1) > 1e-9  # agent i nearest to no landmark and in no collision: dr/da_i = 0
     if a.probe.startswith("reward"):
-        r_fn, _, row["seconds"] = train(data, a.seed, *budget, a.probe)
+        r_fn, _, row["seconds"] = train(data, a.seed, *budget, a.probe, a.critic_lr)
         M, s = len(truth["agent"]), torch.as_tensor(truth["state"], dtype=torch.float32)
         joint = torch.as_tensor(truth["joint"], dtype=torch.float64).requires_grad_(True)
         q = r_fn(s, joint.float().reshape(M, -1))  # reward-next: through the simulator

@@ -7,8 +7,8 @@ together; the optimisers are fused, the same update in other rounding). The MPE 
 bootstrapped time limit, learning rate 1e-3; e77f6f3: 0.99, terminal, 3e-4) move its mean and absolute error,
 pinned here, and these tiny runs' returns only beyond the sixth digit. These cases train stage 1a in float32
 (`--no-diffusion-bf16`), as every CPU can; one more pins the bfloat16 default of CPUs that multiply bfloat16
-natively (skipped on others). A change of the
-algorithm's numbers must update these values on purpose, with its evidence in docs/studies.md."""
+natively (skipped on others). A change of the algorithm's numbers must update these values on purpose, with its
+evidence in docs/studies.md."""
 
 import os
 
