@@ -388,9 +388,7 @@ def env_defaults(args: Args) -> Args:
     """Fill the settings left at None with the defaults of --dataset and --env-id (BETA_*, ENV_DEFAULTS)."""
     if args.beta is None and not args.dataset_path:
         args.beta = BETA_ENV_DEFAULTS.get((args.env_id, args.dataset), BETA_DEFAULTS.get(args.dataset, 0.05))
-    for k, v in {**STAGE2_DEFAULT, **ENV_DEFAULTS.get(args.env_id, {})}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    runs.fill_unset(args, {**STAGE2_DEFAULT, **ENV_DEFAULTS.get(args.env_id, {})})
     return args
 
 

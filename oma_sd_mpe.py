@@ -384,9 +384,7 @@ def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 def env_defaults(args: Args) -> Args:
     """Fill the settings left at None with the defaults of --env-id (ENV_DEFAULTS) and --dataset (BETA_DEFAULTS)."""
-    for k, v in ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    runs.fill_unset(args, ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"])
     if args.beta is None and not args.dataset_path:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
     if args.diffusion_batch_size is None:

@@ -276,8 +276,7 @@ def main(argv=None):
     truth = critic_truth("simple_spread", arrays, meta, GAMMA, [0, 1, 2])
     budget = (a.critic_steps, a.critic_batch_size)
     row = {"probe": a.probe, "dataset": a.dataset, "seed": a.seed, "critic_steps": budget[0], "batch": budget[1]}
-    if a.critic_lr != 3e-4:  # the rows without the key: 3e-4
-        row["critic_lr"] = a.critic_lr
+    row["critic_lr"] = a.critic_lr  # the rows without the key: 3e-4
     if a.probe in ("silu", "deep", "next", "residual", "smooth", "parts"):
         kind = "default" if a.probe in ("smooth", "parts") else a.probe
         q_fn, v_net, row["seconds"] = train(data, a.seed, *budget, kind, a.critic_lr)

@@ -91,6 +91,13 @@ def check_args(args, choices: dict | None = None, positive: tuple = (), n_agents
         check_dirs(args.cache_dir)
 
 
+def fill_unset(args, defaults: dict):
+    """Set the settings of `args` left at None to `defaults`' values (a script's per-env defaults)."""
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def parse_cli(args_cls, env_defaults, argv: list[str] | None = None):
     """A script's Args from the command line (default: sys.argv), their defaults `env_defaults(Args(env_id=...,
     dataset=...))` of the --env-id and --dataset given, so that --help shows the values a run uses."""

@@ -655,3 +655,10 @@ def test_the_final_evaluation_has_eval_episodes_and_the_periodic_ones_fewer(here
     res = om.main(main_args(om.Args, argv + ["--periodic-eval-episodes", "2", "--dataset", "unimodal"]))
     assert [e for record, e in seen if not record] == [2, 2, 3] and res["final_eval_episodes"] == 3
     assert (True, 2) in seen  # the diagnostics' rollouts
+
+
+def test_env_defaults_fill_only_the_unset_settings():
+    """A setting given on the command line is kept; one left unset takes the --env-id's default (critic lr too)."""
+    mpe, bandit = om.env_defaults(om.Args(critic_lr=5e-4)), om.env_defaults(om.Args(env_id="bandit"))
+    assert (mpe.critic_lr, mpe.critic_steps, mpe.actor_lr) == (5e-4, 10_000, 3e-4)
+    assert (bandit.critic_lr, bandit.critic_steps, bandit.actor_lr) == (3e-4, 1000, 1e-2)
