@@ -2,8 +2,7 @@
 # paper's MPE tasks (OMAR variant) and its 2-agent bandit. Single file, CleanRL style; see docs/omsd.md.
 #   Stage 1a  per-agent conditional diffusion behaviour models eps_i(a_i^t, t | o_i, a_prev)   (VP-SDE)
 #   Stage 1b  centralised IQL critic Q(o_1..o_n, a_1..a_n), frozen afterwards
-#   Stage 2   deterministic decentralised actors pi_i(o_i), each regularised towards the behaviour
-#             *conditional* of its agent given the actions of the agents before it in the order
+#   Stage 2   deterministic decentralised actors pi_i(o_i), each regularised towards its *conditional* mu_i(. | a_prev)
 # Stage-1 models do not depend on beta: they are cached under runs/cache and reused by later runs.
 from __future__ import annotations
 
@@ -72,6 +71,8 @@ class Args:
     actor_hidden: int = 256  # width of the two hidden layers of each actor
     actor_lr: float | None = None  # Adam learning rate, cosine-annealed to 0 (depends on --env-id)
     actor_init: str | None = None  # random (the authors') | samples: start in one joint behaviour mode (per env)
+    init_steps: int | None = None  # --actor-init samples: regression steps (2000; spread data of three modes: 6000)
+    init_states: int | None = None  # --actor-init samples: the data's states it regresses on (20,000; three: 100,000)
     sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
     eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
     eval_episodes: int = 32  # episodes of the final evaluation, the return a run reports (decentralised, deterministic)
@@ -91,6 +92,7 @@ ENV_DEFAULTS = {
                 actor_lr=3e-4, eval_every=500, actor_init="samples"),
     "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, critic_lr=3e-4, policy_steps=3000,
                    actor_lr=1e-2, eval_every=100, actor_init="random", beta=0.05),
+    "all": dict(diffusion_batch_size=256, init_steps=2000, init_states=20_000),
 }
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
@@ -101,11 +103,11 @@ BETA_DEFAULTS = {
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
-# spread data of three joint modes: their behaviour models need more samples (docs/studies.md, three conventions)
-THREE_MODES, THREE_MODES_BATCH = ("multimodal-3", "multimodal-3-soft", "mixture"), 1024
+# spread data of three joint modes: more samples in stage 1a, a closer actors' start (docs/studies.md, 3 conventions)
+THREE_MODES = ("multimodal-3", "multimodal-3-soft", "mixture")
+THREE_MODES_DEFAULTS = dict(diffusion_batch_size=1024, init_steps=6000, init_states=100_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
-INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
 METRIC = "spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"
 
 
@@ -292,14 +294,14 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
-    rows = torch.randperm(N, generator=g, device=g.device)[:INIT_STATES].to(device)
+    rows = torch.randperm(N, generator=g, device=g.device)[: args.init_states].to(device)
     z = torch.randn((n, 1, act_dim), generator=g, device=device).expand(n, len(rows), act_dim)
     obs = data["obs"][rows].transpose(0, 1)
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
     with torch.no_grad():
         q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
     opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)
-    for _ in range(INIT_STEPS):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
+    for _ in range(args.init_steps):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
         idx = torch.randint(obs.shape[1], (args.policy_batch_size,), generator=g, device=device)
         loss = ((actors(obs[:, idx]) - target[:, idx]) ** 2).sum(-1).mean(-1)
         opt.zero_grad(set_to_none=True)
@@ -384,12 +386,11 @@ def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 def env_defaults(args: Args) -> Args:
     """Fill the settings left at None with the defaults of --env-id (ENV_DEFAULTS) and --dataset (BETA_DEFAULTS)."""
-    runs.fill_unset(args, ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"])
+    if args.env_id == "simple_spread" and args.dataset in THREE_MODES and not args.dataset_path:
+        runs.fill_unset(args, THREE_MODES_DEFAULTS)
+    runs.fill_unset(args, ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"] | ENV_DEFAULTS["all"])
     if args.beta is None and not args.dataset_path:
         args.beta = BETA_DEFAULTS.get(args.env_id, {}).get(args.dataset, 0.05)
-    if args.diffusion_batch_size is None:
-        three = args.env_id == "simple_spread" and args.dataset in THREE_MODES and not args.dataset_path
-        args.diffusion_batch_size = THREE_MODES_BATCH if three else 256
     return args
 
 
@@ -412,7 +413,7 @@ def resolve_args(args: Args) -> Args:
     if args.prey_path and args.env_id not in ("simple_tag", "simple_world"):
         raise RunError(f"--prey-path is for simple_tag and simple_world (the envs with a prey), not {args.env_id}")
     n = bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"] if args.agent_order else None
-    runs.check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps",), n)
+    runs.check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps", "init_steps", "init_states"), n)
     if args.capture_video and args.env_id == "bandit":
         raise RunError("--capture-video: the bandit has no episodes to draw")
     return args
