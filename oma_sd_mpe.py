@@ -385,7 +385,7 @@ def videos(actors, args: Args, order: list[int], obs_max: int, prey, out: str) -
 
 # ====== Settings: the defaults of --env-id / --dataset, and the checks made before anything is written
 def env_defaults(args: Args) -> Args:
-    """Fill the settings left at None with the defaults of --env-id (ENV_DEFAULTS) and --dataset (BETA_DEFAULTS)."""
+    """Fill the settings left at None: --dataset's (THREE_MODES_DEFAULTS, BETA_DEFAULTS), --env-id's (ENV_DEFAULTS)."""
     if args.env_id == "simple_spread" and args.dataset in THREE_MODES and not args.dataset_path:
         runs.fill_unset(args, THREE_MODES_DEFAULTS)
     runs.fill_unset(args, ENV_DEFAULTS["bandit" if args.env_id == "bandit" else "mpe"] | ENV_DEFAULTS["all"])
