@@ -66,6 +66,8 @@ class Args:
     actor_hidden: int = 256  # width of the two hidden layers of each actor
     actor_lr: float = 1e-3  # Adam learning rate, cosine-annealed to 0 (the authors: 3e-4)
     actor_init: str = "random"  # random (the authors') | samples: start in one joint mode of the behaviour models
+    init_steps: int = 2000  # --actor-init samples: regression steps
+    init_states: int = 20_000  # --actor-init samples: the data's states it regresses on
     sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
     eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
     eval_episodes: int = 32  # episodes of the final evaluation, the return a run reports; a diverged one fails the run
@@ -94,7 +96,6 @@ ENV_DEFAULTS = {"Hopper-3x1": dict(policy_steps=20_000, eval_every=2_500)}
 STAGE2_DEFAULT = dict(policy_steps=5_000, eval_every=1_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
-INIT_STEPS, INIT_STATES = 2000, 20_000  # --actor-init samples: regression steps, dataset states
 NO_REF = "the dataset's metadata names no reference returns (no behaviour checkpoint, or unknown constants)"
 METRIC = "team return: the team reward (every agent's) summed over the episode (1000 steps, or until Hopper/Ant fall)"
 
@@ -282,14 +283,14 @@ def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) ->
     a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
-    rows = torch.randperm(N, generator=g, device=g.device)[:INIT_STATES].to(device)
+    rows = torch.randperm(N, generator=g, device=g.device)[: args.init_states].to(device)
     z = torch.randn((n, 1, act_dim), generator=g, device=device).expand(n, len(rows), act_dim)
     obs = data["obs"][rows].transpose(0, 1)
     target = sample_actions(score_net, obs, mask, z, args.sample_steps)
     with torch.no_grad():
         q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
     opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)
-    for _ in range(INIT_STEPS):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
+    for _ in range(args.init_steps):  # regress every actor onto its target: mean_batch ||pi_k(o_k) - target_k||^2
         idx = torch.randint(obs.shape[1], (args.policy_batch_size,), generator=g, device=device)
         loss = ((actors(obs[:, idx]) - target[:, idx]) ** 2).sum(-1).mean(-1)
         opt.zero_grad(set_to_none=True)
@@ -406,7 +407,7 @@ def resolve_args(args: Args) -> Args:
     env_defaults(args)
     args.stage1_seed = args.seed if args.stage1_seed is None else args.stage1_seed
     n = env_spec(args.env_id)["n_agents"] if args.agent_order else None
-    runs.check_args(args, {"actor_init": ("random", "samples")}, ("video_every", "sample_steps"), n)
+    runs.check_args(args, {"actor_init": ("random", "samples")}, ("video_every",), n)
     return args
 
 

@@ -413,7 +413,7 @@ def resolve_args(args: Args) -> Args:
     if args.prey_path and args.env_id not in ("simple_tag", "simple_world"):
         raise RunError(f"--prey-path is for simple_tag and simple_world (the envs with a prey), not {args.env_id}")
     n = bandit.N_AGENTS if args.env_id == "bandit" else env_spec(args.env_id)["n_agents"] if args.agent_order else None
-    runs.check_args(args, {"actor_init": ("random", "samples")}, ("sample_steps", "init_steps", "init_states"), n)
+    runs.check_args(args, {"actor_init": ("random", "samples")}, (), n)
     if args.capture_video and args.env_id == "bandit":
         raise RunError("--capture-video: the bandit has no episodes to draw")
     return args

@@ -55,6 +55,9 @@ POSITIVE = (
     "critic_hidden",
     "actor_hidden",
     "checkpoint_every",
+    "sample_steps",
+    "init_steps",
+    "init_states",
 )
 
 

@@ -179,7 +179,9 @@ def test_init_from_samples_shares_one_noise_vector_and_fits_the_actors_to_its_sa
     n, N = 3, 400
     s = torch.tensor([1.0, -1.0]).repeat(N // 2)[:, None]
     data = {"act": torch.zeros(N, n, 1), "obs": torch.zeros(N, n, 3), "critic_state": s}
-    args = types.SimpleNamespace(sample_steps=20, policy_batch_size=32, actor_lr=1e-2)
+    args = types.SimpleNamespace(
+        sample_steps=20, policy_batch_size=32, actor_lr=1e-2, init_steps=2000, init_states=20_000
+    )
     actors = mod.Actors(n, 3, 1, 8)
     rec = mod.init_from_samples(
         actors,
