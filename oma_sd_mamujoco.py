@@ -57,6 +57,7 @@ class Args:
     critic_steps: int = 10_000  # gradient steps (the authors: 1e6)
     critic_batch_size: int = 256  # minibatch size
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
+    critic_target_norm: bool = False  # the critic's nets fit (Q - mu) / sd (oma_sd_mpe.py's default; docs/studies.md)
     critic_lr: float = 3e-4  # Adam learning rate of Q and V (the authors'; oma_sd_mpe.py: 1e-3)
     expectile: float = 0.7  # IQL expectile tau
     gamma: float = 0.99  # discount
@@ -172,6 +173,18 @@ class TwinQ(nn.Module):
         return self.l3(F.relu(self.l2(F.relu(self.l1(x))))).squeeze(-1)
 
 
+class Scaled(nn.Module):
+    """mu + sd * net(*x): the net fits targets of unit scale from its first step."""
+
+    def __init__(self, net: nn.Module, mu: float, sd: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mu_sd", torch.tensor([mu, sd]))
+
+    def forward(self, *x):
+        return self.mu_sd[0] + self.mu_sd[1] * self.net(*x)
+
+
 def mlp(i: int, h: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
 
@@ -211,6 +224,13 @@ def diffusion_loss(score_net, a0, cond, gen):
 def expectile_loss(u, tau):
     """IQL's asymmetric L2: |tau - 1(u < 0)| u^2, u = Q - V."""
     return (torch.abs(tau - (u < 0).float()) * u**2).mean()
+
+
+def q_scale(reward, done, gamma: float) -> tuple[float, float]:
+    """Q's scale: the reward's mean and std over 1 - gamma (gamma times the share of rows that continue, so that
+    one-step data get the reward's own)."""
+    r, horizon = reward.double(), 1 / (1 - gamma * (1 - done.mean().item()))
+    return r.mean().item() * horizon, r.std().item() * horizon
 
 
 def q_grad(q_target, s, joint):
@@ -464,11 +484,15 @@ def stage1b_critic(run, data, args: Args, stage1: dict, g):
     """Centralised IQL critic: V by expectile regression onto min(Q1, Q2) of the target heads, Q onto r + gamma V'."""
     (N, n, act_dim), S, device = data["act"].shape, data["critic_state"].shape[1], data["act"].device
     torch.manual_seed(args.stage1_seed * 1000 + 2)
-    q_net, v_net = TwinQ(S + n * act_dim, args.critic_hidden).to(device), mlp(S, args.critic_hidden, 1).to(device)
-    q_target = TwinQ(S + n * act_dim, args.critic_hidden).to(device)
+    # --critic-target-norm: the nets fit (Q - mu) / sd; else Q as it is (the authors')
+    mu, sd = q_scale(data["reward"], data["done"], args.gamma) if args.critic_target_norm else (0.0, 1.0)
+    q_net = Scaled(TwinQ(S + n * act_dim, args.critic_hidden), mu, sd).to(device)
+    v_net = Scaled(mlp(S, args.critic_hidden, 1), mu, sd).to(device)
+    q_target = Scaled(TwinQ(S + n * act_dim, args.critic_hidden), mu, sd).to(device)
     q_target.load_state_dict(q_net.state_dict())
     q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=args.critic_lr, fused=True) for m in (q_net, v_net))
-    keys = "critic_steps critic_batch_size critic_hidden critic_lr expectile gamma bootstrap_truncation".split()
+    keys = "critic_steps critic_batch_size critic_hidden critic_lr critic_target_norm expectile gamma".split()
+    keys += ["bootstrap_truncation"]
     fields = dict(stage1, stage="critic", **{k: getattr(args, k) for k in keys})
     objs = {"q": q_net, "q_target": q_target, "v": v_net, "q_opt": q_opt, "v_opt": v_opt}
     stage = run.stage("stage 1b: IQL critic", fields, objs, g, args.critic_steps, args.checkpoint_every)

@@ -16,6 +16,12 @@ are the script's own options:
   --cql-alpha A      + A E[logsumexp_j Q(s, u_j) - Q(s, a)], u_j ~ U[-1, 1]^(n act), 10 draws (CQL)
   --cfcql-alpha A    CFCQL's counterfactual form: per agent i, u_j = the data's joint action with agent i's action
                      uniform (4 draws); logsumexp per agent, averaged over agents, minus Q(s, a)
+  --target-norm      Q = mu + sd * net(s, a) and V = mu + sd * net(s), mu and sd the reward's mean and std over
+                     1 - gamma, so that the nets fit targets of unit scale from the first step (the script's
+                     --critic-target-norm)
+  --fourier F        F random Fourier features of the standardised inputs, [x, sin(2 pi x W), cos(2 pi x W)] with
+                     W ~ N(0, fourier_scale^2), in front of Q's and V's first layer (against ReLU's bias to smooth
+                     functions; implies --standardize)
 
     python benchmark/critic_study.py --dataset random --name default
     python benchmark/critic_study.py --dataset random --name authors --gamma 0.99 --no-bootstrap-truncation
@@ -43,7 +49,7 @@ from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, critic_lr=3e-4, polyak=0.005, standardize=False,
-                layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0)  # fmt: skip
+                layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0, target_norm=False, fourier=0, fourier_scale=1.0)  # fmt: skip
 
 
 class TwinQLN(nn.Module):
@@ -56,6 +62,17 @@ class TwinQLN(nn.Module):
     def forward(self, s, a):
         x = torch.cat([s, a], -1)
         return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+
+class TwinQCat(nn.Module):
+    """om.TwinQ's two heads on an already concatenated input: forward(x) -> (2, B)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.twin = om.TwinQ(in_dim, hidden)
+
+    def forward(self, x):
+        return self.twin(x, x[:, :0])
 
 
 def ln_mlp(i, h, o):
@@ -77,13 +94,44 @@ class Standardized(nn.Module):
         return self.core(s, (a - self.mu_a) / self.sd_a) if self.with_action else self.core(s)
 
 
+class Fourier(nn.Module):
+    """core([x, sin(2 pi x W), cos(2 pi x W)]) for x = cat(s[, a]), W fixed."""
+
+    def __init__(self, core, in_dim: int, features: int, scale: float, seed: int):
+        super().__init__()
+        self.core = core
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("W", torch.randn(in_dim, features // 2, generator=g) * scale * 2 * torch.pi)
+
+    def forward(self, s, a=None):
+        x = s if a is None else torch.cat([s, a], -1)
+        z = x @ self.W
+        return self.core(torch.cat([x, z.sin(), z.cos()], -1))
+
+
+class Affine(nn.Module):
+    """mu + sd * core(...)."""
+
+    def __init__(self, core, mu: float, sd: float):
+        super().__init__()
+        self.core, self.mu, self.sd = core, mu, sd
+
+    def forward(self, *x):
+        return self.mu + self.sd * self.core(*x)
+
+
 def train(cfg: dict, data: dict):
     """The script's stage-1b loop with the variant's changes; returns the target critic (2, B)."""
     N, n, act_dim = data["act"].shape
     S, A, h = data["critic_state"].shape[1], n * act_dim, cfg["critic_hidden"]
     joint = data["act"].reshape(N, -1)
     torch.manual_seed(cfg["seed"] * 1000 + 2)
-    if cfg["layernorm"]:
+    if cfg["fourier"]:
+        cfg["standardize"] = True
+        F_, sc = cfg["fourier"], cfg["fourier_scale"]
+        twin = lambda: Fourier(TwinQCat(S + A + F_, h), S + A, F_, sc, cfg["seed"])  # noqa: E731
+        q_net, v_net, q_target = twin(), Fourier(om.mlp(S + F_, h, 1), S, F_, sc, cfg["seed"] + 1), twin()
+    elif cfg["layernorm"]:
         q_net, v_net, q_target = TwinQLN(S + A, h), ln_mlp(S, h, 1), TwinQLN(S + A, h)
     else:
         q_net, v_net, q_target = om.TwinQ(S + A, h), om.mlp(S, h, 1), om.TwinQ(S + A, h)
@@ -92,6 +140,10 @@ def train(cfg: dict, data: dict):
         stats = dict(mu_s=cs.mean(0), sd_s=cs.std(0).clamp_min(1e-3), mu_a=joint.mean(0), sd_a=joint.std(0))
         q_net, q_target = Standardized(q_net, stats, True), Standardized(q_target, stats, True)
         v_net = Standardized(v_net, {k: stats[k] for k in ("mu_s", "sd_s")}, False)
+    if cfg["target_norm"]:
+        r = data["reward"].double()  # the script's --critic-target-norm
+        mu, sd = r.mean().item() / (1 - cfg["gamma"]), r.std().item() / (1 - cfg["gamma"])
+        q_net, q_target, v_net = Affine(q_net, mu, sd), Affine(q_target, mu, sd), Affine(v_net, mu, sd)
     q_target.load_state_dict(q_net.state_dict())
     q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=cfg["critic_lr"]) for m in (q_net, v_net))
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 2)

@@ -78,6 +78,36 @@ def test_expectile_loss(om):
     assert om.expectile_loss(torch.tensor([-2.0]), 0.9).item() == pytest.approx(0.4)
 
 
+def test_q_scale_is_the_rewards_over_the_horizon_the_data_continue(om):
+    """Rows that all continue: mean and std of the reward over 1 - gamma; one-step rows (the bandit): the reward's
+    own; half of them ending: over 1 - gamma / 2."""
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mean, std = r.mean().item(), r.std().item()
+    assert om.q_scale(r, torch.zeros(4), 0.95) == pytest.approx((20 * mean, 20 * std))
+    assert om.q_scale(r, torch.ones(4), 0.95) == pytest.approx((mean, std))
+    assert om.q_scale(r, torch.tensor([0.0, 1.0, 0.0, 1.0]), 0.9) == pytest.approx((mean / 0.55, std / 0.55))
+
+
+def test_a_scaled_critic_fits_a_large_target_closer_at_the_same_budget(om):
+    """Q = mu + sd * net: with targets of scale 100 the same net, optimiser and steps leave a smaller error than
+    fitting Q as it is (why --critic-target-norm is spread's default)."""
+    g = torch.Generator().manual_seed(0)
+    s, a = torch.randn(512, 6, generator=g), torch.rand(512, 2, generator=g) * 2 - 1
+    y = 150 + 60 * torch.sin(2 * s[:, 0]) + 10 * (s[:, 1:2] * a).sum(-1)  # a small action effect on a large value
+    errors = []
+    for mu, sd in ((0.0, 1.0), (y.mean().item(), y.std().item())):
+        torch.manual_seed(0)
+        q = om.Scaled(om.TwinQ(8, 64), mu, sd)
+        opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+        for _ in range(300):
+            loss = ((q(s, a) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        errors.append(loss.item())
+    assert errors[1] < errors[0] / 10, errors
+
+
 def test_condition_prefix_masks(om):
     n, B = 3, 4
     base = torch.zeros(n, B, 5)
@@ -203,9 +233,9 @@ def test_z_baseline_keeps_the_expected_score_term_and_cuts_its_noise(om):
 
 
 # the method, repeated verbatim in both scripts (a script is read alone; CleanRL's rule); the rest differs by env
-SHARED = ("StackedLinear", "vp_sde", "ScoreNet", "prefix_mask", "condition", "TwinQ", "mlp", "Actors",
+SHARED = ("StackedLinear", "vp_sde", "ScoreNet", "prefix_mask", "condition", "TwinQ", "Scaled", "mlp", "Actors",
           "diffusion_loss", "expectile_loss", "q_grad", "noised_eps_hat", "actor_surrogate", "logsnr_grid",
-          "sample_actions", "init_from_samples", "stage1b_critic")  # fmt: skip
+          "sample_actions", "init_from_samples", "q_scale", "stage1b_critic")  # fmt: skip
 
 
 def test_the_two_scripts_repeat_the_method_verbatim():
