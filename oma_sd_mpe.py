@@ -62,7 +62,7 @@ class Args:
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
     critic_batch_size: int = 256  # minibatch size
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
-    critic_target_norm: bool | None = None  # the critic fits (Q - mu) / sd: a target of unit scale (depends on --env-id)
+    critic_target_norm: bool | None = None  # the critic fits (Q - mu) / sd, at unit scale (depends on --env-id)
     critic_lr: float | None = None  # Adam learning rate of Q and V (depends on --env-id; the authors: 3e-4)
     expectile: float = 0.7  # IQL expectile tau
     gamma: float = 0.95  # discount (the authors' code: 0.99; docs/studies.md, "The critic's gradient")

@@ -16,8 +16,8 @@ are the script's own options:
   --cql-alpha A      + A E[logsumexp_j Q(s, u_j) - Q(s, a)], u_j ~ U[-1, 1]^(n act), 10 draws (CQL)
   --cfcql-alpha A    CFCQL's counterfactual form: per agent i, u_j = the data's joint action with agent i's action
                      uniform (4 draws); logsumexp per agent, averaged over agents, minus Q(s, a)
-  --target-norm      Q = mu + sd * net(s, a) and V = mu + sd * net(s), mu and sd the reward's mean and std over
-                     1 - gamma, so that the nets fit targets of unit scale from the first step (the script's
+  --target-norm      Q = mu + sd * net(s, a) and V = mu + sd * net(s) (om.q_scale: the reward's mean and std over
+                     1 - gamma), so that the nets fit targets of unit scale from the first step (the script's
                      --critic-target-norm)
   --fourier F        F random Fourier features of the standardised inputs, [x, sin(2 pi x W), cos(2 pi x W)] with
                      W ~ N(0, fourier_scale^2), in front of Q's and V's first layer (against ReLU's bias to smooth
@@ -49,7 +49,8 @@ from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, critic_lr=3e-4, polyak=0.005, standardize=False,
-                layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0, target_norm=False, fourier=0, fourier_scale=1.0)  # fmt: skip
+                layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0, target_norm=False, fourier=0,
+                fourier_scale=1.0)  # fmt: skip
 
 
 class TwinQLN(nn.Module):
@@ -109,17 +110,6 @@ class Fourier(nn.Module):
         return self.core(torch.cat([x, z.sin(), z.cos()], -1))
 
 
-class Affine(nn.Module):
-    """mu + sd * core(...)."""
-
-    def __init__(self, core, mu: float, sd: float):
-        super().__init__()
-        self.core, self.mu, self.sd = core, mu, sd
-
-    def forward(self, *x):
-        return self.mu + self.sd * self.core(*x)
-
-
 def train(cfg: dict, data: dict):
     """The script's stage-1b loop with the variant's changes; returns the target critic (2, B)."""
     N, n, act_dim = data["act"].shape
@@ -141,9 +131,8 @@ def train(cfg: dict, data: dict):
         q_net, q_target = Standardized(q_net, stats, True), Standardized(q_target, stats, True)
         v_net = Standardized(v_net, {k: stats[k] for k in ("mu_s", "sd_s")}, False)
     if cfg["target_norm"]:
-        r = data["reward"].double()  # the script's --critic-target-norm
-        mu, sd = r.mean().item() / (1 - cfg["gamma"]), r.std().item() / (1 - cfg["gamma"])
-        q_net, q_target, v_net = Affine(q_net, mu, sd), Affine(q_target, mu, sd), Affine(v_net, mu, sd)
+        mu, sd = om.q_scale(data["reward"], data["done"], cfg["gamma"])  # the script's --critic-target-norm
+        q_net, q_target, v_net = om.Scaled(q_net, mu, sd), om.Scaled(q_target, mu, sd), om.Scaled(v_net, mu, sd)
     q_target.load_state_dict(q_net.state_dict())
     q_opt, v_opt = (torch.optim.Adam(m.parameters(), lr=cfg["critic_lr"]) for m in (q_net, v_net))
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 2)

@@ -5,10 +5,11 @@ settings: the behaviour models' diagnostics are equal at the printed digits, and
 relative (the actors act in blocks of 64 rows, so that an episode's return does not depend on how many episodes run
 together; the optimisers are fused, the same update in other rounding). The MPE critic's defaults (γ 0.95,
 bootstrapped time limit, learning rate 1e-3; e77f6f3: 0.99, terminal, 3e-4) move its mean and absolute error,
-pinned here, and these tiny runs' returns only beyond the sixth digit. These cases train stage 1a in float32
-(`--no-diffusion-bf16`), as every CPU can; one more pins the bfloat16 default of CPUs that multiply bfloat16
-natively (skipped on others). A change of the algorithm's numbers must update these values on purpose, with its
-evidence in docs/studies.md."""
+pinned here, and these tiny runs' returns only beyond the sixth digit; fitting its target at unit scale (the
+default, `--critic-target-norm`) moves them at the sixth, so the comparison with e77f6f3 is made with it off.
+These cases train stage 1a in float32 (`--no-diffusion-bf16`), as every CPU can; one more pins the bfloat16
+default of CPUs that multiply bfloat16 natively (skipped on others). A change of the algorithm's numbers must
+update these values on purpose, with its evidence in docs/studies.md."""
 
 import os
 
@@ -24,6 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and the critic's mean absolute error against the Monte-Carlo returns (which depends on gamma and the time limit)
 REFERENCE = {
     ("oma_sd_mpe.py", ()): (
+        [109.48793102128549, 109.49836360972324, 109.50214067763466],
+        None,  # the critic's target at unit scale moves the returns at the sixth digit: the next case compares
+        445.5463,
+        [1.7075, 2.1576, 2.1522],
+        213.6254,
+    ),
+    ("oma_sd_mpe.py", ("--critic-target-norm", "False")): (
         [109.48793102128549, 109.49874143705148, 109.50259886360399],
         [109.4879312605542, 109.49874149457193, 109.50259830780575],
         0.0007,
@@ -53,11 +61,11 @@ REFERENCE = {
     ),
     # stage 1a in bfloat16 (the default where the CPU runs it natively); "before": the float32 case's returns
     ("oma_sd_mpe.py", ("--diffusion-bf16",)): (
-        [109.46999445180086, 109.48049770928094, 109.48431203973891],
-        [109.48793102128549, 109.49874143705148, 109.50259886360399],
-        0.0007,
+        [109.46999445180086, 109.47994735326458, 109.48368217742569],
+        [109.48793102128549, 109.49836360972324, 109.50214067763466],
+        445.5463,
         [1.7076, 2.1566, 2.1521],
-        231.9202,
+        213.6254,
     ),
 }
 
@@ -72,7 +80,8 @@ def test_a_tiny_run_gives_the_reference_numbers(tmp_path, script, extra):
     returns, before, q_mean, loss, abs_error = REFERENCE[(script, extra)]
     assert [h["return"] for h in res["eval_history"]] == returns
     rel = 1e-3 if "--diffusion-bf16" in extra else 1e-6  # float32 actions: the last digits; bfloat16: 0.1 %
-    assert returns == pytest.approx(before, rel=rel, abs=1e-8)
+    if before is not None:
+        assert returns == pytest.approx(before, rel=rel, abs=1e-8)
     behaviour = res["diagnostics"]["behaviour"]
     assert res["diagnostics"]["critic"]["q_mean"] == q_mean
     assert res["diagnostics"]["critic"]["abs_error"] == abs_error

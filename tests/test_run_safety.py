@@ -662,5 +662,6 @@ def test_env_defaults_fill_only_the_unset_settings():
     learning rate and target normalisation too)."""
     mpe, bandit = om.env_defaults(om.Args(critic_lr=5e-4)), om.env_defaults(om.Args(env_id="bandit"))
     assert (mpe.critic_lr, mpe.critic_steps, mpe.actor_lr, mpe.critic_target_norm) == (5e-4, 10_000, 3e-4, True)
-    assert (bandit.critic_lr, bandit.critic_steps, bandit.actor_lr, bandit.critic_target_norm) == (3e-4, 1000, 1e-2, False)
+    bandit_values = (bandit.critic_lr, bandit.critic_steps, bandit.actor_lr, bandit.critic_target_norm)
+    assert bandit_values == (3e-4, 1000, 1e-2, False)
     assert om.env_defaults(om.Args(critic_target_norm=False)).critic_target_norm is False
