@@ -60,7 +60,7 @@ class Args:
     diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
     diffusion_bf16: bool = True  # stage 1a's matmuls in bfloat16 where the CPU (AVX-512 BF16) or GPU runs them natively
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
-    critic_batch_size: int = 256  # minibatch size
+    critic_batch_size: int | None = None  # minibatch size (depends on --env-id)
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
     critic_target_norm: bool | None = None  # the critic fits (Q - mu) / sd, at unit scale (depends on --env-id)
     critic_lr: float | None = None  # Adam learning rate of Q and V (depends on --env-id; the authors: 3e-4)
@@ -90,9 +90,10 @@ class Args:
 # fmt: off
 ENV_DEFAULTS = {
     "mpe": dict(diffusion_steps=15_000, diffusion_hidden=128, critic_steps=10_000, critic_lr=1e-3, policy_steps=5_000,
-                actor_lr=3e-4, eval_every=500, actor_init="samples", critic_target_norm=True),
+                actor_lr=3e-4, eval_every=500, actor_init="samples", critic_target_norm=True, critic_batch_size=1024),
     "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, critic_lr=3e-4, policy_steps=3000,
-                   actor_lr=1e-2, eval_every=100, actor_init="random", beta=0.05, critic_target_norm=False),
+                   actor_lr=1e-2, eval_every=100, actor_init="random", beta=0.05, critic_target_norm=False,
+                   critic_batch_size=256),
     "all": dict(diffusion_batch_size=256, init_steps=2000, init_states=20_000),
 }
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.

@@ -659,9 +659,11 @@ def test_the_final_evaluation_has_eval_episodes_and_the_periodic_ones_fewer(here
 
 def test_env_defaults_fill_only_the_unset_settings():
     """A setting given on the command line is kept; one left unset takes the --env-id's default (the critic's
-    learning rate and target normalisation too)."""
+    learning rate, batch and target normalisation too)."""
     mpe, bandit = om.env_defaults(om.Args(critic_lr=5e-4)), om.env_defaults(om.Args(env_id="bandit"))
-    assert (mpe.critic_lr, mpe.critic_steps, mpe.actor_lr, mpe.critic_target_norm) == (5e-4, 10_000, 3e-4, True)
-    bandit_values = (bandit.critic_lr, bandit.critic_steps, bandit.actor_lr, bandit.critic_target_norm)
-    assert bandit_values == (3e-4, 1000, 1e-2, False)
+    mpe_values = (mpe.critic_lr, mpe.critic_steps, mpe.critic_batch_size, mpe.actor_lr, mpe.critic_target_norm)
+    assert mpe_values == (5e-4, 10_000, 1024, 3e-4, True)
+    bandit_values = (bandit.critic_lr, bandit.critic_steps, bandit.critic_batch_size, bandit.actor_lr)
+    assert bandit_values + (bandit.critic_target_norm,) == (3e-4, 1000, 256, 1e-2, False)
     assert om.env_defaults(om.Args(critic_target_norm=False)).critic_target_norm is False
+    assert om.env_defaults(om.Args(critic_batch_size=256)).critic_batch_size == 256
