@@ -98,7 +98,7 @@ ENV_DEFAULTS = {
 }
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
-    "simple_spread": {"expert": 0.001, "medium": 0.3, "medium-replay": 0.2, "random": 3.0, "mixture": 0.001,
+    "simple_spread": {"expert": 0.001, "medium": 0.3, "medium-replay": 0.2, "random": 1.0, "mixture": 0.001,
                       "unimodal": 0.001, "multimodal-2": 0.001, "multimodal-3": 0.001, "miscoordinated": 0.001,
                       "unimodal-soft": 0.001, "multimodal-3-soft": 0.001, "miscoordinated-soft": 0.001},
     "simple_tag": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
