@@ -190,8 +190,8 @@ def mlp(i: int, h: int, o: int) -> nn.Sequential:
 
 
 class Actors(nn.Module):
-    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own parameters),
-    evaluated for all agents in one batched matmul per layer."""
+    """Deterministic actors a_k = tanh(MLP_k(o_k)); position k's network (agent order[k]) is self.nets[k], its own
+    parameters, evaluated for all positions in one batched matmul per layer."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()

@@ -42,11 +42,11 @@ class Args:
     threads: int = 0  # torch CPU threads (0: every core this process may use)
     env_id: str = "simple_spread"  # simple_spread | simple_tag | simple_world | bandit (sets the per-env defaults)
     dataset: str = "expert"
-    """random | medium-replay | medium | expert | mixture (spread also: unimodal | multimodal-2 | multimodal-3 |
-    miscoordinated, and unimodal-soft | multimodal-3-soft | miscoordinated-soft)"""
+    """random | medium-replay | medium | expert | mixture (spread also: unimodal, multimodal-2, multimodal-3,
+    miscoordinated, and unimodal-soft, multimodal-3-soft, miscoordinated-soft)"""
     dataset_path: str = ""  # the project's .npz, or a published dataset (OMAR, OMIGA, og-marl, MADiff)
     dataset_seed: int = 0  # which seed of a published dataset holding several (OMAR's seed_<k>_data, a vault's)
-    dataset_transitions: int = DEFAULT_TRANSITIONS  # size of the generated MPE dataset (bandit: 1,000,000)
+    dataset_transitions: int = DEFAULT_TRANSITIONS  # size of the generated MPE dataset (the bandit's: always 1,000,000)
     prey_path: str = ""  # tag/world: OMAR's pretrained prey, converted by `python -m envs.omar_prey`
     trust_pickle: bool = False  # allow unpickling OMAR's original prey .pt (runs any code it contains) to convert it
     decomposition: str = "sequential"  # sequential: mu_i given the actions of agents < i (OMSD) | independent
@@ -56,7 +56,7 @@ class Args:
     weighting: str = "alpha_over_sigma"  # w(t) of the score term: alpha_over_sigma | sigma2 (the authors') | one
     z_baseline: bool = True  # eps_hat - z instead of eps_hat in the actor loss (SRPO's variance reduction)
     diffusion_steps: int | None = None  # gradient steps, all agents' models together (depends on --env-id)
-    diffusion_batch_size: int | None = None  # minibatch size (256; 1024 on spread data of three joint modes)
+    diffusion_batch_size: int | None = None  # minibatch size (256; 1024 on generated spread data of three joint modes)
     diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
     diffusion_bf16: bool = True  # stage 1a's matmuls in bfloat16 where the CPU (AVX-512 BF16) or GPU runs them natively
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
@@ -105,7 +105,8 @@ BETA_DEFAULTS = {
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
-# spread data of three joint modes: more samples in stage 1a, a closer actors' start (docs/studies.md, 3 conventions)
+# spread data of three joint modes: more samples in stage 1a, a closer actors' start
+# (docs/studies.md, "Three conventions: the actors' start and stage 2")
 THREE_MODES = ("multimodal-3", "multimodal-3-soft", "mixture")
 THREE_MODES_DEFAULTS = dict(diffusion_batch_size=1024, init_steps=6000, init_states=100_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
@@ -202,8 +203,8 @@ def mlp(i: int, h: int, o: int) -> nn.Sequential:
 
 
 class Actors(nn.Module):
-    """Deterministic actors a_i = tanh(MLP_i(o_i)); agent i's network is self.nets[i] (its own parameters),
-    evaluated for all agents in one batched matmul per layer."""
+    """Deterministic actors a_k = tanh(MLP_k(o_k)); position k's network (agent order[k]) is self.nets[k], its own
+    parameters, evaluated for all positions in one batched matmul per layer."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()

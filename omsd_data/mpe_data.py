@@ -37,7 +37,7 @@ import types
 import numpy as np
 import torch
 
-from envs.mpe import ENV_VERSION, EPISODE_LEN, PREY_OBS_DIMS, TASKS, MPEEnv, paper_metric
+from envs.mpe import ENV_VERSION, EPISODE_LEN, PREY_DIR, PREY_OBS_DIMS, TASKS, MPEEnv, paper_metric
 from omsd_data.dataset import DatasetError, episode_returns, return_stats
 from omsd_data.generation import (
     N_CHUNKS,
@@ -80,7 +80,7 @@ def default_path(task: str, quality: str, n_transitions: int = DEFAULT_TRANSITIO
         tag = f"ctrl{CONTROLLER['version']}"
     else:
         # every quality comes from seed 0's run; tag/world's also from the prey they were collected against
-        prey = [os.path.join(BEHAVIOUR_DIR, f"{task}_prey.pt")] if task in PREY_OBS_DIMS else []
+        prey = [os.path.join(PREY_DIR, f"{task}.pt")] if task in PREY_OBS_DIMS else []
         tag = behaviour_tag([os.path.join(BEHAVIOUR_DIR, f"{task}_seed0.pt"), *prey])
     return os.path.join(DATA_DIR, "mpe", f"{task}-{quality}-{ENV_VERSION}-b{tag}-n{n_transitions}-s{seed}.npz")
 

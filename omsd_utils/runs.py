@@ -665,7 +665,7 @@ class Stage:
                        self.seconds, self.extra)  # fmt: skip
 
     def log(self, step: int, scalars: dict, status: str):
-        """TensorBoard scalars (and samples/s) every 100 steps, and the progress line."""
+        """TensorBoard scalars (and steps/s) every 100 steps, and the progress line."""
         if step % 100 == 0 or step == self.total:
             for k, v in scalars.items():
                 self.run.writer.add_scalar(k, v.item() if torch.is_tensor(v) else v, step)

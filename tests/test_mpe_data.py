@@ -78,3 +78,12 @@ def test_a_retrained_checkpoint_gets_new_default_files(tmp_path, monkeypatch):
         ckpt.write_bytes(b"retrained")
         assert mod.default_path(task, "expert") != before
     assert "-b" not in os.path.basename(mamujoco_data.default_path("HalfCheetah-2x3", "random"))  # no checkpoint
+
+
+def test_a_retrained_prey_gets_new_default_files(tmp_path, monkeypatch):
+    """tag/world data are named by the prey they were collected against too, not only by the predators."""
+    monkeypatch.setattr(mpe_data, "PREY_DIR", str(tmp_path))
+    (tmp_path / "simple_tag.pt").write_bytes(b"first prey")
+    before = mpe_data.default_path("simple_tag", "expert")
+    (tmp_path / "simple_tag.pt").write_bytes(b"retrained prey")
+    assert mpe_data.default_path("simple_tag", "expert") != before
