@@ -12,6 +12,11 @@ keyed by the training settings, so that sampler variants reuse them.
   --t-power P   training times t = 1e-3 + (1 - 1e-3) u^P, u ~ U(0, 1): P > 1 spends more of the training at small t,
                 where alpha_t is large and the modes are apart (P = 1: the script's uniform t)
   --eta E       DDIM's eta (sampler only): 0 the script's deterministic sampler, 1 ancestral sampling
+  --select K    the joint policy (sampler only) draws K joint samples per state and acts with the one of highest
+                kernel density among them (Gaussian, bandwidth --bandwidth): the state's most common joint mode
+                instead of a random one (K = 1: one sample, as the script's diagnostics)
+  --shared-draws D  also the joint policy with one noise for every state of every episode (a deterministic policy,
+                what the actors' start imitates), for D draws of that noise
 
     python benchmark/behaviour_study.py --dataset multimodal-3 --name default
     python benchmark/behaviour_study.py --dataset multimodal-3 --name eta1 --eta 1
@@ -40,7 +45,7 @@ from omsd_utils.diagnostics import behaviour_fit, held_out, rounded  # noqa: E40
 from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, diffusion_steps=15_000, diffusion_batch_size=256, diffusion_hidden=128, diffusion_bf16=True,
-                t_power=1.0, sample_steps=20, eta=0.0)  # fmt: skip
+                t_power=1.0, sample_steps=20, eta=0.0, select=1, bandwidth=0.2, shared_draws=0)  # fmt: skip
 TRAINING = ("seed", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_bf16", "t_power")
 
 
@@ -110,22 +115,37 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None, eta: float
 
 
 class JointSampler(torch.nn.Module):
-    """The behaviour models acting alone (agent k's sample given those of agents < k): a fresh noise every step, or
-    one noise (z and the sampler's) per episode, drawn at its first step."""
+    """The behaviour models acting alone (agent k's sample given those of agents < k), with noise (z and the
+    sampler's) drawn afresh every step ("step"), once per episode at its first step ("episode"), or once for every
+    state of every episode ("shared": a deterministic policy, what the actors' start imitates); with --select K, K
+    noises per state and the densest sample."""
 
-    def __init__(self, score_net, mask, act_dim: int, cfg: dict, gen, per_episode: bool):
+    def __init__(self, score_net, mask, act_dim: int, cfg: dict, gen, noise: str):
         super().__init__()
         self.score_net, self.mask, self.act_dim, self.cfg, self.gen = score_net, mask, act_dim, cfg, gen
-        self.per_episode, self.noise = per_episode, None
+        self.mode, self.noise = noise, None
 
     def forward(self, obs):  # (n, E, obs) -> (n, E, act)
-        n, E = obs.shape[:2]
-        if self.noise is None or not self.per_episode:
-            z = torch.randn(n, E, self.act_dim, generator=self.gen)
-            xi = torch.randn(n, self.cfg["sample_steps"], n, E, self.act_dim, generator=self.gen)
-            self.noise = (z, xi)
-        z, xi = self.noise
-        return sample_actions(self.score_net, obs, self.mask, z, self.cfg["sample_steps"], eta=self.cfg["eta"], xi=xi)
+        n, E, K = *obs.shape[:2], self.cfg["select"]
+        if self.mode == "shared":  # one draw of K noises, the same in every state
+            if self.noise is None:
+                z = torch.randn(n, 1, K, self.act_dim, generator=self.gen)
+                xi = torch.randn(n, self.cfg["sample_steps"], n, 1, K, self.act_dim, generator=self.gen)
+                self.noise = (z, xi)
+            z = self.noise[0].expand(n, E, K, self.act_dim).reshape(n, E * K, self.act_dim)
+            xi = self.noise[1].expand(-1, -1, -1, E, -1, -1).reshape(n, self.cfg["sample_steps"], n, E * K, -1)
+        else:
+            if self.noise is None or self.mode == "step":
+                z = torch.randn(n, E * K, self.act_dim, generator=self.gen)
+                xi = torch.randn(n, self.cfg["sample_steps"], n, E * K, self.act_dim, generator=self.gen)
+                self.noise = (z, xi)
+            z, xi = self.noise
+        a = sample_actions(self.score_net, obs.repeat_interleave(K, 1), self.mask, z, self.cfg["sample_steps"],
+                           eta=self.cfg["eta"], xi=xi)  # fmt: skip
+        if K == 1:
+            return a
+        # K joint samples per state, the densest: the state's most common joint mode instead of a random one
+        return om.densest(a.reshape(n, E, K, self.act_dim), self.cfg["bandwidth"])
 
 
 def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict:
@@ -143,16 +163,23 @@ def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict
                         cfg["sample_steps"], order, early, measures if K else None)  # fmt: skip
     out = {"heldout_denoising_loss": fit.pop("denoising_loss"), **fit}
     ev_args = om.Args(env_id="simple_spread", seed=cfg["seed"], eval_episodes=episodes)
-    for per_episode in (False, True):
+    for noise in ("step", "episode"):
         g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 5)
-        policy = JointSampler(score_net, mask, data["act"].shape[-1], cfg, g, per_episode)
+        policy = JointSampler(score_net, mask, data["act"].shape[-1], cfg, g, noise)
         ret, obs_e, act_e, obs_last = om.evaluate(policy, ev_args, order, data["obs"].shape[2], None, record=True)
         row = {"return": ret}
         if K:
             table = measures.convention_table(obs_e[:, :episodes], order)
             row["first_step"] = measures.convention_stats(act_e[:, :episodes], table)
             row["final_assignment"] = measures.assignment_stats(obs_last, order, K)
-        out["joint_noise_per_episode" if per_episode else "joint_noise_per_step"] = row
+        out[f"joint_noise_per_{noise}"] = row
+    shared = []  # --shared-draws draws of one noise for all states: how much the draw an actors' start gets matters
+    for d in range(cfg["shared_draws"]):
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 6 + d)
+        policy = JointSampler(score_net, mask, data["act"].shape[-1], cfg, g, "shared")
+        shared.append(om.evaluate(policy, ev_args, order, data["obs"].shape[2], None))
+    if shared:
+        out["joint_noise_shared"] = {"returns": shared, "mean": float(np.mean(shared))}
     return out
 
 

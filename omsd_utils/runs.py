@@ -58,6 +58,7 @@ POSITIVE = (
     "sample_steps",
     "init_steps",
     "init_states",
+    "init_candidates",
 )
 
 

@@ -44,7 +44,7 @@ def test_a_variant_is_trained_as_the_script_trains_stage_1a_and_graded(tmp_path)
     run_script(os.path.join(REPO, "oma_sd_mpe.py"), tmp_path, *flags, "--critic-steps", "2", "--policy-steps", "2",
                "--eval-every", "2", "--eval-episodes", "1", "--actor-init", "random", "--no-diagnostics")  # fmt: skip
     out = tmp_path / "rows.jsonl"
-    study_flags = [*flags, "--name", "tiny", "--episodes", "2", "--eta", "1", "--t-power", "1"]
+    study_flags = [*flags, "--name", "tiny", "--episodes", "2", "--eta", "1", "--t-power", "1", "--shared-draws", "2"]
     run_script(os.path.join(REPO, "benchmark", "behaviour_study.py"), tmp_path, *study_flags, "--out", str(out),
                "--cache", str(tmp_path / "study_cache"))  # fmt: skip
     script_model = torch.load(
@@ -53,7 +53,34 @@ def test_a_variant_is_trained_as_the_script_trains_stage_1a_and_graded(tmp_path)
     study_model = torch.load(glob.glob(str(tmp_path / "study_cache/*.pt"))[0], weights_only=True)
     assert all(torch.equal(script_model["model"][k], v) for k, v in study_model.items())
     row = json.loads(out.read_text())
-    assert row["changed"] == {"diffusion_steps": 20, "diffusion_batch_size": 32, "diffusion_hidden": 16, "eta": 1.0}
+    assert row["changed"] == {"diffusion_steps": 20, "diffusion_batch_size": 32, "diffusion_hidden": 16, "eta": 1.0,
+                              "shared_draws": 2}  # fmt: skip
     assert len(row["heldout_denoising_loss"]) == 3 and len(row["samples_near_a_convention"]) == 3
     for k in ("joint_noise_per_step", "joint_noise_per_episode"):
         assert 0 <= row[k]["final_assignment"]["in_data_convention"] <= 1 and row[k]["return"] > 0  # spread's metric
+    shared = row["joint_noise_shared"]
+    assert len(shared["returns"]) == 2 and shared["mean"] == pytest.approx(sum(shared["returns"]) / 2)
+
+
+def test_select_acts_with_the_states_most_common_joint_mode(monkeypatch):
+    """--select K: of K joint samples per state the densest is taken: the majority mode, not a lone sample."""
+    n, E, K, act = 3, 2, 5, 2
+    modes = torch.tensor([[1.0, 1.0, 1.0, -1.0, 0.0], [1.0, -1.0, -1.0, 1.0, -1.0]])  # (E, K): majority +1, then -1
+    draws = modes[:, :, None, None].expand(E, K, n, act) + 0.01 * torch.randn(E, K, n, act)
+    fake = lambda net, base, mask, z, steps, eta, xi: draws.permute(2, 0, 1, 3).reshape(n, E * K, act)  # noqa: E731
+    monkeypatch.setattr(study, "sample_actions", fake)
+    policy = study.JointSampler(None, None, act, dict(study.DEFAULTS, select=K), torch.Generator(), "step")
+    a = policy(torch.zeros(n, E, 4))
+    assert a.shape == (n, E, act)
+    assert (a[:, 0] - 1).abs().max() < 0.05 and (a[:, 1] + 1).abs().max() < 0.05
+
+
+def test_shared_noise_is_a_deterministic_policy_of_the_state():
+    """noise "shared": the same state gives the same action in every episode and at every call; "step" does not."""
+    n, E = 3, 4
+    mask, obs = om.prefix_mask(n, "sequential"), torch.zeros(n, E, 3)
+    shared = study.JointSampler(GaussianScore(), mask, 1, dict(study.DEFAULTS, select=4), torch.Generator(), "shared")
+    a, b = shared(obs), shared(obs)
+    assert torch.equal(a, b) and torch.equal(a, a[:, :1].expand_as(a))
+    step = study.JointSampler(GaussianScore(), mask, 1, dict(study.DEFAULTS), torch.Generator(), "step")
+    assert not torch.equal(step(obs), step(obs))
