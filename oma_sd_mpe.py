@@ -74,7 +74,6 @@ class Args:
     actor_init: str | None = None  # random (the authors') | samples: start in one joint behaviour mode (per env)
     init_steps: int | None = None  # --actor-init samples: regression steps (2000; spread data of three modes: 6000)
     init_states: int | None = None  # --actor-init samples: the data's states it regresses on (20,000; three: 100,000)
-    init_candidates: int | None = None  # --actor-init samples: joint samples per state, the densest kept (1)
     sample_steps: int = 20  # steps of the deterministic DDIM sampler of the behaviour models
     eval_every: int | None = None  # policy steps between evaluations (depends on --env-id)
     eval_episodes: int = 32  # episodes of the final evaluation, the return a run reports (decentralised, deterministic)
@@ -95,7 +94,7 @@ ENV_DEFAULTS = {
     "bandit": dict(diffusion_steps=4000, diffusion_hidden=64, critic_steps=1000, critic_lr=3e-4, policy_steps=3000,
                    actor_lr=1e-2, eval_every=100, actor_init="random", beta=0.05, critic_target_norm=False,
                    critic_batch_size=256),
-    "all": dict(diffusion_batch_size=256, init_steps=2000, init_states=20_000, init_candidates=1),
+    "all": dict(diffusion_batch_size=256, init_steps=2000, init_states=20_000),
 }
 # beta: simple_spread's chosen on seed 0 (docs/studies.md; controlled data: the expert's), tag/world the authors'.
 BETA_DEFAULTS = {
@@ -311,28 +310,16 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None):
     return out
 
 
-def densest(cands, bandwidth: float = 0.2):
-    """(n, B, K, act) joint samples -> (n, B, act): per state the one with the largest Gaussian kernel density."""
-    n, B, K, act_dim = cands.shape
-    joint = cands.permute(1, 2, 0, 3).reshape(B, K, n * act_dim)
-    density = torch.exp(-(torch.cdist(joint, joint) ** 2) / (2 * bandwidth**2)).sum(-1)  # (B, K)
-    return cands[:, torch.arange(B, device=cands.device), density.argmax(-1)]
-
-
 def init_from_samples(actors, score_net, q_target, data, mask, args: Args, g) -> dict:
     """--actor-init samples, a mode-seeking start: distillation of the score alone is mean-seeking between far-apart
     modes, so the actors first imitate one joint sample per state, drawn with one noise z for all states (so the mode
-    a sample lands in varies smoothly with the state), agent k's given those of agents < k. With K candidates, K
-    noises each shared by all states, and per state the sample of highest kernel density among the K: the state's
-    most common joint mode rather than a random one."""
+    a sample lands in varies smoothly with the state), agent k's given those of agents < k."""
     t0, device = time.time(), data["obs"].device
     N, n, act_dim = data["act"].shape
     rows = torch.randperm(N, generator=g, device=g.device)[: args.init_states].to(device)
-    z = torch.randn((n, args.init_candidates, act_dim), generator=g, device=device)
+    z = torch.randn((n, 1, act_dim), generator=g, device=device).expand(n, len(rows), act_dim)
     obs = data["obs"][rows].transpose(0, 1)
-    cands = [sample_actions(score_net, obs, mask, z[:, k : k + 1].expand(n, len(rows), act_dim), args.sample_steps)
-             for k in range(args.init_candidates)]  # fmt: skip
-    target = densest(torch.stack(cands, 2)) if args.init_candidates > 1 else cands[0]
+    target = sample_actions(score_net, obs, mask, z, args.sample_steps)
     with torch.no_grad():
         q = q_target(data["critic_state"][rows], target.transpose(0, 1).reshape(len(rows), -1)).mean().item()
     opt = torch.optim.Adam(actors.parameters(), lr=args.actor_lr, fused=True)

@@ -17,6 +17,8 @@ keyed by the training settings, so that sampler variants reuse them.
                 instead of a random one (K = 1: one sample, as the script's diagnostics)
   --shared-draws D  also the joint policy with one noise for every state of every episode (a deterministic policy,
                 what the actors' start imitates), for D draws of that noise
+  --run-draw    also that policy with the noise the script's start draws for --seed (as `oma_sd_mpe.py
+                --init-candidates K` at commit a320a87 with K = --select): the return of the actors' targets
 
     python benchmark/behaviour_study.py --dataset multimodal-3 --name default
     python benchmark/behaviour_study.py --dataset multimodal-3 --name eta1 --eta 1
@@ -45,7 +47,8 @@ from omsd_utils.diagnostics import behaviour_fit, held_out, rounded  # noqa: E40
 from omsd_utils.files import append_row  # noqa: E402
 
 DEFAULTS = dict(seed=0, diffusion_steps=15_000, diffusion_batch_size=256, diffusion_hidden=128, diffusion_bf16=True,
-                t_power=1.0, sample_steps=20, eta=0.0, select=1, bandwidth=0.2, shared_draws=0)  # fmt: skip
+                t_power=1.0, sample_steps=20, eta=0.0, select=1, bandwidth=0.2, shared_draws=0,
+                run_draw=False)  # fmt: skip
 TRAINING = ("seed", "diffusion_steps", "diffusion_batch_size", "diffusion_hidden", "diffusion_bf16", "t_power")
 
 
@@ -114,16 +117,24 @@ def sample_actions(score_net, base, mask, z, steps: int, a_prev=None, eta: float
     return out
 
 
+def densest(cands, bandwidth: float = 0.2):
+    """(n, B, K, act) joint samples -> (n, B, act): per state the one with the largest Gaussian kernel density."""
+    n, B, K, act_dim = cands.shape
+    joint = cands.permute(1, 2, 0, 3).reshape(B, K, n * act_dim)
+    density = torch.exp(-(torch.cdist(joint, joint) ** 2) / (2 * bandwidth**2)).sum(-1)  # (B, K)
+    return cands[:, torch.arange(B, device=cands.device), density.argmax(-1)]
+
+
 class JointSampler(torch.nn.Module):
     """The behaviour models acting alone (agent k's sample given those of agents < k), with noise (z and the
     sampler's) drawn afresh every step ("step"), once per episode at its first step ("episode"), or once for every
     state of every episode ("shared": a deterministic policy, what the actors' start imitates); with --select K, K
     noises per state and the densest sample."""
 
-    def __init__(self, score_net, mask, act_dim: int, cfg: dict, gen, noise: str):
+    def __init__(self, score_net, mask, act_dim: int, cfg: dict, gen, noise: str, z=None):
         super().__init__()
         self.score_net, self.mask, self.act_dim, self.cfg, self.gen = score_net, mask, act_dim, cfg, gen
-        self.mode, self.noise = noise, None
+        self.mode, self.noise = noise, None if z is None else (z[:, None], torch.zeros(0))  # z (n, K, act): given
 
     def forward(self, obs):  # (n, E, obs) -> (n, E, act)
         n, E, K = *obs.shape[:2], self.cfg["select"]
@@ -133,7 +144,9 @@ class JointSampler(torch.nn.Module):
                 xi = torch.randn(n, self.cfg["sample_steps"], n, 1, K, self.act_dim, generator=self.gen)
                 self.noise = (z, xi)
             z = self.noise[0].expand(n, E, K, self.act_dim).reshape(n, E * K, self.act_dim)
-            xi = self.noise[1].expand(-1, -1, -1, E, -1, -1).reshape(n, self.cfg["sample_steps"], n, E * K, -1)
+            xi = None  # (eta 0) or the drawn one, the same in every state
+            if self.noise[1].numel():
+                xi = self.noise[1].expand(-1, -1, -1, E, -1, -1).reshape(n, self.cfg["sample_steps"], n, E * K, -1)
         else:
             if self.noise is None or self.mode == "step":
                 z = torch.randn(n, E * K, self.act_dim, generator=self.gen)
@@ -145,7 +158,7 @@ class JointSampler(torch.nn.Module):
         if K == 1:
             return a
         # K joint samples per state, the densest: the state's most common joint mode instead of a random one
-        return om.densest(a.reshape(n, E, K, self.act_dim), self.cfg["bandwidth"])
+        return densest(a.reshape(n, E, K, self.act_dim), self.cfg["bandwidth"])
 
 
 def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict:
@@ -180,6 +193,12 @@ def grade(score_net, cfg: dict, data, arrays, meta, mask, episodes: int) -> dict
         shared.append(om.evaluate(policy, ev_args, order, data["obs"].shape[2], None))
     if shared:
         out["joint_noise_shared"] = {"returns": shared, "mean": float(np.mean(shared))}
+    if cfg["run_draw"]:  # the noise the script's start draws (init_from_samples, stage-1 seed --seed): its targets
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + 4)
+        torch.randperm(N, generator=g)
+        z = torch.randn((len(order), cfg["select"], data["act"].shape[-1]), generator=g)
+        policy = JointSampler(score_net, mask, data["act"].shape[-1], cfg, None, "shared", z)
+        out["joint_noise_of_the_run"] = om.evaluate(policy, ev_args, order, data["obs"].shape[2], None)
     return out
 
 

@@ -58,7 +58,6 @@ POSITIVE = (
     "sample_steps",
     "init_steps",
     "init_states",
-    "init_candidates",
 )
 
 

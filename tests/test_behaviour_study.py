@@ -44,7 +44,20 @@ def test_a_variant_is_trained_as_the_script_trains_stage_1a_and_graded(tmp_path)
     run_script(os.path.join(REPO, "oma_sd_mpe.py"), tmp_path, *flags, "--critic-steps", "2", "--policy-steps", "2",
                "--eval-every", "2", "--eval-episodes", "1", "--actor-init", "random", "--no-diagnostics")  # fmt: skip
     out = tmp_path / "rows.jsonl"
-    study_flags = [*flags, "--name", "tiny", "--episodes", "2", "--eta", "1", "--t-power", "1", "--shared-draws", "2"]
+    study_flags = [
+        *flags,
+        "--name",
+        "tiny",
+        "--episodes",
+        "2",
+        "--eta",
+        "1",
+        "--t-power",
+        "1",
+        "--shared-draws",
+        "2",
+        "--run-draw",
+    ]
     run_script(os.path.join(REPO, "benchmark", "behaviour_study.py"), tmp_path, *study_flags, "--out", str(out),
                "--cache", str(tmp_path / "study_cache"))  # fmt: skip
     script_model = torch.load(
@@ -54,12 +67,13 @@ def test_a_variant_is_trained_as_the_script_trains_stage_1a_and_graded(tmp_path)
     assert all(torch.equal(script_model["model"][k], v) for k, v in study_model.items())
     row = json.loads(out.read_text())
     assert row["changed"] == {"diffusion_steps": 20, "diffusion_batch_size": 32, "diffusion_hidden": 16, "eta": 1.0,
-                              "shared_draws": 2}  # fmt: skip
+                              "shared_draws": 2, "run_draw": True}  # fmt: skip
     assert len(row["heldout_denoising_loss"]) == 3 and len(row["samples_near_a_convention"]) == 3
     for k in ("joint_noise_per_step", "joint_noise_per_episode"):
         assert 0 <= row[k]["final_assignment"]["in_data_convention"] <= 1 and row[k]["return"] > 0  # spread's metric
     shared = row["joint_noise_shared"]
     assert len(shared["returns"]) == 2 and shared["mean"] == pytest.approx(sum(shared["returns"]) / 2)
+    assert row["joint_noise_of_the_run"] > 0
 
 
 def test_select_acts_with_the_states_most_common_joint_mode(monkeypatch):
