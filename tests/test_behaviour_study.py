@@ -44,20 +44,8 @@ def test_a_variant_is_trained_as_the_script_trains_stage_1a_and_graded(tmp_path)
     run_script(os.path.join(REPO, "oma_sd_mpe.py"), tmp_path, *flags, "--critic-steps", "2", "--policy-steps", "2",
                "--eval-every", "2", "--eval-episodes", "1", "--actor-init", "random", "--no-diagnostics")  # fmt: skip
     out = tmp_path / "rows.jsonl"
-    study_flags = [
-        *flags,
-        "--name",
-        "tiny",
-        "--episodes",
-        "2",
-        "--eta",
-        "1",
-        "--t-power",
-        "1",
-        "--shared-draws",
-        "2",
-        "--run-draw",
-    ]
+    study_flags = [*flags, "--name", "tiny", "--episodes", "2", "--eta", "1", "--t-power", "1"]
+    study_flags += ["--shared-draws", "2", "--run-draw"]
     run_script(os.path.join(REPO, "benchmark", "behaviour_study.py"), tmp_path, *study_flags, "--out", str(out),
                "--cache", str(tmp_path / "study_cache"))  # fmt: skip
     script_model = torch.load(
