@@ -273,7 +273,7 @@ def test_evaluate_non_finite_actions_fail_every_episode(monkeypatch, tmp_path):
 def test_stage2_length_defaults_per_env_and_flags_win():
     hc, hop = tiny_args(), tiny_args(env_id="Hopper-3x1")
     assert (hc.policy_steps, hc.eval_every) == (5_000, 1_000)
-    assert (hop.policy_steps, hop.eval_every) == (20_000, 2_500)  # Hopper needs the longer stage 2 (README)
+    assert (hop.policy_steps, hop.eval_every) == (20_000, 2_500)  # Hopper needs the longer stage 2 (docs/studies.md)
     mine = tiny_args(env_id="Hopper-3x1", policy_steps=300, eval_every=100)
     assert (mine.policy_steps, mine.eval_every) == (300, 100)
 
