@@ -26,6 +26,7 @@ from omsd_data.dataset import DatasetError, episode_ends
 from omsd_data.mamujoco_data import DEFAULT_TRANSITIONS, QUALITIES, check_metadata, ensure_dataset, normalization
 from omsd_data.sources import read_dataset
 from omsd_utils import runs, saved
+from omsd_utils.critic_gradient import critic_truth, mamujoco_rows
 from omsd_utils.diagnostics import diagnose
 from omsd_utils.runs import RunError, check_finite, finish_run, start_run
 
@@ -588,6 +589,7 @@ def main(args: Args) -> dict:
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)
     ends, ref = episode_ends(arrays), normalization(args.env_id, meta)
+    rows = mamujoco_rows(args.env_id, arrays) if args.diagnostics and "state" in arrays else None  # critic's truth
     del arrays  # 1M Ant transitions are ~2 GB of arrays; only the tensors are used from here on
     run = start_run(asdict(args), args.cache_dir, args.resume, t_start, dataset_sha256=meta["sha256"])
     if run.finished is not None:  # killed after its results.json was written: nothing left to do
@@ -612,10 +614,11 @@ def main(args: Args) -> dict:
     if args.diagnostics:  # which part limits the score (omsd_utils/diagnostics.py)
         fns = dict(sample_actions=sample_actions, diffusion_loss=diffusion_loss, condition=condition,
                    rollout=lambda policy: saved.recorded_rollout(lambda p: evaluate_fn(p, False), policy))  # fmt: skip
+        truth = critic_truth(args.env_id, rows, meta, args.gamma, order) if rows else None
         diagnostics = diagnose(fns, score_net, q_target, actors, data, ends, mask, sample_steps=args.sample_steps,
                                gamma=args.gamma, seed=args.seed, order=order, heldout=False, joint_state="obs",
-                               max_policy_steps=2000, max_pool=200_000, writer=run.writer,
-                               step=args.policy_steps)  # fmt: skip
+                               max_policy_steps=2000, max_pool=200_000, writer=run.writer, step=args.policy_steps,
+                               gradient_truth=truth)  # fmt: skip
     draw = (lambda out: videos(actors, args, order, obs_max, out)) if args.capture_video else None
     return finish(run, actors, args, meta, source, order, ref, "ok", diagnostics, draw)
 

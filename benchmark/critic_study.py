@@ -1,6 +1,7 @@
 """The critic study of docs/studies.md: train one variant of oma_sd_mpe.py's stage-1b critic on simple_spread data
 (no behaviour models, no stage 2) and grade its action gradient against the Monte-Carlo truth
-(omsd_utils/critic_gradient.py). Appends one JSON row to --out.
+(omsd_utils/critic_gradient.py). Appends one JSON row to --out. `--env-id HalfCheetah-2x3` (any Multi-agent MuJoCo
+configuration) does the same with oma_sd_mamujoco.py's critic (γ 0.99 unless --gamma; its truth covers 10 steps).
 
 With no variant flags this is the script's stage 1b step for step (the same TwinQ and mlp, seeding, IQL losses,
 data tensors and Polyak target) at the authors' learning rate 3e-4, the base of the study's rows; `--critic-lr 1e-3`
@@ -30,6 +31,7 @@ are the script's own options:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -40,14 +42,13 @@ from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import oma_sd_mpe as om  # noqa: E402
+from omsd_data import mamujoco_data, mpe_data  # noqa: E402
 from omsd_data.dataset import episode_ends  # noqa: E402
-from omsd_data.mpe_data import DEFAULT_TRANSITIONS, ensure_dataset  # noqa: E402
 from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
 from omsd_utils.files import append_row  # noqa: E402
 
-DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
+DEFAULTS = dict(seed=0, gamma=0.0, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, critic_lr=3e-4, polyak=0.005, standardize=False,
                 layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0, target_norm=False, fourier=0,
                 fourier_scale=1.0)  # fmt: skip
@@ -66,11 +67,11 @@ class TwinQLN(nn.Module):
 
 
 class TwinQCat(nn.Module):
-    """om.TwinQ's two heads on an already concatenated input: forward(x) -> (2, B)."""
+    """The script's TwinQ's two heads on an already concatenated input: forward(x) -> (2, B)."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, twin: nn.Module):
         super().__init__()
-        self.twin = om.TwinQ(in_dim, hidden)
+        self.twin = twin
 
     def forward(self, x):
         return self.twin(x, x[:, :0])
@@ -110,8 +111,8 @@ class Fourier(nn.Module):
         return self.core(torch.cat([x, z.sin(), z.cos()], -1))
 
 
-def train(cfg: dict, data: dict):
-    """The script's stage-1b loop with the variant's changes; returns the target critic (2, B)."""
+def train(cfg: dict, data: dict, om):
+    """The script `om`'s stage-1b loop with the variant's changes; returns the target critic (2, B)."""
     N, n, act_dim = data["act"].shape
     S, A, h = data["critic_state"].shape[1], n * act_dim, cfg["critic_hidden"]
     joint = data["act"].reshape(N, -1)
@@ -119,7 +120,7 @@ def train(cfg: dict, data: dict):
     if cfg["fourier"]:
         cfg["standardize"] = True
         F_, sc = cfg["fourier"], cfg["fourier_scale"]
-        twin = lambda: Fourier(TwinQCat(S + A + F_, h), S + A, F_, sc, cfg["seed"])  # noqa: E731
+        twin = lambda: Fourier(TwinQCat(om.TwinQ(S + A + F_, h)), S + A, F_, sc, cfg["seed"])  # noqa: E731
         q_net, v_net, q_target = twin(), Fourier(om.mlp(S + F_, h, 1), S, F_, sc, cfg["seed"] + 1), twin()
     elif cfg["layernorm"]:
         q_net, v_net, q_target = TwinQLN(S + A, h), ln_mlp(S, h, 1), TwinQLN(S + A, h)
@@ -176,8 +177,9 @@ def train(cfg: dict, data: dict):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the variant's label in the rows")
+    p.add_argument("--env-id", default="simple_spread", choices=("simple_spread",) + mamujoco_data.ENV_IDS)
     p.add_argument("--dataset", default="random", choices=("random", "medium", "expert"))
-    p.add_argument("--dataset-transitions", type=int, default=DEFAULT_TRANSITIONS)
+    p.add_argument("--dataset-transitions", type=int, default=None, help="default: the family's (1M MaMuJoCo)")
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
         kind = {"action": argparse.BooleanOptionalAction, "default": v} if isinstance(v, bool) else {"type": type(v)}
@@ -185,17 +187,27 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "critic_study.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    mpe = a.env_id == "simple_spread"
+    om = importlib.import_module("oma_sd_mpe" if mpe else "oma_sd_mamujoco")
+    source = mpe_data if mpe else mamujoco_data
     cfg = {k: getattr(a, k) for k in DEFAULTS}
-    arrays, meta, _ = ensure_dataset("simple_spread", a.dataset, a.dataset_transitions)
-    data = om.to_tensors(arrays, [0, 1, 2], cfg["bootstrap_truncation"])
-    q_target, seconds = train(cfg, data)
+    cfg["gamma"] = cfg["gamma"] or (0.95 if mpe else 0.99)  # each script's default
+    transitions = a.dataset_transitions or source.DEFAULT_TRANSITIONS
+    arrays, meta, _ = source.ensure_dataset(a.env_id, a.dataset, transitions)
+    order = list(range(sum(k.startswith("obs_") for k in arrays)))
+    data = om.to_tensors(arrays, order, cfg["bootstrap_truncation"])
+    q_target, seconds = train(cfg, data, om)
     q_fn = lambda s, act: q_target(s, act).mean(0)  # noqa: E731  (the actors' critic)
-    row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != DEFAULTS[k]}}
-    if a.dataset_transitions != DEFAULT_TRANSITIONS:
-        row["dataset_transitions"] = a.dataset_transitions
-    for gamma in sorted({cfg["gamma"], 0.99}):  # a gamma-0.95 critic is also graded against the default's truth
-        truth = critic_truth("simple_spread", arrays, meta, gamma, [0, 1, 2])
+    base = {**DEFAULTS, "gamma": 0.95 if mpe else 0.99}
+    row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != base[k]}}
+    row = row if mpe else {"env_id": a.env_id, **row}
+    if transitions != source.DEFAULT_TRANSITIONS:
+        row["dataset_transitions"] = transitions
+    # a gamma-0.95 spread critic is also graded against the gamma-0.99 truth
+    for gamma in sorted({cfg["gamma"], 0.99}):
+        truth = critic_truth(a.env_id, arrays, meta, gamma, order)
         row[f"gamma{gamma}"] = {k: round(v, 4) for k, v in grade(q_fn, truth).items()}
+        row[f"gamma{gamma}"]["truth_split_half"] = round(truth["info"].get("split_half_cosine", float("nan")), 4)
     row["pearson_r"] = round(critic_quality(q_target, data, episode_ends(arrays), cfg["gamma"])["pearson_r"], 4)
     row["seconds"] = round(seconds, 1)
     append_row(a.out, row)  # two studies may write one file at a time

@@ -98,3 +98,24 @@ def diverged(env, obs: dict, reward, names) -> str:
         if data.warning[int(getattr(mujoco.mjtWarning, w))].number:
             return f"unstable simulation (MuJoCo warning {w}; MuJoCo reset it)"
     return ""
+
+
+def reconstructable(env_id: str, state: np.ndarray) -> np.ndarray:
+    """Which stored state() rows (B, state) `set_state` restores exactly: not Hopper's with a velocity at +-10
+    (Gymnasium's v5 Hopper clips its 6 velocities, the last 6 entries, in the observation)."""
+    if not env_id.startswith("Hopper"):
+        return np.ones(len(state), bool)
+    return np.abs(state[:, -6:]).max(1) < 10.0 - 1e-6
+
+
+def set_state(env, state: np.ndarray) -> dict:
+    """Put a reset env into the state of a stored `state()` vector (the task's single-agent observation: qpos
+    without its skipped root position, then qvel, then Ant's contact forces). The skipped x (Ant: x, y) is 0: no
+    dynamics or reward depends on it. One step from there gives the stored next state to float precision; the
+    returned observations differ only in Ant's contact forces, which MuJoCo computes during a step."""
+    task = env.unwrapped.single_agent_env.unwrapped
+    part = task.observation_structure
+    skip, nq = part["skipped_qpos"], part["qpos"]
+    qpos = np.concatenate([np.zeros(skip), state[:nq]])
+    task.set_state(qpos, np.asarray(state[nq : nq + part["qvel"]], np.float64))
+    return env.unwrapped._get_obs()

@@ -12,6 +12,8 @@ docs/studies.md, "The critic's gradient"). The truth, for M dataset transitions 
   discounted returns give dQ^mu/da_i; the same rollouts from a grid of far actions of agent i ({-1, 0, 1}^act)
   give their Q^mu. An IQL critic estimates the Q of an improved policy, not Q^mu, but its gradient should agree in
   direction. Only data of one committed policy (random, medium, expert) have a known behaviour policy.
+- Multi-agent MuJoCo (`mamujoco_truth`): the same from the stored state (qpos, qvel) of data of one committed
+  behaviour policy, over the first 10 steps only (contacts make a longer return's gradient unrepeatable).
 - the bandit (`bandit_truth`): one step with reward a_1 a_2, so Q(a) = a_1 a_2 and dQ/da_i = a_j exactly.
 
 `grade(q_fn, truth)` compares any critic q_fn(state (B, S), joint action (B, n*act)) -> (B,) with a truth:
@@ -134,6 +136,123 @@ def spread_truth(
     }
 
 
+def far_actions(act_dim: int) -> np.ndarray:
+    """A few far actions of one agent: the grid {-1, 0, 1}^act for act <= 2, else the centre and +-1 on each axis
+    (MaMuJoCo's 3- and 4-dimensional agents: 7 and 9 instead of 27 and 81 rollout variants)."""
+    if act_dim <= 2:
+        return far_grid(act_dim)
+    return np.concatenate([np.zeros((1, act_dim)), np.eye(act_dim), -np.eye(act_dim)]).astype(np.float32)
+
+
+def mamujoco_behaviour(env_id: str, meta: dict):
+    """(actor, noise) of the policy that generated a MaMuJoCo dataset of one committed snapshot (random, medium,
+    expert), else None (also when the data record another snapshot than the committed one)."""
+    from omsd_data.generation import snapshot_info
+    from omsd_data.mamujoco_data import load_behaviour, random_actor
+    from omsd_data.policies import actor_from_state_dict
+
+    behaviour = meta.get("behaviour") or {}
+    policies = behaviour.get("policies") or []
+    if len(policies) != 1 or meta.get("quality") not in SINGLE_POLICY:
+        return None
+    name = policies[0][0]
+    if name.startswith("untrained"):
+        return actor_from_state_dict(random_actor(env_id)), float(meta["collect_noise"])
+    sds, info = load_behaviour(env_id, 0)
+    key = name.removeprefix("seed0/")
+    if key not in sds or (behaviour.get("snapshots") or {}).get(name) != snapshot_info(info, key):
+        return None
+    return actor_from_state_dict(sds[key]), float(meta["collect_noise"])
+
+
+def mamujoco_rows(env_id: str, arrays: dict, M=64, seed=0) -> dict:
+    """M rows of a Multi-agent MuJoCo dataset that `set_state` restores (not Hopper's with a clipped velocity), with
+    what `mamujoco_truth` needs of them (the arrays' keys and each row's step in its episode): a run keeps these
+    and frees its arrays."""
+    from envs.mamujoco import reconstructable
+
+    starts = np.concatenate([[0], np.flatnonzero(arrays["terminals"] | arrays["truncations"])[:-1] + 1])
+    pool = np.flatnonzero(reconstructable(env_id, arrays["state"]))
+    idx = np.sort(np.random.default_rng(seed).choice(pool, min(M, len(pool)), replace=False))
+    keys = ["state", "rewards_0"] + [k for k in arrays if k.startswith(("obs_", "actions_"))]
+    t = idx - starts[np.searchsorted(starts, idx, "right") - 1]
+    return {**{k: arrays[k][idx] for k in keys}, "rows": idx, "t": t}
+
+
+@torch.no_grad()
+def mamujoco_truth(
+    env_id: str, rows: dict, behaviour, gamma: float, order: list[int], K=16, H=10, h=H_DEFAULT, seed=0, chunk=1
+) -> dict:
+    """Q^mu and dQ^mu/da_i of `mamujoco_rows`' transitions by Monte Carlo, as `spread_truth`: the simulator set to
+    the stored state (`envs.mamujoco.set_state`), agent i's action moved by +-h, far actions from `far_actions`,
+    then the behaviour policy for H steps (less where the episode's time limit or a fall comes first) with one
+    noise draw per (transition, rollout) shared by the variants. The return is cut after H steps: MuJoCo's
+    contacts make a longer one's action gradient a matter of the noise draw (HalfCheetah-2x3 medium, 32 rollouts:
+    split-half cosine 1.0 at H 1, 0.95 at 3, 0.66 at 10, 0.03 at 30; docs/studies.md), so the truth grades the
+    critic on the first H steps' part of Q only. `info` has the split-half cosine of these rollouts."""
+    from envs.mamujoco import EPISODE_LEN, make_env, set_state
+
+    t0, (actor, noise) = time.time(), behaviour
+    names = make_env(env_id).possible_agents
+    n, act_dim = len(names), rows["actions_0"].shape[1]
+    obs_max = max(rows[f"obs_{i}"].shape[1] for i in range(n))
+    M = len(rows["rows"])
+    agent = np.arange(M) % n
+    joint = np.stack([rows[f"actions_{i}"] for i in range(n)], 1)  # (M, n, act), env order
+    grid = far_actions(act_dim)
+    V = 1 + 2 * act_dim + len(grid)
+    first = np.repeat(joint[:, None], V, 1)  # (M, V, n, act): the data's, agent i's +-h pairs (clipped), the grid
+    a_i, r_ = joint[np.arange(M), agent], np.arange(M)
+    step = np.zeros((M, act_dim), np.float32)
+    for c in range(act_dim):
+        hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
+        first[r_, 1 + 2 * c, agent, c], first[r_, 2 + 2 * c, agent, c] = hi, lo
+        step[:, c] = hi - lo
+    first[r_[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    G = np.zeros((M, V, K))
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    envs = [make_env(env_id) for _ in range(min(chunk, M) * V * K)]
+    for lo in range(0, M, chunk):
+        m = np.arange(lo, min(lo + chunk, M))
+        B = len(m) * V * K  # rollouts (transition, variant, draw)
+        obs = np.zeros((n, B, obs_max), np.float32)
+        for b in range(B):
+            envs[b].reset(seed=0)
+            set_state(envs[b], rows["state"][m[b // (V * K)]])
+        act = np.repeat(first[m][:, :, None], K, 2).reshape(B, n, act_dim).transpose(1, 0, 2)
+        horizon = np.minimum(H, EPISODE_LEN - rows["t"][m]).repeat(V * K)
+        alive, ret = np.ones(B, bool), np.zeros(B)
+        for s in range(H):
+            alive &= s < horizon
+            if not alive.any():
+                break
+            if s > 0:  # the behaviour policy; one noise draw shared by the V variants of a (transition, rollout)
+                z = torch.randn(n, len(m), 1, K, act_dim, generator=gen).expand(-1, -1, V, -1, -1).reshape(n, B, -1)
+                act = (actor(torch.as_tensor(obs)) + noise * z).clamp(-1.0, 1.0).numpy()
+            for b in np.flatnonzero(alive):
+                nxt, r, term, _, _ = envs[b].step({a: act[k, b] for k, a in enumerate(names)})
+                ret[b] += gamma**s * r[names[0]]
+                for k, a in enumerate(names):
+                    obs[k, b, : len(nxt[a])] = nxt[a]
+                alive[b] = not term[names[0]]
+        G[m] = ret.reshape(len(m), V, K)
+    for env in envs:
+        env.close()
+    diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
+    half = K // 2
+    split = _cos(diffs[..., :half].mean(-1), diffs[..., half:].mean(-1)).mean() if K > 1 else float("nan")
+    info = dict(M=M, K=K, H=H, h=h, gamma=gamma, split_half_cosine=float(split), seconds=time.time() - t0)
+    return {
+        **_in_order(rows, np.arange(M), order, agent),
+        "grad": diffs.mean(-1),
+        "q_data": G[:, 0].mean(-1),
+        "q_grid": G[:, 1 + 2 * act_dim :].mean(-1),
+        "grid": grid,
+        "info": info,
+        "rows": rows["rows"],  # the dataset rows
+    }
+
+
 def bandit_truth(arrays: dict, order: list[int], M=M_DEFAULT, seed=0) -> dict:
     """The bandit's exact truth: Q(a) = a_1 a_2, so dQ/da_i is the other agent's action."""
     rng = np.random.default_rng(seed)
@@ -218,9 +337,18 @@ def grade(q_fn, truth: dict, controls: bool = True, device="cpu") -> dict:
 
 
 def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT):
-    """The truth of a run's data where one is known (the bandit; simple_spread data of one committed behaviour
-    policy), else None. The same transitions for every run on the same data: M, but at most one in 100 (at least 8),
-    so that tiny test datasets take a fraction of a second."""
+    """The truth of a run's data where one is known (the bandit; simple_spread and Multi-agent MuJoCo data of one
+    committed behaviour policy), else None. The same transitions for every run on the same data: M, but at most one
+    in 100 (at least 8), so that tiny test datasets take a fraction of a second. MaMuJoCo: `arrays` may be
+    `mamujoco_rows`' (64 rows), rolled on 16 times for 10 steps (about a minute on one core)."""
+    if env_id not in ("bandit", "simple_spread", "simple_tag", "simple_world"):  # Multi-agent MuJoCo
+        from envs.mamujoco import ENV_VERSION
+
+        if "state" not in arrays or meta.get("env_version") != ENV_VERSION:
+            return None
+        behaviour = mamujoco_behaviour(env_id, meta)
+        rows = arrays if "t" in arrays else mamujoco_rows(env_id, arrays)
+        return None if behaviour is None else mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16))
     M = max(8, min(M, len(arrays["rewards_0"]) // 100))
     if env_id == "bandit":
         return bandit_truth(arrays, order, M)

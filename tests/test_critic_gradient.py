@@ -161,3 +161,28 @@ def test_one_step_improvement_on_the_truth_beats_the_behaviour_policy():
     base, _ = probes.greedy_return(meta, 0.95, episodes=4, greedy=False)
     better, _ = probes.greedy_return(meta, 0.95, episodes=4, K=4)
     assert better > base + 150, (base, better)
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-2x3", "Hopper-3x1"])
+def test_mamujoco_state_is_restored_and_the_one_step_truth_is_the_data_reward(env_id):
+    from envs.mamujoco import make_env, reconstructable, set_state
+    from omsd_data.mamujoco_data import load_behaviour, rollout
+    from omsd_data.policies import actor_from_state_dict
+
+    envs = [make_env(env_id) for _ in range(2)]
+    names, actor = envs[0].possible_agents, actor_from_state_dict(load_behaviour(env_id, 0)[0]["medium"])
+    arrays = rollout(envs, actor, [1, 2], 0.1, np.random.default_rng(0), max_len=60)
+    ok = reconstructable(env_id, arrays["state"])
+    env = make_env(env_id)
+    for k in np.flatnonzero(ok)[::7]:  # one step from a stored state with the data's actions: the data's next step
+        env.reset(seed=0)
+        set_state(env, arrays["state"][k])
+        _, r, *_ = env.step({a: arrays[f"actions_{i}"][k] for i, a in enumerate(names)})
+        assert np.abs(env.unwrapped.state() - arrays["next_state"][k]).max() < 1e-4
+        assert r[names[0]] == pytest.approx(arrays["rewards_0"][k], abs=1e-4)
+    order = list(range(len(names)))[::-1]
+    truth = cg.mamujoco_truth(env_id, cg.mamujoco_rows(env_id, arrays, M=12), (actor, 0.1), 0.99, order, K=2, H=1)
+    assert ok[truth["rows"]].all() and truth["info"]["split_half_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(truth["q_data"], arrays["rewards_0"][truth["rows"]], atol=1e-4)  # H 1: Q is the reward
+    first = arrays[f"obs_{order[0]}"][truth["rows"]]  # the critic's state: the agents' observations in `order`
+    assert np.allclose(truth["state"][:, : first.shape[1]], first)
