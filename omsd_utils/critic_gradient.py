@@ -173,6 +173,7 @@ def mamujoco_rows(env_id: str, arrays: dict, M=64, seed=0) -> dict:
 
     starts = np.concatenate([[0], np.flatnonzero(arrays["terminals"] | arrays["truncations"])[:-1] + 1])
     pool = np.flatnonzero(reconstructable(env_id, arrays["state"]))
+    M = max(2, min(M, len(arrays["rewards_0"]) // 1000))  # one in 1,000 rows at most: tiny test data take seconds
     idx = np.sort(np.random.default_rng(seed).choice(pool, min(M, len(pool)), replace=False))
     keys = ["state", "rewards_0"] + [k for k in arrays if k.startswith(("obs_", "actions_"))]
     t = idx - starts[np.searchsorted(starts, idx, "right") - 1]
@@ -181,7 +182,7 @@ def mamujoco_rows(env_id: str, arrays: dict, M=64, seed=0) -> dict:
 
 @torch.no_grad()
 def mamujoco_truth(
-    env_id: str, rows: dict, behaviour, gamma: float, order: list[int], K=16, H=10, h=H_DEFAULT, seed=0, chunk=1
+    env_id: str, rows: dict, behaviour, gamma: float, order: list[int], K=16, H=10, h=H_DEFAULT, seed=0
 ) -> dict:
     """Q^mu and dQ^mu/da_i of `mamujoco_rows`' transitions by Monte Carlo, as `spread_truth`: the simulator set to
     the stored state (`envs.mamujoco.set_state`), agent i's action moved by +-h, far actions from `far_actions`,
@@ -202,40 +203,36 @@ def mamujoco_truth(
     grid = far_actions(act_dim)
     V = 1 + 2 * act_dim + len(grid)
     first = np.repeat(joint[:, None], V, 1)  # (M, V, n, act): the data's, agent i's +-h pairs (clipped), the grid
-    a_i, r_ = joint[np.arange(M), agent], np.arange(M)
+    a_i, mm = joint[np.arange(M), agent], np.arange(M)
     step = np.zeros((M, act_dim), np.float32)
     for c in range(act_dim):
         hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
-        first[r_, 1 + 2 * c, agent, c], first[r_, 2 + 2 * c, agent, c] = hi, lo
+        first[mm, 1 + 2 * c, agent, c], first[mm, 2 + 2 * c, agent, c] = hi, lo
         step[:, c] = hi - lo
-    first[r_[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    first[mm[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
     G = np.zeros((M, V, K))
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
-    envs = [make_env(env_id) for _ in range(min(chunk, M) * V * K)]
-    for lo in range(0, M, chunk):
-        m = np.arange(lo, min(lo + chunk, M))
-        B = len(m) * V * K  # rollouts (transition, variant, draw)
-        obs = np.zeros((n, B, obs_max), np.float32)
-        for b in range(B):
-            envs[b].reset(seed=0)
-            set_state(envs[b], rows["state"][m[b // (V * K)]])
-        act = np.repeat(first[m][:, :, None], K, 2).reshape(B, n, act_dim).transpose(1, 0, 2)
-        horizon = np.minimum(H, EPISODE_LEN - rows["t"][m]).repeat(V * K)
-        alive, ret = np.ones(B, bool), np.zeros(B)
-        for s in range(H):
-            alive &= s < horizon
-            if not alive.any():
-                break
-            if s > 0:  # the behaviour policy; one noise draw shared by the V variants of a (transition, rollout)
-                z = torch.randn(n, len(m), 1, K, act_dim, generator=gen).expand(-1, -1, V, -1, -1).reshape(n, B, -1)
-                act = (actor(torch.as_tensor(obs)) + noise * z).clamp(-1.0, 1.0).numpy()
-            for b in np.flatnonzero(alive):
-                nxt, r, term, _, _ = envs[b].step({a: act[k, b] for k, a in enumerate(names)})
-                ret[b] += gamma**s * r[names[0]]
-                for k, a in enumerate(names):
-                    obs[k, b, : len(nxt[a])] = nxt[a]
-                alive[b] = not term[names[0]]
-        G[m] = ret.reshape(len(m), V, K)
+    envs = [make_env(env_id) for _ in range(K)]  # the K rollouts of one variant step together
+    for m in range(M):
+        z = torch.randn(H, n, K, act_dim, generator=gen)  # one noise draw per rollout, shared by the V variants
+        horizon = min(H, EPISODE_LEN - int(rows["t"][m]))
+        for v in range(V):
+            obs = np.zeros((n, K, obs_max), np.float32)
+            for env in envs:
+                env.reset(seed=0)
+                set_state(env, rows["state"][m])
+            act, alive = np.repeat(first[m, v][:, None], K, 1), np.ones(K, bool)  # (n, K, act)
+            for s in range(horizon):
+                if s > 0:  # the behaviour policy
+                    act = (actor(torch.as_tensor(obs)) + noise * z[s]).clamp(-1.0, 1.0).numpy()
+                for k in np.flatnonzero(alive):
+                    nxt, r, term, _, _ = envs[k].step({a: act[i, k] for i, a in enumerate(names)})
+                    G[m, v, k] += gamma**s * r[names[0]]
+                    for i, a in enumerate(names):
+                        obs[i, k, : len(nxt[a])] = nxt[a]
+                    alive[k] = not term[names[0]]
+                if not alive.any():
+                    break
     for env in envs:
         env.close()
     diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
@@ -340,7 +337,7 @@ def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: lis
     """The truth of a run's data where one is known (the bandit; simple_spread and Multi-agent MuJoCo data of one
     committed behaviour policy), else None. The same transitions for every run on the same data: M, but at most one
     in 100 (at least 8), so that tiny test datasets take a fraction of a second. MaMuJoCo: `arrays` may be
-    `mamujoco_rows`' (64 rows), rolled on 16 times for 10 steps (about a minute on one core)."""
+    `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on 16 times for 10 steps (about a minute on one core)."""
     if env_id not in ("bandit", "simple_spread", "simple_tag", "simple_world"):  # Multi-agent MuJoCo
         from envs.mamujoco import ENV_VERSION
 
