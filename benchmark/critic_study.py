@@ -184,6 +184,7 @@ def main(argv=None):
         flag = "--" + k.replace("_", "-")
         kind = {"action": argparse.BooleanOptionalAction, "default": v} if isinstance(v, bool) else {"type": type(v)}
         p.add_argument(flag, **{"default": v, **kind})
+    p.add_argument("--truth-steps", type=int, default=10, help="MaMuJoCo: the truth's horizon (steps)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "critic_study.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -201,11 +202,13 @@ def main(argv=None):
     base = {**DEFAULTS, "gamma": 0.95 if mpe else 0.99}
     row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != base[k]}}
     row = row if mpe else {"env_id": a.env_id, **row}
+    if not mpe and a.truth_steps != 10:
+        row["truth_steps"] = a.truth_steps
     if transitions != source.DEFAULT_TRANSITIONS:
         row["dataset_transitions"] = transitions
     # a gamma-0.95 spread critic is also graded against the gamma-0.99 truth
     for gamma in sorted({cfg["gamma"], 0.99}):
-        truth = critic_truth(a.env_id, arrays, meta, gamma, order)
+        truth = critic_truth(a.env_id, arrays, meta, gamma, order, steps=a.truth_steps)
         row[f"gamma{gamma}"] = {k: round(v, 4) for k, v in grade(q_fn, truth).items()}
         row[f"gamma{gamma}"]["truth_split_half"] = round(truth["info"].get("split_half_cosine", float("nan")), 4)
     row["pearson_r"] = round(critic_quality(q_target, data, episode_ends(arrays), cfg["gamma"])["pearson_r"], 4)

@@ -13,7 +13,7 @@ docs/studies.md, "The critic's gradient"). The truth, for M dataset transitions 
   give their Q^mu. An IQL critic estimates the Q of an improved policy, not Q^mu, but its gradient should agree in
   direction. Only data of one committed policy (random, medium, expert) have a known behaviour policy.
 - Multi-agent MuJoCo (`mamujoco_truth`): the same from the stored state (qpos, qvel) of data of one committed
-  behaviour policy, over the first 10 steps only (contacts make a longer return's gradient unrepeatable).
+  behaviour policy, over the first 10 steps (a longer return's gradient costs more and is noisier).
 - the bandit (`bandit_truth`): one step with reward a_1 a_2, so Q(a) = a_1 a_2 and dQ/da_i = a_j exactly.
 
 `grade(q_fn, truth)` compares any critic q_fn(state (B, S), joint action (B, n*act)) -> (B,) with a truth:
@@ -187,10 +187,11 @@ def mamujoco_truth(
     """Q^mu and dQ^mu/da_i of `mamujoco_rows`' transitions by Monte Carlo, as `spread_truth`: the simulator set to
     the stored state (`envs.mamujoco.set_state`), agent i's action moved by +-h, far actions from `far_actions`,
     then the behaviour policy for H steps (less where the episode's time limit or a fall comes first) with one
-    noise draw per (transition, rollout) shared by the variants. The return is cut after H steps: MuJoCo's
-    contacts make a longer one's action gradient a matter of the noise draw (HalfCheetah-2x3 medium, 32 rollouts:
-    split-half cosine 1.0 at H 1, 0.95 at 3, 0.66 at 10, 0.03 at 30; docs/studies.md), so the truth grades the
-    critic on the first H steps' part of Q only. `info` has the split-half cosine of these rollouts."""
+    noise draw per (transition, rollout) shared by the variants. The return is cut after H steps: the cost grows
+    with H, and so does the noise of the action gradient (MuJoCo's contacts; HalfCheetah-2x3 medium, 16 rows, 32
+    rollouts: two halves of the rollouts agree at a cosine of 1.0 at H 1, 0.99 at 3, 0.81 at 10, 0.62 at 30;
+    docs/studies.md). So the truth grades the part of the critic's gradient that the first H steps make. `info`
+    has the split-half cosine of these rollouts."""
     from envs.mamujoco import EPISODE_LEN, make_env, set_state
 
     t0, (actor, noise) = time.time(), behaviour
@@ -333,11 +334,14 @@ def grade(q_fn, truth: dict, controls: bool = True, device="cpu") -> dict:
     return out
 
 
-def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT):
+def critic_truth(
+    env_id: str, arrays: dict, meta: dict, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT, steps=10
+):
     """The truth of a run's data where one is known (the bandit; simple_spread and Multi-agent MuJoCo data of one
     committed behaviour policy), else None. The same transitions for every run on the same data: M, but at most one
     in 100 (at least 8), so that tiny test datasets take a fraction of a second. MaMuJoCo: `arrays` may be
-    `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on 16 times for 10 steps (about a minute on one core)."""
+    `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on 16 times for `steps` steps (10: about a minute on
+    one core)."""
     if env_id not in ("bandit", "simple_spread", "simple_tag", "simple_world"):  # Multi-agent MuJoCo
         from envs.mamujoco import ENV_VERSION
 
@@ -345,7 +349,7 @@ def critic_truth(env_id: str, arrays: dict, meta: dict, gamma: float, order: lis
             return None
         behaviour = mamujoco_behaviour(env_id, meta)
         rows = arrays if "t" in arrays else mamujoco_rows(env_id, arrays)
-        return None if behaviour is None else mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16))
+        return None if behaviour is None else mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16), steps)
     M = max(8, min(M, len(arrays["rewards_0"]) // 100))
     if env_id == "bandit":
         return bandit_truth(arrays, order, M)
