@@ -60,7 +60,7 @@ class Args:
     diffusion_hidden: int | None = None  # width of the residual trunk (depends on --env-id; the authors: 512)
     diffusion_bf16: bool = True  # stage 1a's matmuls in bfloat16 where the CPU (AVX-512 BF16) or GPU runs them natively
     critic_steps: int | None = None  # gradient steps (depends on --env-id)
-    critic_batch_size: int | None = None  # minibatch size (depends on --env-id)
+    critic_batch_size: int | None = None  # minibatch (MPE 1024; 256: the bandit, spread data of three joint modes)
     critic_hidden: int = 256  # width of the two hidden layers of Q and V
     critic_target_norm: bool | None = None  # the critic fits (Q - mu) / sd, at unit scale (depends on --env-id)
     critic_lr: float | None = None  # Adam learning rate of Q and V (depends on --env-id; the authors: 3e-4)
@@ -105,10 +105,10 @@ BETA_DEFAULTS = {
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
-# spread data of three joint modes: more samples in stage 1a, a closer actors' start
-# (docs/studies.md, "Three conventions: the actors' start and stage 2")
+# spread data of three joint modes: more samples in stage 1a, a closer actors' start, and the critic at batch 256
+# (at beta 0.001 it weighs little; a run stays within 10 minutes) (docs/studies.md, "Three conventions: ...")
 THREE_MODES = ("multimodal-3", "multimodal-3-soft", "mixture")
-THREE_MODES_DEFAULTS = dict(diffusion_batch_size=1024, init_steps=6000, init_states=100_000)
+THREE_MODES_DEFAULTS = dict(diffusion_batch_size=1024, critic_batch_size=256, init_steps=6000, init_states=100_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005
 T_MIN, T_MAX = 0.02, 0.98  # diffusion time range of the actor loss
 METRIC = "spread: per-step mean over agents, summed over 25 steps; tag/world: predator 0's return; bandit: a1 * a2"

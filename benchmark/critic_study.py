@@ -1,7 +1,8 @@
 """The critic study of docs/studies.md: train one variant of oma_sd_mpe.py's stage-1b critic on simple_spread data
 (no behaviour models, no stage 2) and grade its action gradient against the Monte-Carlo truth
 (omsd_utils/critic_gradient.py). Appends one JSON row to --out. `--env-id HalfCheetah-2x3` (any Multi-agent MuJoCo
-configuration) does the same with oma_sd_mamujoco.py's critic (γ 0.99 unless --gamma; its truth covers 10 steps).
+configuration) does the same with oma_sd_mamujoco.py's critic (γ 0.99 unless --gamma; its truth covers the first
+--truth-steps steps, 10 by default).
 
 With no variant flags this is the script's stage 1b step for step (the same TwinQ and mlp, seeding, IQL losses,
 data tensors and Polyak target) at the authors' learning rate 3e-4, the base of the study's rows; `--critic-lr 1e-3`
@@ -48,7 +49,7 @@ from omsd_utils.critic_gradient import critic_truth, grade  # noqa: E402
 from omsd_utils.diagnostics import critic_quality  # noqa: E402
 from omsd_utils.files import append_row  # noqa: E402
 
-DEFAULTS = dict(seed=0, gamma=0.0, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
+DEFAULTS = dict(seed=0, gamma=0.95, bootstrap_truncation=True, expectile=0.7, critic_steps=10_000,
                 critic_batch_size=256, critic_hidden=256, critic_lr=3e-4, polyak=0.005, standardize=False,
                 layernorm=False, cql_alpha=0.0, cfcql_alpha=0.0, target_norm=False, fourier=0,
                 fourier_scale=1.0)  # fmt: skip
@@ -184,6 +185,7 @@ def main(argv=None):
         flag = "--" + k.replace("_", "-")
         kind = {"action": argparse.BooleanOptionalAction, "default": v} if isinstance(v, bool) else {"type": type(v)}
         p.add_argument(flag, **{"default": v, **kind})
+    p.set_defaults(gamma=None)  # each script's: 0.95 on simple_spread, 0.99 on MaMuJoCo
     p.add_argument("--truth-steps", type=int, default=10, help="MaMuJoCo: the truth's horizon (steps)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmark", "results", "critic_study.jsonl"))
     a = p.parse_args(argv)
@@ -192,14 +194,14 @@ def main(argv=None):
     om = importlib.import_module("oma_sd_mpe" if mpe else "oma_sd_mamujoco")
     source = mpe_data if mpe else mamujoco_data
     cfg = {k: getattr(a, k) for k in DEFAULTS}
-    cfg["gamma"] = cfg["gamma"] or (0.95 if mpe else 0.99)  # each script's default
+    base = {**DEFAULTS, "gamma": DEFAULTS["gamma"] if mpe else 0.99}
+    cfg["gamma"] = base["gamma"] if a.gamma is None else a.gamma
     transitions = a.dataset_transitions or source.DEFAULT_TRANSITIONS
     arrays, meta, _ = source.ensure_dataset(a.env_id, a.dataset, transitions)
     order = list(range(sum(k.startswith("obs_") for k in arrays)))
     data = om.to_tensors(arrays, order, cfg["bootstrap_truncation"])
     q_target, seconds = train(cfg, data, om)
     q_fn = lambda s, act: q_target(s, act).mean(0)  # noqa: E731  (the actors' critic)
-    base = {**DEFAULTS, "gamma": 0.95 if mpe else 0.99}
     row = {"setting": a.name, "dataset": a.dataset, "changed": {k: v for k, v in cfg.items() if v != base[k]}}
     row = row if mpe else {"env_id": a.env_id, **row}
     if not mpe and a.truth_steps != 10:

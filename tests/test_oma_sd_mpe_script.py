@@ -216,16 +216,18 @@ def test_sample_init_and_diagnostics_on_controlled_data(workdir):
 
 
 def test_data_of_three_joint_modes_get_four_times_the_batch_and_a_closer_actor_start():
-    """Spread data of three joint modes get stage 1a's batch 1024 and the actors' start on 100,000 states for 6000
-    steps (docs/omsd.md); everything else, a user's own data included, 256, 20,000 and 2000; a flag wins."""
-    keys = ("diffusion_batch_size", "init_states", "init_steps")
+    """Spread data of three joint modes get stage 1a's batch 1024, the critic's 256 and the actors' start on 100,000
+    states for 6000 steps (docs/omsd.md); everything else, a user's own data included, 256, 1024, 20,000 and 2000;
+    a flag wins."""
+    keys = ("diffusion_batch_size", "critic_batch_size", "init_states", "init_steps")
     get = lambda *argv: tuple(getattr(om.resolve_args(om.cli_args(list(argv))), k) for k in keys)  # noqa: E731
     for q in ("multimodal-3", "multimodal-3-soft", "mixture"):
-        assert get("--dataset", q) == (1024, 100_000, 6000) == tuple(om.THREE_MODES_DEFAULTS[k] for k in keys)
+        assert get("--dataset", q) == (1024, 256, 100_000, 6000) == tuple(om.THREE_MODES_DEFAULTS[k] for k in keys)
     for q in ("expert", "multimodal-2", "unimodal-soft", "miscoordinated"):
-        assert get("--dataset", q) == (256, 20_000, 2000)
-    assert get("--env-id", "simple_tag", "--dataset", "mixture") == (256, 20_000, 2000)
-    assert get("--dataset", "mixture", "--dataset-path", "x.npz") == (256, 20_000, 2000)
-    assert get("--dataset", "mixture", "--diffusion-batch-size", "64", "--init-steps", "10") == (64, 100_000, 10)
+        assert get("--dataset", q) == (256, 1024, 20_000, 2000)
+    assert get("--env-id", "simple_tag", "--dataset", "mixture") == (256, 1024, 20_000, 2000)
+    assert get("--dataset", "mixture", "--dataset-path", "x.npz") == (256, 1024, 20_000, 2000)
+    flags = ("--diffusion-batch-size", "64", "--critic-batch-size", "512", "--init-steps", "10")
+    assert get("--dataset", "mixture", *flags) == (64, 512, 100_000, 10)
     with pytest.raises(om.RunError, match="--init-states must be a positive integer"):
         om.resolve_args(om.cli_args(["--init-states", "0"]))
