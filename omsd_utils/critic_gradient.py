@@ -70,6 +70,37 @@ def spread_behaviour(meta: dict):
     return actor_from_state_dict(load_behaviour("simple_spread", 0)[0][quality]), float(meta["collect_noise"])
 
 
+def _variants(joint: np.ndarray, agent: np.ndarray, grid: np.ndarray, h: float):
+    """The first joint action of every rollout variant (M, V, n, act): the data's, agent i's +-h pair on each
+    coordinate (clipped to the box), then agent i at each far action; and the pairs' widths (M, act)."""
+    M, act_dim = len(joint), joint.shape[-1]
+    first = np.repeat(joint[:, None], 1 + 2 * act_dim + len(grid), 1)
+    a_i, m = joint[np.arange(M), agent], np.arange(M)
+    step = np.zeros((M, act_dim), np.float32)
+    for c in range(act_dim):
+        hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
+        first[m, 1 + 2 * c, agent, c], first[m, 2 + 2 * c, agent, c] = hi, lo
+        step[:, c] = hi - lo
+    first[m[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    return first, step
+
+
+def _estimates(G: np.ndarray, step: np.ndarray, grid: np.ndarray, info: dict) -> dict:
+    """From the returns G (M, V, K) of `_variants`' rollouts: dQ^mu/da_i by central differences, Q^mu of the data's
+    and the far actions, and in `info` how well two halves of the rollouts agree on the gradient."""
+    act_dim, K = step.shape[1], G.shape[2]
+    diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
+    half = K // 2
+    split = _cos(diffs[..., :half].mean(-1), diffs[..., half:].mean(-1)).mean() if K > 1 else float("nan")
+    return {
+        "grad": diffs.mean(-1),  # (M, act): dQ^mu/da_i
+        "q_data": G[:, 0].mean(-1),  # Q^mu(s, a_data)
+        "q_grid": G[:, 1 + 2 * act_dim :].mean(-1),  # (M, grid)
+        "grid": grid,
+        "info": {**info, "split_half_cosine": float(split)},
+    }
+
+
 @torch.no_grad()
 def spread_truth(
     arrays: dict, behaviour, gamma: float, order: list[int], M=M_DEFAULT, K=K_DEFAULT, h=H_DEFAULT, seed=0, chunk=16
@@ -92,16 +123,8 @@ def spread_truth(
     state = np.concatenate([arrays[f"obs_{i}"][idx] for i in range(n)], 1)
     joint = np.stack([arrays[f"actions_{i}"][idx] for i in range(n)], 1)  # (M, n, act), env order
     grid = far_grid(act_dim)
-    # the first joint action of every variant: the data's, agent i's +-h pairs (clipped), then the grid
-    V = 1 + 2 * act_dim + len(grid)
-    first = np.repeat(joint[:, None], V, 1)  # (M, V, n, act)
-    a_i, rows = joint[np.arange(M), agent], np.arange(M)
-    step = np.zeros((M, act_dim), np.float32)
-    for c in range(act_dim):
-        hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
-        first[rows, 1 + 2 * c, agent, c], first[rows, 2 + 2 * c, agent, c] = hi, lo
-        step[:, c] = hi - lo
-    first[rows[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    first, step = _variants(joint, agent, grid, h)
+    V = first.shape[1]
     G = np.zeros((M, V, K))
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
     for lo in range(0, M, chunk):
@@ -122,18 +145,8 @@ def spread_truth(
             r = sim.step(act)[:, 0]
             ret += torch.where(alive, gamma**s * r, torch.zeros_like(r))
         G[m] = ret.reshape(len(m), V, K).numpy()
-    diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
-    half = K // 2
-    split = _cos(diffs[..., :half].mean(-1), diffs[..., half:].mean(-1)).mean() if K > 1 else float("nan")
-    info = dict(M=M, K=K, h=h, gamma=gamma, split_half_cosine=float(split), seconds=time.time() - t0)
-    return {
-        **_in_order(arrays, idx, order, agent),
-        "grad": diffs.mean(-1),  # (M, act): dQ^mu/da_i
-        "q_data": G[:, 0].mean(-1),  # Q^mu(s, a_data)
-        "q_grid": G[:, 1 + 2 * act_dim :].mean(-1),  # (M, grid)
-        "grid": grid,
-        "info": info,
-    }
+    info = dict(M=M, K=K, h=h, gamma=gamma, seconds=time.time() - t0)
+    return {**_in_order(arrays, idx, order, agent), **_estimates(G, step, grid, info)}
 
 
 def far_actions(act_dim: int) -> np.ndarray:
@@ -202,15 +215,8 @@ def mamujoco_truth(
     agent = np.arange(M) % n
     joint = np.stack([rows[f"actions_{i}"] for i in range(n)], 1)  # (M, n, act), env order
     grid = far_actions(act_dim)
-    V = 1 + 2 * act_dim + len(grid)
-    first = np.repeat(joint[:, None], V, 1)  # (M, V, n, act): the data's, agent i's +-h pairs (clipped), the grid
-    a_i, mm = joint[np.arange(M), agent], np.arange(M)
-    step = np.zeros((M, act_dim), np.float32)
-    for c in range(act_dim):
-        hi, lo = np.clip(a_i[:, c] + h, -1, 1), np.clip(a_i[:, c] - h, -1, 1)
-        first[mm, 1 + 2 * c, agent, c], first[mm, 2 + 2 * c, agent, c] = hi, lo
-        step[:, c] = hi - lo
-    first[mm[:, None], 1 + 2 * act_dim + np.arange(len(grid))[None], agent[:, None]] = grid[None]
+    first, step = _variants(joint, agent, grid, h)
+    V = first.shape[1]
     G = np.zeros((M, V, K))
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
     envs = [make_env(env_id) for _ in range(K)]  # the K rollouts of one variant step together
@@ -236,19 +242,9 @@ def mamujoco_truth(
                     break
     for env in envs:
         env.close()
-    diffs = np.stack([(G[:, 1 + 2 * c] - G[:, 2 + 2 * c]) / step[:, c, None] for c in range(act_dim)], 1)  # M,act,K
-    half = K // 2
-    split = _cos(diffs[..., :half].mean(-1), diffs[..., half:].mean(-1)).mean() if K > 1 else float("nan")
-    info = dict(M=M, K=K, H=H, h=h, gamma=gamma, split_half_cosine=float(split), seconds=time.time() - t0)
-    return {
-        **_in_order(rows, np.arange(M), order, agent),
-        "grad": diffs.mean(-1),
-        "q_data": G[:, 0].mean(-1),
-        "q_grid": G[:, 1 + 2 * act_dim :].mean(-1),
-        "grid": grid,
-        "info": info,
-        "rows": rows["rows"],  # the dataset rows
-    }
+    info = dict(M=M, K=K, H=H, h=h, gamma=gamma, seconds=time.time() - t0)
+    out = {**_in_order(rows, np.arange(M), order, agent), **_estimates(G, step, grid, info)}
+    return {**out, "rows": rows["rows"]}  # the dataset rows
 
 
 def bandit_truth(arrays: dict, order: list[int], M=M_DEFAULT, seed=0) -> dict:
