@@ -105,8 +105,9 @@ BETA_DEFAULTS = {
     "simple_world": {"expert": 0.005, "medium": 0.05, "medium-replay": 0.05, "random": 0.3, "mixture": 0.005},
 }
 # fmt: on
-# spread data of three joint modes: more samples in stage 1a, a closer actors' start, and the critic at batch 256
-# (at beta 0.001 it weighs little; a run stays within 10 minutes) (docs/studies.md, "Three conventions: ...")
+# spread data of three joint modes: more samples in stage 1a, a closer actors' start (docs/studies.md, "Three
+# conventions: the actors' start ..."), and the critic at batch 256 (at beta 0.001 1024 ends level and a run takes
+# 2.5 min longer: "The critic's batch")
 THREE_MODES = ("multimodal-3", "multimodal-3-soft", "mixture")
 THREE_MODES_DEFAULTS = dict(diffusion_batch_size=1024, critic_batch_size=256, init_steps=6000, init_states=100_000)
 DIFFUSION_BLOCKS, DIFFUSION_LR, POLYAK = 2, 3e-4, 0.005

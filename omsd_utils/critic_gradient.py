@@ -166,7 +166,7 @@ def mamujoco_behaviour(env_id: str, meta: dict):
 
     behaviour = meta.get("behaviour") or {}
     policies = behaviour.get("policies") or []
-    if len(policies) != 1 or meta.get("quality") not in SINGLE_POLICY:
+    if len(policies) != 1 or meta.get("quality") not in SINGLE_POLICY or meta.get("task") != env_id:
         return None
     name = policies[0][0]
     if name.startswith("untrained"):
@@ -179,14 +179,15 @@ def mamujoco_behaviour(env_id: str, meta: dict):
 
 
 def mamujoco_rows(env_id: str, arrays: dict, M=64, seed=0) -> dict:
-    """M rows of a Multi-agent MuJoCo dataset that `set_state` restores (not Hopper's with a clipped velocity), with
-    what `mamujoco_truth` needs of them (the arrays' keys and each row's step in its episode): a run keeps these
-    and frees its arrays."""
+    """M rows (at most one in 1,000, at least two per agent) of a Multi-agent MuJoCo dataset that `set_state`
+    restores (not Hopper's with a clipped velocity), with what `mamujoco_truth` needs of them (the arrays' keys and
+    each row's step in its episode): a run keeps these and frees its arrays."""
     from envs.mamujoco import reconstructable
 
     starts = np.concatenate([[0], np.flatnonzero(arrays["terminals"] | arrays["truncations"])[:-1] + 1])
     pool = np.flatnonzero(reconstructable(env_id, arrays["state"]))
-    M = max(2, min(M, len(arrays["rewards_0"]) // 1000))  # one in 1,000 rows at most: tiny test data take seconds
+    n = sum(k.startswith("obs_") for k in arrays)  # every agent graded twice at least; tiny test data take seconds
+    M = max(2 * n, min(M, len(arrays["rewards_0"]) // 1000))
     idx = np.sort(np.random.default_rng(seed).choice(pool, min(M, len(pool)), replace=False))
     keys = ["state", "rewards_0"] + [k for k in arrays if k.startswith(("obs_", "actions_"))]
     t = idx - starts[np.searchsorted(starts, idx, "right") - 1]
@@ -208,7 +209,9 @@ def mamujoco_truth(
     from envs.mamujoco import EPISODE_LEN, make_env, set_state
 
     t0, (actor, noise) = time.time(), behaviour
-    names = make_env(env_id).possible_agents
+    probe = make_env(env_id)
+    names = probe.possible_agents
+    probe.close()
     n, act_dim = len(names), rows["actions_0"].shape[1]
     obs_max = max(rows[f"obs_{i}"].shape[1] for i in range(n))
     M = len(rows["rows"])
@@ -336,16 +339,18 @@ def critic_truth(
     """The truth of a run's data where one is known (the bandit; simple_spread and Multi-agent MuJoCo data of one
     committed behaviour policy), else None. The same transitions for every run on the same data: M, but at most one
     in 100 (at least 8), so that tiny test datasets take a fraction of a second. MaMuJoCo: `arrays` may be
-    `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on 16 times for `steps` steps (10: about a minute on
-    one core)."""
-    if env_id not in ("bandit", "simple_spread", "simple_tag", "simple_world"):  # Multi-agent MuJoCo
+    `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on at most 16 times for `steps` steps (10: about 20 s
+    on one core for HalfCheetah-2x3)."""
+    if meta.get("env_family") == "mamujoco":
         from envs.mamujoco import ENV_VERSION
 
         if "state" not in arrays or meta.get("env_version") != ENV_VERSION:
             return None
         behaviour = mamujoco_behaviour(env_id, meta)
         rows = arrays if "t" in arrays else mamujoco_rows(env_id, arrays)
-        return None if behaviour is None else mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16), steps)
+        if behaviour is None or len(rows["rows"]) == 0:
+            return None
+        return mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16), steps)
     M = max(8, min(M, len(arrays["rewards_0"]) // 100))
     if env_id == "bandit":
         return bandit_truth(arrays, order, M)

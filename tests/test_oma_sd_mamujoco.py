@@ -86,7 +86,7 @@ def check_results(res, env_id, steps, episodes):
     assert len(d["behaviour"]["denoising_loss"]) == n and len(d["behaviour"]["sample_to_data_distance"]) == n
     assert all(np.isfinite(d["behaviour"]["denoising_loss"])) and d["critic"]["mc_return_mean"] != 0
     gradient = d["critic"]["gradient"]  # random data: one behaviour policy, whose Monte-Carlo truth is known
-    assert -1 <= gradient["cosine"] <= 1 and (gradient["truth"]["M"], gradient["truth"]["H"]) == (2, 10)
+    assert -1 <= gradient["cosine"] <= 1 and (gradient["truth"]["M"], gradient["truth"]["H"]) == (2 * n, 10)
     assert d["policy"]["support_distance"] > 0 and d["policy"]["support_distance_data"] > 0
     assert 0 <= d["policy"]["ood_share"] <= 1
     # the behaviour models as a joint policy, in the final evaluation's episodes (they see observations only)
