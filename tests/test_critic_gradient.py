@@ -126,6 +126,20 @@ def test_the_critic_study_grades_a_variant(tmp_path):
     assert -1 <= row["gamma0.99"]["cosine"] <= 1 and 0 <= row["gamma0.99"]["far_top1"] <= 1 and "gamma0.95" not in row
 
 
+def test_the_critic_study_grades_a_mamujoco_critic(tmp_path):
+    """--env-id: the MaMuJoCo script's critic at its gamma 0.99, graded against the truth of --truth-steps steps."""
+    from tests.helpers import run_script
+
+    out = tmp_path / "rows.jsonl"
+    flags = ["--env-id", "Hopper-3x1", "--dataset", "medium", "--name", "tiny", "--dataset-transitions", "3000",
+             "--critic-steps", "20", "--critic-hidden", "16", "--truth-steps", "2", "--out", str(out)]  # fmt: skip
+    run_script(os.path.join(REPO, "benchmark", "critic_study.py"), tmp_path, *flags)
+    row = json.loads(out.read_text())
+    assert row["env_id"] == "Hopper-3x1" and row["truth_steps"] == 2 and set(row) >= {"gamma0.99", "pearson_r"}
+    assert row["changed"] == {"critic_steps": 20, "critic_hidden": 16} and "gamma0.95" not in row
+    assert -1 <= row["gamma0.99"]["cosine"] <= 1 and row["gamma0.99"]["truth_seconds"] > 0
+
+
 def _critic_probes():
     import importlib.util
     import sys
