@@ -589,7 +589,7 @@ def main(args: Args) -> dict:
     order = list(args.agent_order) or list(range(n))
     data = to_tensors(arrays, order, args.bootstrap_truncation)
     ends, ref = episode_ends(arrays), normalization(args.env_id, meta)
-    rows = mamujoco_rows(args.env_id, arrays) if args.diagnostics and "state" in arrays else None  # critic's truth
+    rows = mamujoco_rows(args.env_id, arrays, meta) if args.diagnostics else None  # of the critic's gradient truth
     del arrays  # 1M Ant transitions are ~2 GB of arrays; only the tensors are used from here on
     run = start_run(asdict(args), args.cache_dir, args.resume, t_start, dataset_sha256=meta["sha256"])
     if run.finished is not None:  # killed after its results.json was written: nothing left to do

@@ -178,11 +178,16 @@ def mamujoco_behaviour(env_id: str, meta: dict):
     return actor_from_state_dict(sds[key]), float(meta["collect_noise"])
 
 
-def mamujoco_rows(env_id: str, arrays: dict, M=64, seed=0) -> dict:
+def mamujoco_rows(env_id: str, arrays: dict, meta: dict, M=64, seed=0) -> dict | None:
     """M rows (at most one in 1,000, at least two per agent) of a Multi-agent MuJoCo dataset that `set_state`
     restores (not Hopper's with a clipped velocity), with what `mamujoco_truth` needs of them (the arrays' keys and
-    each row's step in its episode): a run keeps these and frees its arrays."""
-    from envs.mamujoco import reconstructable
+    each row's step in its episode): a run keeps these and frees its arrays. None for data without a known truth
+    (not this code's data of one committed behaviour policy, e.g. published data)."""
+    from envs.mamujoco import ENV_VERSION, reconstructable
+
+    ours = meta.get("env_family") == "mamujoco" and meta.get("env_version") == ENV_VERSION and "state" in arrays
+    if not ours or mamujoco_behaviour(env_id, meta) is None:
+        return None
 
     starts = np.concatenate([[0], np.flatnonzero(arrays["terminals"] | arrays["truncations"])[:-1] + 1])
     pool = np.flatnonzero(reconstructable(env_id, arrays["state"]))
@@ -342,15 +347,10 @@ def critic_truth(
     `mamujoco_rows`' (64 rows, at most one in 1,000), rolled on at most 16 times for `steps` steps (10: about 20 s
     on one core for HalfCheetah-2x3)."""
     if meta.get("env_family") == "mamujoco":
-        from envs.mamujoco import ENV_VERSION
-
-        if "state" not in arrays or meta.get("env_version") != ENV_VERSION:
+        rows = arrays if "t" in arrays else mamujoco_rows(env_id, arrays, meta)
+        if rows is None or len(rows["rows"]) == 0:
             return None
-        behaviour = mamujoco_behaviour(env_id, meta)
-        rows = arrays if "t" in arrays else mamujoco_rows(env_id, arrays)
-        if behaviour is None or len(rows["rows"]) == 0:
-            return None
-        return mamujoco_truth(env_id, rows, behaviour, gamma, order, min(K, 16), steps)
+        return mamujoco_truth(env_id, rows, mamujoco_behaviour(env_id, meta), gamma, order, min(K, 16), steps)
     M = max(8, min(M, len(arrays["rewards_0"]) // 100))
     if env_id == "bandit":
         return bandit_truth(arrays, order, M)

@@ -179,8 +179,8 @@ def test_one_step_improvement_on_the_truth_beats_the_behaviour_policy():
 
 @pytest.mark.parametrize("env_id", ["HalfCheetah-2x3", "Hopper-3x1"])
 def test_mamujoco_state_is_restored_and_the_one_step_truth_is_the_data_reward(env_id):
-    from envs.mamujoco import make_env, reconstructable, set_state
-    from omsd_data.mamujoco_data import load_behaviour, rollout
+    from envs.mamujoco import ENV_VERSION, make_env, reconstructable, set_state
+    from omsd_data.mamujoco_data import load_behaviour, plan_snapshots, rollout
     from omsd_data.policies import actor_from_state_dict
 
     envs = [make_env(env_id) for _ in range(2)]
@@ -194,8 +194,16 @@ def test_mamujoco_state_is_restored_and_the_one_step_truth_is_the_data_reward(en
         _, r, *_ = env.step({a: arrays[f"actions_{i}"][k] for i, a in enumerate(names)})
         assert np.abs(env.unwrapped.state() - arrays["next_state"][k]).max() < 1e-4
         assert r[names[0]] == pytest.approx(arrays["rewards_0"][k], abs=1e-4)
+    # the data's record of one committed behaviour policy, as mamujoco_data.generate writes it
+    plan = [("seed0/medium", None, len(arrays["rewards_0"]))]
+    record = {"policies": [["seed0/medium", plan[0][2]]], "snapshots": plan_snapshots(env_id, plan)}
+    meta = dict(env_family="mamujoco", env_version=ENV_VERSION, task=env_id, quality="medium", collect_noise=0.1,
+                behaviour=record)  # fmt: skip
+    for other in ({"quality": "mixture"}, {"env_version": "old"}, {"task": "Ant-2x4"}):  # no known truth
+        assert cg.mamujoco_rows(env_id, arrays, {**meta, **other}) is None
     order = list(range(len(names)))[::-1]
-    truth = cg.mamujoco_truth(env_id, cg.mamujoco_rows(env_id, arrays, M=12), (actor, 0.1), 0.99, order, K=2, H=1)
+    behaviour = cg.mamujoco_behaviour(env_id, meta)
+    truth = cg.mamujoco_truth(env_id, cg.mamujoco_rows(env_id, arrays, meta, M=12), behaviour, 0.99, order, K=2, H=1)
     assert ok[truth["rows"]].all() and truth["info"]["split_half_cosine"] == pytest.approx(1.0, abs=1e-4)
     assert np.allclose(truth["q_data"], arrays["rewards_0"][truth["rows"]], atol=1e-4)  # H 1: Q is the reward
     first = arrays[f"obs_{order[0]}"][truth["rows"]]  # the critic's state: the agents' observations in `order`
